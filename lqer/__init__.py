@@ -1,0 +1,21 @@
+"""lqer: low-rank quantization error reconstruction for Qwix.
+
+LQER (plain SVD), L2QER (activation-scaled) and QERA (the closed-form optimum
+for the calibration distribution) on top of any Qwix weight quantizer.
+"""
+
+from lqer.decompose import METHODS, SOLVERS
+from lqer.params import lqer_quantize_params
+from lqer.provider import LqerProvider
+from lqer.rule import LqerRule
+from lqer.weight import WithLqer
+
+__all__ = [
+    'LqerProvider',
+    'LqerRule',
+    'METHODS',
+    'SOLVERS',
+    'WithLqer',
+    'lqer_quantize_params',
+]
+__version__ = '0.1.0'

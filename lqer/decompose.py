@@ -1,0 +1,170 @@
+"""The math of low-rank quantization-error reconstruction, on plain arrays.
+
+Nothing here knows about Flax or Qwix. Every function takes arrays whose last
+two axes are the (in, out) matrix of a kernel in Flax's convention y = x W and
+broadcasts over any leading batch axes, so one jitted call handles a whole
+group of same-shaped weights.
+
+Given the quantization error E = W - deq(Q(W)) of shape (in, out), each method
+picks a left transform T (in, in), takes the truncated SVD of T E and maps it
+back:
+
+    T E ~= U_k S_k V_k^T,   A = T^{-1} U_k S_k  (in, k),   B = V_k^T  (k, out).
+
+* LQER  (plain SVD, aka LoRC):  T = I; best rank-k AB for ||E - AB||_F.
+* L2QER (Zhang et al. 2024):    T = diag(s), s from mean |x| per input channel.
+* QERA  (Zhang et al. 2025):    T = L^T with R = E[x^T x] = L L^T; AB minimises
+  E_x ||x (E - AB)||^2 exactly, because E_x ||x D||^2 = ||L^T D||_F^2.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+METHODS = ('svd', 'l2qer', 'qera')
+SOLVERS = ('exact', 'randomized')
+
+
+def _mm(a, b):
+  return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _t(x):
+  return jnp.swapaxes(x, -1, -2)
+
+
+def exact_svd(m: jax.Array, rank: int):
+  """Top-`rank` singular triplets of m (..., p, q) by a full SVD.
+
+  Returns (U_k (..., p, k), S_k (..., k), Vt_k (..., k, q)).
+  """
+  u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+  return u[..., :rank], s[..., :rank], vt[..., :rank, :]
+
+
+def randomized_svd(
+    m: jax.Array,
+    rank: int,
+    key: jax.Array,
+    *,
+    oversample: int = 16,
+    power_iters: int = 2,
+):
+  """Top-`rank` singular triplets of m (..., p, q), Halko-Martinsson-Tropp.
+
+  Y = M G with G ~ N(0, 1) of shape (q, rank + oversample); `power_iters`
+  rounds of Q = qr(M qr(M^T Q)) sharpen the spectrum; then the exact SVD of
+  the small Q^T M. Cost O(p q (rank + oversample)) per power iteration
+  instead of O(p q min(p, q)). Deterministic for a fixed key.
+  """
+  p, q = m.shape[-2:]
+  width = min(rank + oversample, p, q)
+  g = jax.random.normal(key, (*m.shape[:-2], q, width), m.dtype)
+  basis, _ = jnp.linalg.qr(_mm(m, g))
+  for _ in range(power_iters):
+    z, _ = jnp.linalg.qr(_mm(_t(m), basis))
+    basis, _ = jnp.linalg.qr(_mm(m, z))
+  u_small, s, vt = jnp.linalg.svd(_mm(_t(basis), m), full_matrices=False)
+  return _mm(basis, u_small[..., :rank]), s[..., :rank], vt[..., :rank, :]
+
+
+def top_singular(m, rank, *, solver='exact', key=None, oversample=16,
+                 power_iters=2):
+  """Dispatches to `exact_svd` or `randomized_svd`."""
+  if solver == 'exact':
+    return exact_svd(m, rank)
+  if solver == 'randomized':
+    if key is None:
+      key = jax.random.key(0)
+    return randomized_svd(
+        m, rank, key, oversample=oversample, power_iters=power_iters
+    )
+  raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
+
+
+def l2qer_scale(act_abs_mean: jax.Array) -> jax.Array:
+  """L2QER's per-input-channel scale from mean |x_i| (..., in).
+
+  s = max(mean|x|, 1e-4) / sqrt(min(s) max(s)), so that the scales are
+  centred on 1 in log space.
+  """
+  s = jnp.maximum(act_abs_mean.astype(jnp.float32), 1e-4)
+  norm = jnp.sqrt(s.min(axis=-1, keepdims=True) * s.max(axis=-1, keepdims=True))
+  return s / norm
+
+
+def damped_cholesky(second_moment: jax.Array, damping: float) -> jax.Array:
+  """Lower Cholesky factor L of R + damping * mean(diag R) I  (..., in, in).
+
+  Returns NaNs where the damped matrix is not positive definite; callers
+  check with `jnp.isfinite`.
+  """
+  r = second_moment.astype(jnp.float32)
+  r = 0.5 * (r + _t(r))
+  diag_mean = jnp.mean(jnp.diagonal(r, axis1=-2, axis2=-1), axis=-1)
+  eye = jnp.eye(r.shape[-1], dtype=r.dtype)
+  return jnp.linalg.cholesky(r + damping * diag_mean[..., None, None] * eye)
+
+
+def svd_factors(error, rank, **solver_kw):
+  """LQER: A = U_k S_k, B = V_k^T from the SVD of E (..., in, out)."""
+  u, s, vt = top_singular(error, rank, **solver_kw)
+  return u * s[..., None, :], vt
+
+
+def l2qer_factors(error, act_abs_mean, rank, **solver_kw):
+  """L2QER: SVD of diag(s) E; A = diag(1/s) U_k S_k, B = V_k^T.
+
+  error: (..., in, out); act_abs_mean: (..., in) mean |x| per input channel.
+  """
+  s = l2qer_scale(act_abs_mean)[..., :, None]
+  u, sv, vt = top_singular(s * error, rank, **solver_kw)
+  return (u * sv[..., None, :]) / s, vt
+
+
+def qera_factors(error, chol, rank, **solver_kw):
+  """QERA-exact: SVD of L^T E; A = L^{-T} U_k S_k, B = V_k^T.
+
+  error: (..., in, out); chol: (..., in, in) lower factor of E[x^T x].
+  """
+  u, sv, vt = top_singular(_mm(_t(chol), error), rank, **solver_kw)
+  a = jax.scipy.linalg.solve_triangular(
+      _t(chol), u * sv[..., None, :], lower=False
+  )
+  return a, vt
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=('rank', 'method', 'solver', 'oversample', 'power_iters'),
+)
+def reconstruct(
+    error: jax.Array,
+    rank: int,
+    method: str = 'svd',
+    *,
+    act_abs_mean: jax.Array | None = None,
+    chol: jax.Array | None = None,
+    solver: str = 'exact',
+    key: jax.Array | None = None,
+    oversample: int = 16,
+    power_iters: int = 2,
+):
+  """Rank-k factors (A, B) of E (..., in, out) for `method`, in float32.
+
+  'svd' needs nothing else, 'l2qer' needs act_abs_mean (..., in), 'qera'
+  needs chol (..., in, in) from `damped_cholesky`.
+  """
+  kw = dict(solver=solver, key=key, oversample=oversample,
+            power_iters=power_iters)
+  error = error.astype(jnp.float32)
+  if method == 'svd':
+    return svd_factors(error, rank, **kw)
+  if method == 'l2qer':
+    return l2qer_factors(error, act_abs_mean, rank, **kw)
+  if method == 'qera':
+    return qera_factors(error, chol, rank, **kw)
+  raise ValueError(f'method must be one of {METHODS}, got {method!r}')

@@ -1,0 +1,198 @@
+"""`LqerProvider`: Qwix PTQ inference plus the low-rank branch.
+
+    y = x deq(Wq) + (x A) B
+
+The first term is Qwix's own quantized `dot_general` / `einsum` (activation
+quantization included when the rule sets `act_qtype`); the branch runs on the
+float activation, accumulates in float32 and is added before casting to the
+output dtype. Weights of rules without a rank behave exactly as under
+`qwix.PtqProvider`.
+
+During `init` (or the first NNX call) a matched float weight becomes a
+`WithLqer`: 'svd' factors are computed right away (free under
+`jax.eval_shape` / `nnx.eval_shape`); activation-aware methods get zero
+factors of the right shape until `lqer_quantize_params` fills them.
+"""
+
+import dataclasses
+
+from flax import linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from qwix._src.core import dot_general as qwix_dot_general
+from qwix._src.core import einsum as qwix_einsum
+from qwix._src.core import einsum_info
+from qwix._src.providers import ptq
+from qwix._src.utils import flax_util
+
+from lqer import layout as layout_lib
+from lqer import params as params_lib
+from lqer.rule import LqerRule
+from lqer.weight import WithLqer
+
+
+class LqerProvider(ptq.PtqProvider):
+  """Inference provider for LQER params (and plain PTQ params)."""
+
+  def dot_general(
+      self,
+      lhs,
+      rhs,
+      dimension_numbers,
+      precision=None,
+      preferred_element_type=None,
+      *,
+      out_sharding=None,
+  ):
+    if not isinstance(rhs, ptq.WithAux):
+      rhs = self._maybe_create(
+          rhs, 'dot_general', dimension_numbers[0][1], dimension_numbers[1][1],
+          lambda rule: qwix_dot_general.get_how_to_quantize(
+              dimension_numbers=dimension_numbers,
+              ndims=(lhs.ndim, rhs.ndim), for_lhs=False,
+              tile_size=rule.tile_size, qtype=rule.weight_qtype,
+              calibration_method=rule.weight_calibration_method,
+          ),
+      )
+    if not isinstance(rhs, WithLqer):
+      return super().dot_general(
+          lhs, rhs, dimension_numbers, precision, preferred_element_type,
+          out_sharding=out_sharding,
+      )
+    main = super().dot_general(
+        _awq_scaled(lhs, rhs, dimension_numbers), rhs, dimension_numbers,
+        precision, preferred_element_type, out_sharding=out_sharding,
+    )
+    return _add_branch(main, lhs, rhs, dimension_numbers, None)
+
+  def einsum(
+      self,
+      einsum_str,
+      *operands,
+      precision=None,
+      preferred_element_type=None,
+      _dot_general=jax.lax.dot_general,  # pylint: disable=invalid-name
+      out_sharding=None,
+  ):
+    kwargs = dict(precision=precision,
+                  preferred_element_type=preferred_element_type,
+                  _dot_general=_dot_general, out_sharding=out_sharding)
+    if len(operands) != 2 or not isinstance(einsum_str, str):
+      return super().einsum(einsum_str, *operands, **kwargs)
+    lhs, rhs = operands
+    info = einsum_info.EinsumInfo.parse(einsum_str, ndims=(lhs.ndim, rhs.ndim))
+    dims = info.dimension_numbers
+    if not isinstance(rhs, ptq.WithAux):
+      rhs = self._maybe_create(
+          rhs, 'einsum', dims[0][1], dims[1][1],
+          lambda rule: qwix_einsum.get_how_to_quantize(
+              einsum_str=einsum_str, ndims=(lhs.ndim, rhs.ndim),
+              for_lhs=False, tile_size=rule.tile_size,
+              qtype=rule.weight_qtype,
+              calibration_method=rule.weight_calibration_method,
+          ),
+      )
+    if not isinstance(rhs, WithLqer):
+      return super().einsum(einsum_str, lhs, rhs, **kwargs)
+    main = super().einsum(einsum_str, _awq_scaled(lhs, rhs, dims), rhs,
+                          **kwargs)
+    return _add_branch(main, lhs, rhs, dims, info.output_perm)
+
+  def _maybe_create(self, rhs, op_name, contracting, batch, get_how):
+    """Replaces a matched float weight by a `WithLqer` (init / first call)."""
+    rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
+    if not isinstance(rule, LqerRule) or rule.rank is None:
+      return rhs
+    name = flax_util.find_param(rhs)
+    if name is None:
+      return rhs
+    module_path = tuple(map(str, flax_util.get_current_module_path()))
+    path = (*module_path, name)
+    layout = layout_lib.KernelLayout(
+        tuple(rhs.shape), tuple(sorted(contracting)), tuple(sorted(batch)))
+    if rule.rank > layout.max_rank:
+      raise ValueError(
+          f'{params_lib.path_str(path)}: rank {rule.rank} is larger than the'
+          f' matrix allows: the kernel {layout.shape} multiplies as'
+          f' {layout.in_size} x {layout.out_size}, so rank must be <='
+          f' {layout.max_rank}'
+      )
+    weight = params_lib.build_weight(path, rhs, get_how(rule), layout, rule)
+    _replace_param(name, weight)
+    return weight
+
+
+def _awq_scaled(lhs, rhs: WithLqer, dimension_numbers):
+  """x / s along the contracting axis, so x deq(Wq) = x (deq(Wq) / s)."""
+  if rhs.awq_scale is None:
+    return lhs
+  (lhs_ca, _), _ = dimension_numbers
+  shape = [1] * lhs.ndim
+  shape[lhs_ca[0]] = rhs.awq_scale.shape[0]
+  return lhs / rhs.awq_scale.reshape(shape).astype(lhs.dtype)
+
+
+def _add_branch(main, lhs, rhs: WithLqer, dimension_numbers, output_perm):
+  """main + (x A) B, the branch accumulated in float32."""
+  first, second = rhs.layout.branch_dimension_numbers(
+      lhs.ndim, dimension_numbers)
+  xa = jax.lax.dot_general(lhs, rhs.a.astype(lhs.dtype), first,
+                           preferred_element_type=jnp.float32)
+  branch = jax.lax.dot_general(xa, rhs.b.astype(jnp.float32), second,
+                               preferred_element_type=jnp.float32)
+  if output_perm is not None:
+    branch = jnp.transpose(branch, output_perm)
+  return (main.astype(jnp.float32) + branch).astype(main.dtype)
+
+
+def _replace_param(name, weight: WithLqer):
+  """Stores `weight` in place of the float param, keeping sharding metadata.
+
+  A is laid out along the kernel's batch and contracting axes, B along its
+  batch and output axes, so each factor follows the sharding of W on the axes
+  it shares with W and is replicated over the rank axis.
+  """
+  module = flax_util.get_current_module()
+  if isinstance(module, nn.Module):
+    if not module.is_initializing():
+      raise ValueError(
+          f'{name}: a float weight was fed to an LQER model outside init;'
+          ' build the params with lqer.lqer_quantize_params'
+      )
+    param = module.get_variable('params', name)
+  else:
+    param = getattr(module, name)
+  layout = weight.layout
+  a_axes = (*layout.batch_axes, *layout.contracting_axes, None)
+  b_axes = (*layout.batch_axes, None, *layout.output_axes)
+  boxed = dataclasses.replace(
+      jax.tree.map(lambda v: flax_util.update_boxed(param, value=v),
+                   dataclasses.replace(weight, a=None, b=None)),
+      a=_box_factor(param, weight.a, a_axes),
+      b=_box_factor(param, weight.b, b_axes),
+  )
+  if isinstance(module, nn.Module):
+    module.put_variable('params', name, boxed)
+  else:
+    setattr(module, name, boxed)
+
+
+def _box_factor(param, value, kernel_axes):
+  """Boxes a factor like `param`, its axis names taken from kernel_axes."""
+  if isinstance(param, nn.meta.AxisMetadata):
+    names = getattr(param, 'names', None)
+    if names is None:
+      return value
+    new = tuple(None if a is None else names[a] for a in kernel_axes)
+    return dataclasses.replace(param.replace_boxed(value), names=new)
+  if isinstance(param, nnx.Variable):
+    boxed = param.replace(value)
+    metadata = boxed.get_metadata()
+    key = 'out_sharding' if 'out_sharding' in metadata else 'sharding_names'
+    names = metadata.get(key)
+    if names is not None:
+      boxed.set_metadata(
+          key, tuple(None if a is None else names[a] for a in kernel_axes))
+    return boxed
+  return value

@@ -1,0 +1,121 @@
+"""`LqerRule`: a Qwix QuantizationRule plus the reconstruction settings."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+
+from lqer import decompose
+
+FACTOR_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_INT_QTYPES = ('int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8')
+_STRING_QTYPES = ('nf4', 'mxfp4', 'mxfp8', 'nvfp4', *_INT_QTYPES)
+_CALIBRATIONS = ('absmax', 'minmax', 'rms', 'fixed')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LqerRule(qwix.QuantizationRule):
+  """Quantize matching weights as Qwix PTQ would, then add a rank-k A B.
+
+  Every field of `qwix.QuantizationRule` keeps its meaning (`module_path`,
+  `weight_qtype`, `tile_size`, `weight_calibration_method`, `act_qtype`, ...).
+
+  Attributes:
+    rank: rank k of the reconstruction; None means plain PTQ for this match.
+    method: 'svd' (LQER, data-free), 'l2qer' (needs mean |x| per input
+      channel) or 'qera' (needs E[x^T x]); see `lqer.decompose`.
+    factor_dtype: dtype of the stored A and B (bfloat16, float16 or float32).
+    solver: 'randomized' (Halko et al., the default) or 'exact' (full SVD).
+    oversample: extra sketch columns of the randomized solver.
+    power_iters: power iterations of the randomized solver.
+    qera_damping: lambda of the damped Cholesky R + lambda mean(diag R) I.
+    seed: seed of the randomized solver's Gaussian sketch.
+  """
+
+  rank: int | None = None
+  method: str = 'svd'
+  factor_dtype: jax.typing.DTypeLike = jnp.bfloat16
+  solver: str = 'randomized'
+  oversample: int = 16
+  power_iters: int = 4
+  qera_damping: float = 0.01
+  seed: int = 0
+
+  def __post_init__(self):
+    _validate(self)
+
+  @property
+  def needs_calibration(self) -> bool:
+    return self.rank is not None and self.method != 'svd'
+
+
+def _fail(rule, field, message):
+  raise ValueError(f'LqerRule(module_path={rule.module_path!r}).{field}: '
+                   f'{message}')
+
+
+def _validate_qtype(rule, field, qtype):
+  if qtype is None:
+    return
+  if isinstance(qtype, str):
+    if qtype not in _STRING_QTYPES:
+      try:
+        np.dtype(qtype)
+      except TypeError:
+        _fail(rule, field, f'unknown qtype {qtype!r}; use a jnp dtype such as'
+              f' jnp.int4 or jnp.float8_e4m3fn, or one of {_STRING_QTYPES}')
+    return
+  try:
+    np.dtype(qtype)
+  except TypeError:
+    _fail(rule, field, f'unknown qtype {qtype!r}')
+
+
+def _validate(rule: LqerRule):
+  """Raises ValueError naming the field for any invalid setting."""
+  _validate_qtype(rule, 'weight_qtype', rule.weight_qtype)
+  _validate_qtype(rule, 'act_qtype', rule.act_qtype)
+  if rule.rank is not None:
+    if isinstance(rule.rank, bool) or not isinstance(rule.rank, int):
+      _fail(rule, 'rank', f'must be a positive int or None, got {rule.rank!r}')
+    if rule.rank < 1:
+      _fail(rule, 'rank', f'must be >= 1 (or None for plain PTQ), got'
+            f' {rule.rank}')
+    if rule.weight_qtype is None:
+      _fail(rule, 'rank', 'a reconstruction needs weight_qtype to be set')
+  if rule.method not in decompose.METHODS:
+    _fail(rule, 'method', f'must be one of {decompose.METHODS}, got'
+          f' {rule.method!r}')
+  if rule.solver not in decompose.SOLVERS:
+    _fail(rule, 'solver', f'must be one of {decompose.SOLVERS}, got'
+          f' {rule.solver!r}')
+  if not any(np.dtype(rule.factor_dtype) == np.dtype(d) for d in FACTOR_DTYPES):
+    _fail(rule, 'factor_dtype', 'must be bfloat16, float16 or float32, got'
+          f' {rule.factor_dtype!r}')
+  if rule.oversample < 0 or rule.power_iters < 0:
+    _fail(rule, 'oversample/power_iters', 'must be >= 0')
+  if not rule.qera_damping >= 0:
+    _fail(rule, 'qera_damping', f'must be >= 0, got {rule.qera_damping!r}')
+  if rule.tile_size is not None:
+    ts = rule.tile_size
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts <= 0:
+      _fail(rule, 'tile_size', f'must be a positive int or 1/n, got {ts!r}')
+    if isinstance(ts, float) and ts > 1:
+      _fail(rule, 'tile_size', f'a float tile size means 1/count, got {ts!r}')
+  method, *args = rule.weight_calibration_method.lower().split(',')
+  if method not in _CALIBRATIONS:
+    _fail(rule, 'weight_calibration_method',
+          f'unknown method {method!r}; use one of {_CALIBRATIONS}, e.g.'
+          ' "absmax", "minmax" or "absmax,0.9"')
+  try:
+    values = [float(a) for a in args]
+  except ValueError:
+    _fail(rule, 'weight_calibration_method',
+          f'arguments must be numbers: {rule.weight_calibration_method!r}')
+  if method in ('absmax', 'minmax') and values and not 0 < values[0]:
+    _fail(rule, 'weight_calibration_method',
+          f'clipping factor must be > 0: {rule.weight_calibration_method!r}')
+  if method == 'rms' and not values:
+    _fail(rule, 'weight_calibration_method', 'rms needs a scale, e.g. "rms,3"')
