@@ -4,13 +4,19 @@ LQER (plain SVD), L2QER (activation-scaled) and QERA (the closed-form optimum
 for the calibration distribution) on top of any Qwix weight quantizer.
 """
 
+from lqer.calibration import LqerCalibrationProvider
 from lqer.decompose import METHODS, SOLVERS
 from lqer.params import lqer_quantize_params
 from lqer.provider import LqerProvider
+from lqer.report import LayerReport, Report, report
 from lqer.rule import LqerRule
 from lqer.weight import WithLqer
 
 __all__ = [
+    'LayerReport',
+    'LqerCalibrationProvider',
+    'Report',
+    'report',
     'LqerProvider',
     'LqerRule',
     'METHODS',

@@ -107,9 +107,10 @@ def lqer_quantize_params(
       flax.traverse_util.unflatten_dict(plain), abstract_params,
       allow_extra_params=allow_extra_params,
   ) if plain else {}
-  if isinstance(abstract_params, nnx.Module):
-    out = nnx.to_pure_dict(nnx.state(out)) if out else {}
-    out = flax.traverse_util.flatten_dict(out)
+  if isinstance(abstract_params, nnx.Module) and out:
+    # As qwix.quantize_params: WithLqer -> pure dicts that nnx.update takes.
+    out = flax.traverse_util.flatten_dict(flax.traverse_util.unflatten_dict(
+        nnx.to_pure_dict(nnx.state(out))))
   out.update(flax.traverse_util.flatten_dict(ptq_out))
   return flax.traverse_util.unflatten_dict(out)
 

@@ -1,0 +1,191 @@
+"""Per-layer quality and size report of a quantized param tree.
+
+For each quantized weight: relative weight error ||W - W_hat||_F / ||W||_F,
+SNR in dB, and, where calibration statistics exist, the relative output error
+sqrt(tr(D^T R D) / tr(W^T R W)) on the calibration distribution (R = E[x^T x],
+no second pass over data), before (base quantizer alone) and after the
+low-rank reconstruction; plus bits per weight counting the quantized values
+(logical qtype width: Qwix stores int2/int3 in int4 containers), scales, zero
+points and the factors A, B.
+"""
+
+import dataclasses
+import re
+from typing import Any
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from qwix._src.core import qarray
+from qwix._src.providers import ptq
+from qwix._src.utils import flax_util
+
+from lqer import layout as layout_lib
+from lqer import metrics
+from lqer import stats as stats_lib
+from lqer.weight import WithLqer
+
+
+@dataclasses.dataclass
+class LayerReport:
+  """One quantized weight. Errors are None where they cannot be computed."""
+
+  path: str
+  shape: tuple[int, ...]
+  qtype: str
+  group_size: int | None
+  rank: int
+  method: str
+  weight_error_base: float
+  weight_error: float
+  snr_db_base: float
+  snr_db: float
+  output_error_base: float | None
+  output_error: float | None
+  bits_per_weight: float
+  num_weights: int
+
+
+@dataclasses.dataclass
+class Report:
+  """All quantized weights and a parameter-weighted model total."""
+
+  layers: list[LayerReport]
+
+  def total(self) -> dict[str, Any]:
+    n = np.array([l.num_weights for l in self.layers], float)
+
+    def avg(field):
+      vals = [getattr(l, field) for l in self.layers]
+      if not vals or any(v is None for v in vals):
+        return None
+      return float(np.sum(n * np.array(vals)) / n.sum())
+
+    return {
+        'path': 'TOTAL', 'num_weights': int(n.sum()),
+        'bits_per_weight': avg('bits_per_weight'),
+        'weight_error_base': avg('weight_error_base'),
+        'weight_error': avg('weight_error'),
+        'output_error_base': avg('output_error_base'),
+        'output_error': avg('output_error'),
+    }
+
+  def to_dicts(self) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(l) for l in self.layers]
+
+  def table(self) -> str:
+    head = ('path', 'shape', 'qtype', 'group', 'rank', 'method', 'w.err base',
+            'w.err', 'SNR dB', 'out.err base', 'out.err', 'bits/w')
+    fmt = lambda v: '-' if v is None else f'{v:.4f}'
+    rows = [(l.path, 'x'.join(map(str, l.shape)), l.qtype,
+             str(l.group_size or '-'), str(l.rank), l.method,
+             fmt(l.weight_error_base), fmt(l.weight_error), f'{l.snr_db:.1f}',
+             fmt(l.output_error_base), fmt(l.output_error),
+             f'{l.bits_per_weight:.2f}') for l in self.layers]
+    t = self.total()
+    rows.append(('TOTAL', f'{t["num_weights"]} w', '', '', '', '',
+                 fmt(t['weight_error_base']), fmt(t['weight_error']), '',
+                 fmt(t['output_error_base']), fmt(t['output_error']),
+                 fmt(t['bits_per_weight'])))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: '  '.join(c.rjust(w) if i > 0 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return '\n'.join([line(head), line(['-' * w for w in widths])]
+                     + [line(r) for r in rows])
+
+  __str__ = table
+
+
+def qtype_bits(qtype) -> int:
+  """Logical bits of a Qwix qtype: int4 -> 4, 'int3' -> 3, 'nf4' -> 4."""
+  name = str(getattr(qtype, '__name__', qtype))
+  match = re.search(r'(\d+)', name)
+  if name.startswith(('int', 'uint')) and match:
+    return int(match.group(1))
+  if name in ('nf4', 'mxfp4', 'nvfp4'):
+    return 4
+  return jnp.dtype(qtype).itemsize * 8
+
+
+def _array_bits(x):
+  return 0 if x is None else x.size * jnp.dtype(x.dtype).itemsize * 8
+
+
+def bits_per_weight(w: ptq.WithAux) -> float:
+  """(b n + bits of scales, zero points, awq scales, A and B) / n."""
+  q = w.array
+  n = q.qvalue.size
+  bits = qtype_bits(q.qtype) * n + _array_bits(q.scale) + _array_bits(
+      q.zero_point)
+  if isinstance(w, WithLqer):
+    bits += _array_bits(w.a) + _array_bits(w.b) + _array_bits(w.awq_scale)
+  return bits / n
+
+
+def _unboxed(x):
+  return flax_util.unbox(x)
+
+
+def report(fp_params: Any, quantized: Any, calibration: Any = None) -> Report:
+  """Builds the report for every quantized weight of `quantized`.
+
+  Args:
+    fp_params: the float params (pure dict), as given to lqer_quantize_params.
+    quantized: the Linen params tree it returned, or for NNX the quantized
+      model (after nnx.update), whose attributes hold the `WithLqer` weights.
+    calibration: the quant_stats tree; enables the output errors.
+  """
+  layers = []
+  for path, w in flax.traverse_util.flatten_dict(fp_params).items():
+    q = flax_util.get_value_from_path(quantized, path)
+    if isinstance(q, nnx.Variable):
+      q = q.get_value()
+    if not isinstance(q, ptq.WithAux):
+      continue
+    q = _unboxed(q)
+    layers.append(_layer_report(path, jnp.asarray(w).reshape(q.shape), q,
+                                stats_lib.lookup(calibration, path)))
+  return Report(layers)
+
+
+def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
+  base = qarray.dequantize(q.array).astype(jnp.float32)
+  if isinstance(q, WithLqer):
+    layout = q.layout
+    if q.awq_scale is not None:
+      shape = [1] * w.ndim
+      shape[layout.contracting_axes[0]] = -1
+      base = base / q.awq_scale.reshape(shape)
+    a, b = layout.merge_factors(q.a.astype(jnp.float32),
+                                q.b.astype(jnp.float32))
+    rank, method = q.rank, q.rule.method
+  else:
+    layout = layout_lib.KernelLayout.from_channelwise_axes(
+        q.shape, q.how.channelwise_axes)
+    a = b = None
+    rank, method = 0, 'ptq'
+  w_m = layout.to_matrix(w.astype(jnp.float32))
+  base_m = layout.to_matrix(base)
+  hat_m = base_m if a is None else base_m + jnp.matmul(
+      a, b, precision=jax.lax.Precision.HIGHEST)
+  out_base = out = None
+  flat = lambda m: m.reshape(-1, m.shape[-1])
+  w_f, base_f, hat_f = flat(w_m), flat(base_m), flat(hat_m)
+  if stats is not None and 'sum_of_xtx' in stats and not layout.batch_axes:
+    r = stats_lib.second_moment(stats)
+    out_base = float(metrics.relative_output_error(w_m, base_m, r))
+    out = float(metrics.relative_output_error(w_m, hat_m, r))
+  tiles = list(q.how.tiled_axes.values())
+  return LayerReport(
+      path='/'.join(map(str, path)), shape=tuple(w.shape),
+      qtype=str(getattr(q.how.qtype, '__name__', q.how.qtype)),
+      group_size=int(tiles[0]) if tiles else None, rank=rank, method=method,
+      weight_error_base=float(metrics.relative_weight_error(w_f, base_f)),
+      weight_error=float(metrics.relative_weight_error(w_f, hat_f)),
+      snr_db_base=float(metrics.snr_db(w_f, base_f)),
+      snr_db=float(metrics.snr_db(w_f, hat_f)),
+      output_error_base=out_base, output_error=out,
+      bits_per_weight=bits_per_weight(q), num_weights=int(w.size),
+  )
