@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import re
+import warnings
 import zlib
 from typing import Any, Sequence
 
@@ -150,6 +151,14 @@ def _make_job(path, w, abs_w, rules):
         abs_w.shape, abs_w.how.channelwise_axes
     )
     rank = rule.rank
+    if rank > layout.max_rank:
+      # The earlier project's flow clipped silently; keep it running, loudly.
+      warnings.warn(
+          f'{path_str(path)}: rank {rank} is larger than the'
+          f' {layout.in_size} x {layout.out_size} matrix allows; using rank'
+          f' {layout.max_rank} (only with rules + a PtqProvider tree;'
+          ' LqerProvider raises)', stacklevel=3)
+      rank = layout.max_rank
   else:
     return None
   if not isinstance(w, jax.Array | np.ndarray):
@@ -246,27 +255,15 @@ def _run_jobs(jobs, base, max_group_bytes, progress):
   return out
 
 
-def _how_key(how):
-  return (how.qtype, tuple(how.channelwise_axes),
-          tuple(sorted(how.tiled_axes.items())), how.calibration_method)
-
-
-@functools.lru_cache(maxsize=None)
-def _rtn_fn(how_key):
-  how = qarray.HowToQuantize(
-      qtype=how_key[0], channelwise_axes=how_key[1],
-      tiled_axes=dict(how_key[2]), calibration_method=how_key[3],
-  )
-
-  def quantize_one(w):
-    q = qarray.quantize(w, how)
-    return q, qarray.dequantize(q)
-
-  return jax.jit(jax.vmap(quantize_one))
-
-
 def _base_one(job: _Job, base: str):
-  """(QArray, deq base weight, awq_scale or None) for GPTQ / AWQ bases."""
+  """(QArray, dequantized base weight, awq_scale or None) of one weight.
+
+  'rtn' is Qwix PTQ's own eager `quantize`, so the base is bit-identical to
+  `qwix.quantize_params`; the heavy part, the factorisation, is batched.
+  """
+  if base == 'rtn':
+    q = qarray.quantize(job.weight, job.how)
+    return q, qarray.dequantize(q), None
   axis = job.layout.contracting_axes[0]
   w_norm, restore = qwix_calibration.normalize_weight(job.weight, axis)
   how = dataclasses.replace(job.how, channelwise_axes=[0])
@@ -291,15 +288,10 @@ def _run_chunk(chunk: list[_Job], base: str):
   first = chunk[0]
   rule, layout = first.rule, first.layout
   ws = jnp.stack([j.weight for j in chunk])
-  if base == 'rtn':
-    qs, deqs = _rtn_fn(_how_key(first.how))(ws)
-    qlist = [jax.tree.map(lambda x, i=i: x[i], qs) for i in range(len(chunk))]
-    awq = [None] * len(chunk)
-  else:
-    results = [_base_one(j, base) for j in chunk]
-    qlist = [r[0] for r in results]
-    deqs = jnp.stack([r[1] for r in results])
-    awq = [r[2] for r in results]
+  results = [_base_one(j, base) for j in chunk]
+  qlist = [r[0] for r in results]
+  deqs = jnp.stack([r[1] for r in results])
+  awq = [r[2] for r in results]
   extra = {}
   if rule.method == 'l2qer':
     extra['act_abs_mean'] = jnp.stack(

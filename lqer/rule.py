@@ -73,6 +73,12 @@ def _validate_qtype(rule, field, qtype):
     _fail(rule, field, f'unknown qtype {qtype!r}')
 
 
+def _same_qtype(a, b) -> bool:
+  if isinstance(a, str) or isinstance(b, str):
+    return str(a) == str(getattr(b, '__name__', b))
+  return np.dtype(a) == np.dtype(b)
+
+
 def _validate(rule: LqerRule):
   """Raises ValueError naming the field for any invalid setting."""
   _validate_qtype(rule, 'weight_qtype', rule.weight_qtype)
@@ -117,5 +123,10 @@ def _validate(rule: LqerRule):
   if method in ('absmax', 'minmax') and values and not 0 < values[0]:
     _fail(rule, 'weight_calibration_method',
           f'clipping factor must be > 0: {rule.weight_calibration_method!r}')
+  if method == 'minmax' and rule.weight_qtype is not None and not any(
+      _same_qtype(rule.weight_qtype, q) for q in (jnp.int8, jnp.int4)):
+    _fail(rule, 'weight_calibration_method',
+          f'Qwix quantizes asymmetrically (minmax) only to int8 and int4, not'
+          f' {rule.weight_qtype!r}; use absmax')
   if method == 'rms' and not values:
     _fail(rule, 'weight_calibration_method', 'rms needs a scale, e.g. "rms,3"')
