@@ -124,7 +124,7 @@ def _plan(params, abstract_params, rules, calibration, base,
     abs_w = flax_util.get_value_from_path(abstract_params, path)
     if isinstance(abs_w, nnx.Variable):
       abs_w = abs_w.get_value()
-    job = _make_job(path, w, abs_w, rules)
+    job = _make_job(path, w, abs_w, rules, base)
     if job is None:
       if abs_w is None and allow_extra_params:
         continue
@@ -138,26 +138,30 @@ def _plan(params, abstract_params, rules, calibration, base,
   return jobs, plain
 
 
-def _make_job(path, w, abs_w, rules):
-  """A `_Job` if this weight gets factors, else None."""
+def _make_job(path, w, abs_w, rules, base):
+  """A `_Job` if this weight needs more than plain Qwix PTQ, else None.
+
+  Rank 0 marks a weight that gets a GPTQ / AWQ base without factors.
+  """
   if isinstance(abs_w, WithLqer):
-    rule, layout = abs_w.rule, abs_w.layout
-    rank = abs_w.rank
-  elif isinstance(abs_w, ptq.WithAux) and rules is not None:
-    rule = match_rule(rules, path)
-    if not isinstance(rule, LqerRule) or rule.rank is None:
-      return None
+    rule, layout, rank = abs_w.rule, abs_w.layout, abs_w.rank
+  elif isinstance(abs_w, ptq.WithAux):
     layout = layout_lib.KernelLayout.from_channelwise_axes(
-        abs_w.shape, abs_w.how.channelwise_axes
-    )
-    rank = rule.rank
+        abs_w.shape, abs_w.how.channelwise_axes)
+    rule = match_rule(rules, path) if rules is not None else None
+    if not isinstance(rule, LqerRule) or rule.rank is None:
+      if base == 'rtn':
+        return None
+      rule, rank = LqerRule(weight_qtype=abs_w.how.qtype), 0
+    else:
+      rank = rule.rank
     if rank > layout.max_rank:
       # The earlier project's flow clipped silently; keep it running, loudly.
       warnings.warn(
           f'{path_str(path)}: rank {rank} is larger than the'
           f' {layout.in_size} x {layout.out_size} matrix allows; using rank'
           f' {layout.max_rank} (only with rules + a PtqProvider tree;'
-          ' LqerProvider raises)', stacklevel=3)
+          ' LqerProvider raises)', stacklevel=4)
       rank = layout.max_rank
   else:
     return None
@@ -165,8 +169,7 @@ def _make_job(path, w, abs_w, rules):
     raise TypeError(f'{path_str(path)}: params must be a pure dict of arrays,'
                     f' got {type(w).__name__}')
   w = jnp.asarray(w).reshape(abs_w.shape)
-  job = _Job(path, w, abs_w.how, layout, rule, rank, abs_w)
-  return job
+  return _Job(path, w, abs_w.how, layout, rule, rank, abs_w)
 
 
 def build_weight(path, w, how, layout, rule: LqerRule) -> WithLqer:
@@ -311,6 +314,9 @@ def _run_chunk(chunk: list[_Job], base: str):
           ' Check the calibration data, or raise LqerRule.qera_damping.'
       )
     extra['chol'] = chol
+  if first.rank == 0:
+    return {job.path: _base_only(job, q, s)
+            for job, q, s in zip(chunk, qlist, awq)}
   keys = jnp.stack([
       jax.random.fold_in(jax.random.key(rule.seed),
                          zlib.crc32(path_str(j.path).encode()))
@@ -328,6 +334,19 @@ def _run_chunk(chunk: list[_Job], base: str):
         batch_axes=layout.batch_axes, rule=rule,
     )
   return out
+
+
+def _base_only(job: _Job, q, awq_scale):
+  """GPTQ base: a plain WithAux; AWQ base: a rank-0 WithLqer keeps s."""
+  if awq_scale is None:
+    return ptq.WithAux(q, job.how)
+  layout = job.layout
+  dtype = job.rule.factor_dtype
+  return WithLqer(
+      array=q, how=job.how, a=jnp.zeros(layout.a_shape(0), dtype),
+      b=jnp.zeros(layout.b_shape(0), dtype), awq_scale=awq_scale,
+      contracting_axes=layout.contracting_axes, batch_axes=layout.batch_axes,
+      rule=job.rule)
 
 
 @functools.lru_cache(maxsize=None)

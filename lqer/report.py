@@ -160,7 +160,8 @@ def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
       base = base / q.awq_scale.reshape(shape)
     a, b = layout.merge_factors(q.a.astype(jnp.float32),
                                 q.b.astype(jnp.float32))
-    rank, method = q.rank, q.rule.method
+    rank = q.rank
+    method = q.rule.method if rank else 'ptq'
   else:
     layout = layout_lib.KernelLayout.from_channelwise_axes(
         q.shape, q.how.channelwise_axes)

@@ -94,9 +94,14 @@ def _is_prose_sentence(sentence: str) -> bool:
 
 @functools.cache
 def _all_sentences() -> tuple[str, ...]:
-  """All distinct prose sentences, in order of first appearance."""
+  """All distinct prose sentences of the bundled prose."""
+  return text_sentences(prose_text())
+
+
+def text_sentences(text: str) -> tuple[str, ...]:
+  """Distinct prose sentences of any text, in order of first appearance."""
   found = {}
-  for paragraph in re.split(r"\n\s*\n", prose_text()):
+  for paragraph in re.split(r"\n\s*\n", text):
     if paragraph.startswith((" ", "\t")):  # Indented: code or grammar.
       continue
     for sentence in _paragraph_sentences(paragraph):

