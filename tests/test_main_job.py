@@ -1,0 +1,116 @@
+"""`lqer eval` end to end on small slices of the real models (slow)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lqer import checkpoint, cli, evaluation
+
+
+def _by_method(rows):
+  return {r.method: r for r in rows}
+
+
+@pytest.mark.slow
+def test_smollm2_small_end_to_end(tmp_path):
+  task = evaluation.smollm2_task(n_calib=2048, n_eval=1024)
+  rows = _by_method(evaluation.run(task, 4, 128, [32], ['svd', 'l2qer',
+                                                         'qera'],
+                                   save_dir=str(tmp_path)))
+  fp, ptq = rows['FP'].value, rows['PTQ'].value
+  assert 3 < fp < 40, fp  # sane perplexity on English prose
+  assert rows['L2QER'].value < ptq and rows['QERA'].value < ptq
+  assert rows['QERA'].value < rows['LQER'].value
+  assert 4 < rows['QERA'].bits_per_weight < 6
+  # Checkpoint round trip: reloaded params give the same perplexity.
+  reloaded = _by_method(evaluation.run(task, 4, 128, [32], ['qera'],
+                                       load_dir=str(tmp_path)))
+  assert reloaded['QERA'].value == rows['QERA'].value
+
+
+@pytest.mark.slow
+def test_minilm_small_end_to_end(tmp_path):
+  task = evaluation.minilm_task(n_calib=64, n_eval=48)
+  rows = _by_method(evaluation.run(task, 4, 128, [16], ['svd', 'l2qer',
+                                                         'qera']))
+  ptq = rows['PTQ'].value
+  assert rows['L2QER'].value < ptq and rows['QERA'].value < ptq
+  assert rows['QERA'].value < rows['LQER'].value
+  # FP sanity: a paraphrase is closer than an unrelated sentence.
+  from models import minilm  # pylint: disable=g-import-not-at-top
+  emb = minilm.encode(task.module, task.params, minilm.load_minilm()[2], [
+      'A man is playing a guitar.', 'Someone plays the guitar.',
+      'The stock market fell sharply today.'])
+  assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+@pytest.mark.slow
+def test_cli_json_and_bad_checkpoint(tmp_path, capsys):
+  out = tmp_path / 'rows.json'
+  text = tmp_path / 'mine.txt'
+  text.write_text('The cat sat on the mat and looked at the door. ' * 40 +
+                  'Every sentence here is about a cat or a door. ' * 40)
+  cli.main(['eval', '--model', 'minilm', '--ranks', '4', '--methods', 'qera',
+            '--calib-text', str(text), '--eval-text', str(text),
+            '--json', str(out), '--save', str(tmp_path / 'ck')])
+  records = json.loads(out.read_text())
+  assert [r['method'] for r in records] == ['FP', 'PTQ', 'QERA']
+  assert {'model', 'method', 'base', 'bits', 'tile_size', 'rank', 'metric',
+          'value', 'bits_per_weight', 'offline_seconds'} <= set(records[0])
+  assert '| QERA |' in capsys.readouterr().out
+  # A checkpoint from another rule set (rank 8) must not load silently.
+  with pytest.raises(checkpoint.CheckpointError, match='rules'):
+    cli.main(['eval', '--model', 'minilm', '--ranks', '8', '--methods',
+              'qera', '--calib-text', str(text), '--eval-text', str(text),
+              '--load', str(tmp_path / 'ck')])
+
+
+def test_checkpoint_roundtrip_atomic_and_checked(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  import qwix
+  import lqer
+  from models import Transformer
+  model = Transformer()
+  x = jnp.ones((1, 4, 16))
+  fp = model.init(jax.random.key(0), x)['params']
+  rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=16, rank=4)]
+  qmodel = qwix.quantize_model(model, lqer.LqerProvider(rules))
+  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), x)['params']
+  params = lqer.lqer_quantize_params(fp, abstract)
+  fpr = {'model': 't', 'rules': repr(rules)}
+  checkpoint.save(tmp_path, params, fpr)
+  loaded = checkpoint.load(tmp_path, abstract, fpr)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert isinstance(loaded['embed']['kernel'], lqer.WithLqer)
+  # Another model / rule set / truncated file: clear errors.
+  with pytest.raises(checkpoint.CheckpointError, match='model'):
+    checkpoint.load(tmp_path, abstract, {**fpr, 'model': 'other'})
+  other = jax.eval_shape(qwix.quantize_model(model, lqer.LqerProvider(
+      [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=16, rank=2)])).init,
+                         jax.random.key(0), x)['params']
+  with pytest.raises(checkpoint.CheckpointError, match='model expects'):
+    checkpoint.load(tmp_path, other, fpr)
+  path = tmp_path / checkpoint.FILENAME
+  good = path.read_bytes()
+  path.write_bytes(good[:len(good) // 2])
+  with pytest.raises(checkpoint.CheckpointError, match='truncated'):
+    checkpoint.load(tmp_path, abstract, fpr)
+  # An interrupted save leaves the previous file intact.
+  path.write_bytes(good)
+
+  def boom(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  orig = checkpoint.st_numpy.save_file
+  checkpoint.st_numpy.save_file = boom
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      checkpoint.save(tmp_path, params, fpr)
+  finally:
+    checkpoint.st_numpy.save_file = orig
+  assert path.read_bytes() == good
+  assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]
