@@ -11,6 +11,7 @@ through one jitted call, a bounded number of bytes at a time.
 
 import dataclasses
 import functools
+import hashlib
 import math
 import re
 import warnings
@@ -242,6 +243,8 @@ def _chunks(jobs, max_group_bytes):
     groups.setdefault(_group_key(job), []).append(job)
   for group in groups.values():
     per = 4 * math.prod(group[0].weight.shape)
+    if group[0].rule.method == 'qera':  # plus its Cholesky factor
+      per += 4 * group[0].layout.in_size ** 2
     size = max(1, max_group_bytes // max(per, 1))
     for i in range(0, len(group), size):
       yield group[i:i + size]
@@ -253,9 +256,39 @@ def _run_jobs(jobs, base, max_group_bytes, progress):
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     chunks = tqdm(chunks, desc='lqer', unit='group')
+  factors = _CholeskyCache(max_group_bytes)
   for chunk in chunks:
-    out.update(_run_chunk(chunk, base))
+    out.update(_run_chunk(chunk, base, factors))
   return out
+
+
+class _CholeskyCache:
+  """Damped Cholesky factors of E[x^T x], shared by weights that read the
+  same input (q/k/v, gate/up): keyed by the statistics' content, evicted
+  oldest-first beyond `max_bytes`."""
+
+  def __init__(self, max_bytes):
+    self._max_bytes = max_bytes
+    self._factors: dict[bytes, jax.Array] = {}
+
+  def get(self, job: _Job) -> jax.Array:
+    r = stats_lib.second_moment(job.stats)
+    damping = job.rule.qera_damping
+    key = hashlib.blake2b(np.asarray(r).tobytes() + repr(damping).encode(),
+                          digest_size=16).digest()
+    if key not in self._factors:
+      chol = decompose.damped_cholesky(r, damping)
+      if not bool(jnp.all(jnp.isfinite(chol))):
+        raise ValueError(
+            f'{path_str(job.path)}: the Cholesky factorisation of E[x^T x]'
+            f' failed even with damping {damping} x mean(diag); the'
+            ' statistics are not positive semi-definite. Check the'
+            ' calibration data, or raise LqerRule.qera_damping.')
+      while self._factors and (sum(f.nbytes for f in self._factors.values())
+                               + chol.nbytes > self._max_bytes):
+        self._factors.pop(next(iter(self._factors)))
+      self._factors[key] = chol
+    return self._factors[key]
 
 
 def _base_one(job: _Job, base: str):
@@ -286,7 +319,7 @@ def _base_one(job: _Job, base: str):
   return q, qarray.dequantize(q) / awq_scale.reshape(shape), awq_scale
 
 
-def _run_chunk(chunk: list[_Job], base: str):
+def _run_chunk(chunk: list[_Job], base: str, factors=None):
   """Quantizes and factors a chunk of same-settings weights in one call."""
   first = chunk[0]
   rule, layout = first.rule, first.layout
@@ -300,20 +333,7 @@ def _run_chunk(chunk: list[_Job], base: str):
     extra['act_abs_mean'] = jnp.stack(
         [stats_lib.abs_mean(j.stats) for j in chunk])
   elif rule.method == 'qera':
-    chol = decompose.damped_cholesky(
-        jnp.stack([stats_lib.second_moment(j.stats) for j in chunk]),
-        rule.qera_damping,
-    )
-    finite = np.asarray(jnp.all(jnp.isfinite(chol), axis=(-2, -1)))
-    if not finite.all():
-      bad = [path_str(j.path) for j, ok in zip(chunk, finite) if not ok]
-      raise ValueError(
-          f'{", ".join(bad)}: the Cholesky factorisation of E[x^T x] failed'
-          f' even with damping {rule.qera_damping} x mean(diag); the'
-          ' statistics hold NaN/Inf or are not positive semi-definite.'
-          ' Check the calibration data, or raise LqerRule.qera_damping.'
-      )
-    extra['chol'] = chol
+    extra['chol'] = jnp.stack([factors.get(j) for j in chunk])
   if first.rank == 0:
     return {job.path: _base_only(job, q, s)
             for job, q, s in zip(chunk, qlist, awq)}

@@ -343,3 +343,24 @@ def test_invalid_rule_settings(kwargs, field):
   settings = {'weight_qtype': jnp.int4, 'rank': 4} | kwargs
   with pytest.raises(ValueError, match=rf'LqerRule\(.*\)\.{field}'):
     LqerRule(**settings)
+
+
+def test_qera_factors_each_input_once(monkeypatch):
+  """q/k/v read the same input: one Cholesky of E[x^T x] serves all three."""
+  model = Transformer()
+  x = jax.random.normal(KEY, (2, 16, 16))
+  fp = model.init(KEY, x)['params']
+  rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method='qera')]
+  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules))
+  stats = cal.init(KEY, x)['quant_stats']
+  _, new = cal.apply({'params': fp, 'quant_stats': stats}, x,
+                     mutable='quant_stats')
+  calls = []
+  original = lqer.decompose.damped_cholesky
+  monkeypatch.setattr(lqer.decompose, 'damped_cholesky',
+                      lambda r, d: calls.append(r.shape) or original(r, d))
+  _, abstract = _linen(model, rules, x)
+  params = lqer_quantize_params(fp, abstract, calibration=new['quant_stats'])
+  # 14 weights, 10 distinct inputs: embed, head, and per block qkv/out/fc1/fc2.
+  assert len(calls) == 10
+  assert isinstance(params['block_0']['key']['kernel'], lqer.WithLqer)
