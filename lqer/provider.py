@@ -27,13 +27,41 @@ from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
 from lqer import layout as layout_lib
+from lqer import matmul
 from lqer import params as params_lib
 from lqer.rule import LqerRule
 from lqer.weight import WithLqer
 
 
 class LqerProvider(ptq.PtqProvider):
-  """Inference provider for LQER params (and plain PTQ params)."""
+  """Inference provider for LQER params (and plain PTQ params).
+
+  Args:
+    rules: the `LqerRule`s (plain Qwix rules work too).
+    compute_dtype: None (default) runs Qwix's own quantized dot_general for
+      the main term. jnp.bfloat16 or jnp.float32 instead dequantizes each
+      weight-only weight at its use and runs a dot in that dtype with float32
+      accumulation (`lqer.matmul`); see benchmarks/inference.py for when it
+      is faster. Rules with `act_qtype` always use Qwix's path.
+  """
+
+  def __init__(self, rules, *, compute_dtype=None, **kwargs):
+    super().__init__(rules, **kwargs)
+    self._compute_dtype = compute_dtype
+
+  def _main(self, op_name, lhs, rhs, dimension_numbers, output_perm,
+            qwix_call):
+    """x deq(Wq): lqer's weight-only matmul, or Qwix's own call."""
+    rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
+    if (self._compute_dtype is None or rule is None
+        or rule.act_qtype is not None):
+      return qwix_call()
+    self._get_current_rule_and_op_id(op_name)  # keep Qwix's op counting
+    out = matmul.weight_only_dot_general(lhs, rhs.array, dimension_numbers,
+                                         self._compute_dtype)
+    if output_perm is not None:
+      out = jnp.transpose(out, output_perm)
+    return out.astype(jnp.result_type(lhs.dtype, rhs.array.scale.dtype))
 
   def dot_general(
       self,
@@ -55,15 +83,17 @@ class LqerProvider(ptq.PtqProvider):
               calibration_method=rule.weight_calibration_method,
           ),
       )
-    if not isinstance(rhs, WithLqer):
+    if not isinstance(rhs, ptq.WithAux):
       return super().dot_general(
           lhs, rhs, dimension_numbers, precision, preferred_element_type,
           out_sharding=out_sharding,
       )
-    main = super().dot_general(
-        _awq_scaled(lhs, rhs, dimension_numbers), rhs, dimension_numbers,
-        precision, preferred_element_type, out_sharding=out_sharding,
-    )
+    x = _awq_scaled(lhs, rhs, dimension_numbers)
+    main = self._main(
+        'dot_general', x, rhs, dimension_numbers, None,
+        lambda: super(LqerProvider, self).dot_general(
+            x, rhs, dimension_numbers, precision, preferred_element_type,
+            out_sharding=out_sharding))
     return _add_branch(main, lhs, rhs, dimension_numbers, None)
 
   def einsum(
@@ -93,10 +123,13 @@ class LqerProvider(ptq.PtqProvider):
               calibration_method=rule.weight_calibration_method,
           ),
       )
-    if not isinstance(rhs, WithLqer):
+    if not isinstance(rhs, ptq.WithAux):
       return super().einsum(einsum_str, lhs, rhs, **kwargs)
-    main = super().einsum(einsum_str, _awq_scaled(lhs, rhs, dims), rhs,
-                          **kwargs)
+    x = _awq_scaled(lhs, rhs, dims)
+    main = self._main(
+        'einsum', x, rhs, dims, info.output_perm,
+        lambda: super(LqerProvider, self).einsum(einsum_str, x, rhs,
+                                                 **kwargs))
     return _add_branch(main, lhs, rhs, dims, info.output_perm)
 
   def _maybe_create(self, rhs, op_name, contracting, batch, get_how):
@@ -123,9 +156,9 @@ class LqerProvider(ptq.PtqProvider):
     return weight
 
 
-def _awq_scaled(lhs, rhs: WithLqer, dimension_numbers):
+def _awq_scaled(lhs, rhs, dimension_numbers):
   """x / s along the contracting axis, so x deq(Wq) = x (deq(Wq) / s)."""
-  if rhs.awq_scale is None:
+  if getattr(rhs, 'awq_scale', None) is None:
     return lhs
   (lhs_ca, _), _ = dimension_numbers
   shape = [1] * lhs.ndim
@@ -133,8 +166,10 @@ def _awq_scaled(lhs, rhs: WithLqer, dimension_numbers):
   return lhs / rhs.awq_scale.reshape(shape).astype(lhs.dtype)
 
 
-def _add_branch(main, lhs, rhs: WithLqer, dimension_numbers, output_perm):
+def _add_branch(main, lhs, rhs, dimension_numbers, output_perm):
   """main + (x A) B, the branch accumulated in float32."""
+  if not isinstance(rhs, WithLqer) or rhs.rank == 0:
+    return main
   first, second = rhs.layout.branch_dimension_numbers(
       lhs.ndim, dimension_numbers)
   xa = jax.lax.dot_general(lhs, rhs.a.astype(lhs.dtype), first,

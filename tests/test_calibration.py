@@ -20,7 +20,6 @@ from qwix.contrib import gptq as qwix_gptq
 import lqer
 from lqer import LqerCalibrationProvider, LqerProvider, LqerRule
 from lqer import lqer_quantize_params
-from models import NnxMLP, NnxTransformer, SimpleMLP
 from tests import reference
 
 KEY = jax.random.key(0)
@@ -106,9 +105,53 @@ def _stats_at(stats, *path):
   return jax.tree.map(np.asarray, node)
 
 
+class _Mlp(nn.Module):
+  """32 -> 64 -> 64 -> 32. The tests share these shapes (and those of
+  `_NnxMlp`), so XLA compiles each eager op and factor kernel once."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(nn.Dense(64)(x))
+    x = nn.gelu(nn.Dense(64)(x))
+    return nn.Dense(32)(x)
+
+
+class _NnxMlp(nnx.Module):
+
+  def __init__(self, *, rngs):
+    self.fc1 = nnx.Linear(32, 64, rngs=rngs)
+    self.fc2 = nnx.Linear(64, 32, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.gelu(self.fc1(x)))
+
+
 def _abstract(model, rules, x):
   qmodel = qwix.quantize_model(model, LqerProvider(rules))
   return qmodel, jax.eval_shape(qmodel.init, KEY, x)['params']
+
+
+def _float32_provider(rules):
+  """An LqerProvider whose x deq(Wq) runs in float32 (where the provider
+  has a compute_dtype option; before it had one, it always did)."""
+  try:
+    return LqerProvider(rules, compute_dtype=jnp.float32)
+  except TypeError:
+    return LqerProvider(rules)
+
+
+def _check_inference(model, rules, params, x, want):
+  """The LQER model's output equals `want` (NumPy, float64): to float32
+  precision with float32 compute, within bfloat16 rounding by default."""
+  x = jnp.asarray(x)  # (a NumPy input trips Qwix's promote_dtype w/o bias)
+  want = np.asarray(want, np.float64)
+  exact = qwix.quantize_model(model, _float32_provider(rules))
+  y = np.asarray(jax.jit(exact.apply)({'params': params}, x), np.float64)
+  np.testing.assert_allclose(y.reshape(want.shape), want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max())
+  default = qwix.quantize_model(model, LqerProvider(rules))
+  y = jax.jit(default.apply)({'params': params}, x)
+  assert _rel(np.reshape(y, want.shape), want) < 1e-2
 
 
 # ------------------------------------------ statistics: exact token means --
@@ -117,16 +160,16 @@ def _abstract(model, rules, x):
 @pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
 def test_linen_stats_are_exact_token_means(jit):
   """Batches of 10, 6 and 7 tokens == one batch of 23 == NumPy on the input."""
-  model = SimpleMLP(dhidden=32, dout=8)
-  x = _outliers(0, 23, 16)
+  model = _Mlp()
+  x = _outliers(0, 23, 32)
   fp = model.init(KEY, x[:1])['params']
   rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method='qera')]
-  batches = [x[:10].reshape(2, 5, 16), x[10:16].reshape(3, 2, 16),
-             x[16:].reshape(1, 7, 16)]
+  batches = [x[:10].reshape(2, 5, 32), x[10:16].reshape(3, 2, 32),
+             x[16:].reshape(1, 7, 32)]
   split = _calibrate_linen(model, rules, fp, batches, jit=jit)
   whole = _calibrate_linen(model, rules, fp, [x], jit=jit)
   inputs = _linen_inputs(model, fp, x)
-  assert sorted(inputs) == ['Dense_0', 'Dense_1']
+  assert sorted(inputs) == ['Dense_0', 'Dense_1', 'Dense_2']
   assert np.array_equal(inputs['Dense_0'], x)
   for name, inp in inputs.items():
     got = _stats_at(split, name, 'kernel_lqer')
@@ -134,16 +177,19 @@ def test_linen_stats_are_exact_token_means(jit):
     _assert_stats_close(got, _stats_at(whole, name, 'kernel_lqer'))
     _assert_stats_close(got, _np_sums(inp))
   # The means are token means: a batch of 10 tokens weighs 10/23, not 1/3.
-  r = lqer.stats.second_moment(_stats_at(split, 'Dense_0', 'kernel_lqer'))
+  got = _stats_at(split, 'Dense_0', 'kernel_lqer')
+  r = np.asarray(lqer.stats.second_moment(got))
   np.testing.assert_allclose(r, x.astype(np.float64).T @ x / 23, rtol=1e-4,
                              atol=1e-4 * np.abs(r).max())
+  np.testing.assert_allclose(lqer.stats.abs_mean(got), np.abs(x).mean(0),
+                             rtol=1e-5)
 
 
 def test_nnx_stats_are_exact_token_means_eager_and_jit():
-  model = NnxMLP(16, 32, 8, rngs=nnx.Rngs(0))
-  x = _outliers(1, 23, 16)
+  model = _NnxMlp(rngs=nnx.Rngs(0))
+  x = _outliers(1, 23, 32)
   rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method='qera')]
-  batches = [x[:10].reshape(2, 5, 16), x[10:16], x[16:].reshape(1, 7, 16)]
+  batches = [x[:10].reshape(2, 5, 32), x[10:16], x[16:].reshape(1, 7, 32)]
   # Float inputs of each layer, from the float model itself.
   want = {'fc1': _np_sums(x), 'fc2': _np_sums(nnx.gelu(model.fc1(x)))}
 
@@ -177,7 +223,7 @@ def test_multi_axis_stats_follow_kernel_order(kind):
   flattened matrix equals NumPy's.
 
   DenseGeneral(axis=(-2, -1)) keeps the input's order (a, b); the einsum
-  '...ab,bao->...o' contracts the same axes with the kernel's order (b, a).
+  'xtab,bao->xto' contracts the same axes with the kernel's order (b, a).
   """
   a, b, out = 3, 5, 7
   x = _outliers(2, 4 * 16, a * b).reshape(4, 16, a, b)
@@ -202,7 +248,7 @@ def test_multi_axis_stats_follow_kernel_order(kind):
   other = np.transpose(x, (0, 1, *order[::-1])).reshape(-1, a * b)
   assert not np.allclose(got['sum_of_xtx'], _np_sums(other)['sum_of_xtx'],
                          rtol=1e-3)
-  qmodel, abstract = _abstract(model, rules, x)
+  _, abstract = _abstract(model, rules, x)
   params = lqer_quantize_params(fp, abstract, calibration=stats)
   k = params['kernel']
   w_m = kernel.reshape(a * b, out)
@@ -212,11 +258,7 @@ def test_multi_axis_stats_follow_kernel_order(kind):
   r = x_flat.astype(np.float64).T @ x_flat / len(x_flat)
   ref = reference.qera_product(w_m - deq, r, 4, rules[0].qera_damping)
   assert _rel(ab, ref) < 1e-3
-  # (A NumPy input would trip Qwix's promote_dtype when there is no bias.)
-  y = np.asarray(qmodel.apply({'params': params}, jnp.asarray(x)),
-                 np.float64)
-  np.testing.assert_allclose(y.reshape(-1, out), x_flat @ (deq + ab),
-                             rtol=1e-4, atol=1e-4 * np.abs(y).max())
+  _check_inference(model, rules, params, x, x_flat @ (deq + ab))
 
 
 # ------------------------------------------------- one layer vs NumPy ------
@@ -225,14 +267,14 @@ def test_multi_axis_stats_follow_kernel_order(kind):
 @pytest.mark.parametrize('method', ['l2qer', 'qera'])
 @pytest.mark.parametrize('qtype,tile', [(jnp.int4, None), ('int8', 16)])
 def test_single_dense_matches_numpy(method, qtype, tile):
-  x = _outliers(3, 512, 64)
-  model = nn.Dense(48, use_bias=False)
+  x = _outliers(3, 512, 32)
+  model = nn.Dense(64, use_bias=False)
   fp = model.init(KEY, x)['params']
   w = np.asarray(fp['kernel'], np.float64)
   rule = LqerRule(weight_qtype=qtype, tile_size=tile, rank=8, method=method,
                   solver='exact', factor_dtype=jnp.float32)
   stats = _calibrate_linen(model, [rule], fp, [x[:200], x[200:]])
-  qmodel, abstract = _abstract(model, [rule], x)
+  _, abstract = _abstract(model, [rule], x)
   params = lqer_quantize_params(fp, abstract, calibration=stats)
   k = params['kernel']
   assert isinstance(k, lqer.WithLqer) and k.rank == 8
@@ -253,9 +295,8 @@ def test_single_dense_matches_numpy(method, qtype, tile):
                                  rule.qera_damping)
   ab = np.asarray(k.a, np.float64) @ np.asarray(k.b, np.float64)
   assert _rel(ab, ref) < 1e-3, _rel(ab, ref)
-  y = np.asarray(jax.jit(qmodel.apply)({'params': params}, x), np.float64)
-  want = x64 @ deq + (x64 @ np.asarray(k.a, np.float64)) @ np.asarray(k.b)
-  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(y).max())
+  _check_inference(model, [rule], params, x,
+                   x64 @ deq + (x64 @ np.asarray(k.a, np.float64)) @ k.b)
   # And it helps: the output error falls well below the RTN base's.
   assert reference.output_error(x, w, deq + ab) < 0.5 * reference.output_error(
       x, w, deq)
@@ -264,18 +305,9 @@ def test_single_dense_matches_numpy(method, qtype, tile):
 # ----------------------------------- QERA is the optimum on every layer ----
 
 
-class _Mlp3(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.gelu(nn.Dense(64)(x))
-    x = nn.gelu(nn.Dense(48)(x))
-    return nn.Dense(24)(x)
-
-
 def test_qera_beats_l2qer_and_svd_on_every_layer_and_rank():
   """On each layer's calibration distribution: QERA <= L2QER, QERA <= SVD."""
-  model = _Mlp3()
+  model = _Mlp()
   x = _outliers(4, 1024, 32).reshape(8, 128, 32)
   fp = model.init(KEY, x)['params']
   base_rule = LqerRule(weight_qtype=jnp.int4, rank=4, method='qera')
@@ -312,8 +344,8 @@ def test_qera_beats_l2qer_and_svd_on_every_layer_and_rank():
 
 @pytest.fixture(scope='module')
 def mlp_setup():
-  model = SimpleMLP(dhidden=32, dout=8)
-  x = _outliers(5, 128, 16)
+  model = _Mlp()
+  x = _outliers(5, 256, 32)
   fp = model.init(KEY, x)['params']
   rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method='qera')]
   stats = _calibrate_linen(model, rules, fp, [x])
@@ -322,7 +354,7 @@ def mlp_setup():
 
 def _with_rule(mlp_setup, **kw):
   model, x, fp, stats = mlp_setup
-  rule = LqerRule(weight_qtype=jnp.int4, rank=4, **kw)
+  rule = LqerRule(weight_qtype=jnp.int4, rank=4, solver='exact', **kw)
   return fp, _abstract(model, [rule], x)[1], jax.tree.map(np.array, stats)
 
 
@@ -349,8 +381,9 @@ def test_calibrated_bases_need_stats_even_for_svd(mlp_setup, base):
 def test_svd_needs_no_stats(mlp_setup):
   fp, abstract, _ = _with_rule(mlp_setup, method='svd')
   params = lqer_quantize_params(fp, abstract, calibration=None)
-  assert params['Dense_1']['kernel'].rank == 4
+  assert [params[f'Dense_{i}']['kernel'].rank for i in range(3)] == [4] * 3
   rep = lqer.report(fp, params)  # no stats: no output errors
+  assert len(rep.layers) == 3
   assert all(l.output_error is None for l in rep.layers)
 
 
@@ -378,7 +411,7 @@ def test_nan_stats_name_the_weight(mlp_setup, method, key):
 def test_cholesky_failure_names_the_weight(mlp_setup):
   fp, abstract, stats = _with_rule(mlp_setup, method='qera', qera_damping=0.0)
   s = stats['Dense_1']['kernel_lqer']
-  s['sum_of_xtx'] = -np.eye(32, dtype=np.float32) * 5.0
+  s['sum_of_xtx'] = -np.eye(64, dtype=np.float32) * 5.0
   with pytest.raises(ValueError, match=r'Dense_1/kernel.*Cholesky'):
     lqer_quantize_params(fp, abstract, calibration=stats)
   # Damping cannot rescue a negative-definite matrix either.
@@ -393,7 +426,7 @@ def test_cholesky_failure_names_the_weight(mlp_setup):
 @pytest.fixture(scope='module')
 def dense_setup():
   x = _outliers(6, 512, 32)
-  model = nn.Dense(24, use_bias=False)
+  model = nn.Dense(64, use_bias=False)
   fp = model.init(KEY, x)['params']
   rule = LqerRule(weight_qtype=jnp.int4, rank=4, method='qera',
                   solver='exact', factor_dtype=jnp.float32)
@@ -403,7 +436,7 @@ def dense_setup():
 
 
 def test_gptq_base_equals_qwix_gptq_and_qera_beats_it(dense_setup):
-  model, x, fp, rule, stats, qmodel, abstract = dense_setup
+  model, x, fp, rule, stats, _, abstract = dense_setup
   w = np.asarray(fp['kernel'], np.float64)
   # Qwix's own GPTQ, from its own calibration pass.
   grules = [qwix_gptq.GptqRule(module_path='.*', weight_qtype=jnp.int4)]
@@ -445,7 +478,7 @@ def test_gptq_base_equals_qwix_gptq_and_qera_beats_it(dense_setup):
 
 
 def test_awq_base_inference_matches_numpy_and_qera_beats_awq(dense_setup):
-  model, x, fp, rule, stats, qmodel, abstract = dense_setup
+  model, x, fp, rule, stats, _, abstract = dense_setup
   w = np.asarray(fp['kernel'], np.float64)
   params = lqer_quantize_params(fp, abstract, calibration=stats, base='awq')
   k = params['kernel']
@@ -456,12 +489,9 @@ def test_awq_base_inference_matches_numpy_and_qera_beats_awq(dense_setup):
   base = np.asarray(qwix.dequantize(k.array), np.float64) / s[:, None]
   a, b = np.asarray(k.a, np.float64), np.asarray(k.b, np.float64)
   x_eval = _outliers(6, 600, 32)[512:]  # unseen rows, same distribution
-  y = np.asarray(jax.jit(qmodel.apply)({'params': params}, x_eval),
-                 np.float64)
   x64 = x_eval.astype(np.float64)
-  np.testing.assert_allclose(y, x64 @ base + (x64 @ a) @ b, rtol=1e-4,
-                             atol=1e-4 * np.abs(y).max())
-  # Qwix's own AWQ on the same mean |x| gives the same base.
+  _check_inference(model, [rule], params, x_eval, x64 @ base + (x64 @ a) @ b)
+  # Qwix's own AWQ on the same mean |x| gives the same scales.
   arules = [qwix_awq.AwqRule(module_path='.*', weight_qtype=jnp.int4)]
   acal = qwix.quantize_model(model, qwix_awq.AwqCalibrationProvider(arules))
   _, astats = acal.apply({'params': fp, **acal.init(KEY, x)}, x,
@@ -482,27 +512,23 @@ def test_awq_base_inference_matches_numpy_and_qera_beats_awq(dense_setup):
 
 
 def test_nnx_qera_flow_beats_ptq():
-  d_in = 16
-  model = NnxTransformer(d_in=d_in, d_model=32, num_heads=2, d_ff=64,
-                         num_layers=1, d_out=16, rngs=nnx.Rngs(0))
-  data = _outliers(7, 40 * 16, d_in).reshape(40, 16, d_in)
+  model = _NnxMlp(rngs=nnx.Rngs(0))
+  data = _outliers(7, 40 * 16, 32).reshape(40, 16, 32)
   cal_batches, x_eval = [data[:20], data[20:32]], data[32:]
-  rules = [LqerRule(weight_qtype=jnp.int4, rank=8, method='qera')]
+  rules = [LqerRule(weight_qtype=jnp.int4, rank=8, method='qera',
+                    solver='exact')]
   cal = qwix.quantize_model(model, LqerCalibrationProvider(rules), data[:1])
   for b in cal_batches:
     cal(b)
   stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
   fp = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  kernels = [p for p in flax.traverse_util.flatten_dict(fp)
-             if p[-1] == 'kernel']
-  assert len(kernels) == 8
-  for path in kernels:
-    s = _stats_at(stats, *path[:-1], 'kernel_lqer')
-    assert int(s['count']) == 32 * 16, path
+  for name in ('fc1', 'fc2'):
+    assert int(stats[name]['kernel_lqer']['count']) == 32 * 16
   abstract = nnx.eval_shape(
       lambda: qwix.quantize_model(model, LqerProvider(rules), data[:1]))
   nnx.update(abstract, lqer_quantize_params(fp, abstract, calibration=stats))
-  assert isinstance(abstract.blocks[0].out.kernel, lqer.WithLqer)
+  assert isinstance(abstract.fc1.kernel, lqer.WithLqer)
+  assert abstract.fc2.kernel.rule.method == 'qera'
   y_fp = model(x_eval)
   err = _rel(abstract(x_eval), y_fp)
   ptq = qwix.quantize_model(model, qwix.PtqProvider(rules), data[:1])
@@ -510,89 +536,87 @@ def test_nnx_qera_flow_beats_ptq():
   assert err < 0.7 * err_ptq, (err, err_ptq)
   # The report reads the NNX model and the NNX stats tree.
   rep = lqer.report(fp, abstract, stats)
-  assert len(rep.layers) == 8
+  assert [l.path for l in rep.layers] == ['fc1/kernel', 'fc2/kernel']
   assert all(l.output_error < l.output_error_base for l in rep.layers)
 
 
 # --------------------------------------------------------------- report ----
 
 
-class _Mlp3Bias(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.gelu(nn.Dense(64, name='a')(x))
-    x = nn.gelu(nn.Dense(48, name='b')(x))
-    return nn.Dense(16, name='c')(x)
-
-
 def test_report_fields_table_errors_and_bits():
-  model = _Mlp3Bias()
+  model = _Mlp()
   x = _outliers(8, 256, 32)
   fp = model.init(KEY, x)['params']
   k = 4
   rules = [
-      LqerRule(module_path='a', weight_qtype=jnp.int4, rank=k,
-               method='qera'),  # per-channel, bf16 factors
-      LqerRule(module_path='b', weight_qtype=jnp.int4, tile_size=16, rank=k,
-               method='l2qer', factor_dtype=jnp.float32),
-      LqerRule(module_path='c', weight_qtype=jnp.int8),  # plain PTQ
+      # (32, 64): int4 per-channel, bf16 factors.
+      LqerRule(module_path='Dense_0', weight_qtype=jnp.int4, rank=k,
+               method='qera', solver='exact'),
+      # (64, 64): plain int8 PTQ.
+      LqerRule(module_path='Dense_1', weight_qtype=jnp.int8),
+      # (64, 32): int4 in groups of 16, f32 factors.
+      LqerRule(module_path='Dense_2', weight_qtype=jnp.int4, tile_size=16,
+               rank=k, method='l2qer', solver='exact',
+               factor_dtype=jnp.float32),
   ]
   stats = _calibrate_linen(model, rules, fp, [x[:64], x[64:]])
   _, abstract = _abstract(model, rules, x)
   params = lqer_quantize_params(fp, abstract, calibration=stats)
   rep = lqer.report(fp, params, stats)
   dicts = rep.to_dicts()
-  assert [d['path'] for d in dicts] == ['a/kernel', 'b/kernel', 'c/kernel']
+  paths = ['Dense_0/kernel', 'Dense_1/kernel', 'Dense_2/kernel']
+  assert [d['path'] for d in dicts] == paths
   for d in dicts:
     assert set(REPORT_KEYS) <= set(d), set(REPORT_KEYS) - set(d)
-  by = {d['path']: d for d in dicts}
-  assert by['a/kernel']['method'] == 'qera' and by['a/kernel']['rank'] == k
-  assert by['b/kernel']['method'] == 'l2qer'
-  assert by['b/kernel']['group_size'] == 16
-  assert by['a/kernel']['group_size'] is None
-  assert by['c/kernel']['method'] == 'ptq' and by['c/kernel']['rank'] == 0
-  assert by['c/kernel']['qtype'] == 'int8'
-  assert by['a/kernel']['shape'] == (32, 64)
+  by = {d['path'].split('/')[0]: d for d in dicts}
+  assert (by['Dense_0']['method'], by['Dense_0']['rank']) == ('qera', k)
+  assert (by['Dense_1']['method'], by['Dense_1']['rank']) == ('ptq', 0)
+  assert (by['Dense_2']['method'], by['Dense_2']['rank']) == ('l2qer', k)
+  assert [by[n]['group_size'] for n in by] == [None, None, 16]
+  assert [by[n]['qtype'] for n in by] == ['int4', 'int8', 'int4']
+  assert [tuple(by[n]['shape']) for n in by] == [(32, 64), (64, 64), (64, 32)]
   table = rep.table()
-  for d in dicts:
-    assert d['path'] in table
+  for p in paths:
+    assert p in table
   assert table.splitlines()[-1].startswith('TOTAL')
   # Output errors: the empirical ones on the calibration inputs, in NumPy.
   inputs = _linen_inputs(model, fp, x)
-  for name in ('a', 'b', 'c'):
+  for name, d in by.items():
     w = np.asarray(fp[name]['kernel'], np.float64)
     q = params[name]['kernel']
-    hat = np.asarray(qwix.dequantize(q.array), np.float64)
-    base = hat.copy()
+    base = np.asarray(qwix.dequantize(q.array), np.float64)
+    hat = base
     if isinstance(q, lqer.WithLqer):
-      hat = hat + np.asarray(q.a, np.float64) @ np.asarray(q.b, np.float64)
-    d = by[f'{name}/kernel']
+      hat = base + np.asarray(q.a, np.float64) @ np.asarray(q.b, np.float64)
     np.testing.assert_allclose(
         d['output_error'], reference.output_error(inputs[name], w, hat),
-        rtol=1e-3)
+        rtol=1e-3, err_msg=name)
     np.testing.assert_allclose(
         d['output_error_base'],
-        reference.output_error(inputs[name], w, base), rtol=1e-3)
+        reference.output_error(inputs[name], w, base), rtol=1e-3,
+        err_msg=name)
     np.testing.assert_allclose(
         d['weight_error'], np.linalg.norm(w - hat) / np.linalg.norm(w),
-        rtol=1e-4)
+        rtol=1e-4, err_msg=name)
     np.testing.assert_allclose(
         d['snr_db'], 10 * np.log10(np.sum(w**2) / np.sum((w - hat)**2)),
-        rtol=1e-4)
-  assert by['a/kernel']['output_error'] < by['a/kernel']['output_error_base']
+        rtol=1e-4, err_msg=name)
+  assert by['Dense_0']['output_error'] < by['Dense_0']['output_error_base']
+  assert by['Dense_2']['output_error'] < by['Dense_2']['output_error_base']
   # Bits per weight, counted by hand: values, f32 scales, factors.
-  n_in, n_out = 32, 64
-  assert by['a/kernel']['bits_per_weight'] == pytest.approx(
+  n_in, n_out = 32, 64  # 4 + 1 + 3
+  assert by['Dense_0']['bits_per_weight'] == pytest.approx(
       4 + 32 * n_out / (n_in * n_out) + 16 * k * (n_in + n_out)
       / (n_in * n_out))
-  n_in, n_out = 64, 48
-  assert by['b/kernel']['bits_per_weight'] == pytest.approx(
+  assert by['Dense_1']['bits_per_weight'] == pytest.approx(8 + 32 / 64)
+  n_in, n_out = 64, 32  # 4 + 2 + 6
+  assert by['Dense_2']['bits_per_weight'] == pytest.approx(
       4 + 32 * (n_in // 16) * n_out / (n_in * n_out)
       + 32 * k * (n_in + n_out) / (n_in * n_out))
-  assert by['c/kernel']['bits_per_weight'] == pytest.approx(8 + 32 / 48)
   total = rep.total()
-  n = np.array([32 * 64, 64 * 48, 48 * 16], float)
+  n = np.array([32 * 64, 64 * 64, 64 * 32], float)
   assert total['num_weights'] == n.sum()
   assert total['output_error'] == pytest.approx(
       sum(w * d['output_error'] for w, d in zip(n, dicts)) / n.sum())
+  assert total['bits_per_weight'] == pytest.approx(
+      sum(w * d['bits_per_weight'] for w, d in zip(n, dicts)) / n.sum())

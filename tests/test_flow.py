@@ -364,3 +364,21 @@ def test_qera_factors_each_input_once(monkeypatch):
   # 14 weights, 10 distinct inputs: embed, head, and per block qkv/out/fc1/fc2.
   assert len(calls) == 10
   assert isinstance(params['block_0']['key']['kernel'], lqer.WithLqer)
+
+
+@pytest.mark.parametrize('compute_dtype,tol', [(jnp.float32, 1e-5),
+                                               (jnp.bfloat16, 2e-2)])
+def test_lqer_matmul_path_matches_qwix_path(compute_dtype, tol):
+  """The optional dequantize-at-use matmul computes the same layer."""
+  model = Transformer()
+  x = jax.random.normal(KEY, (2, 8, 16))
+  fp = model.init(KEY, x)['params']
+  rules = [LqerRule(weight_qtype=jnp.int4, tile_size=16, rank=8)]
+  qmodel, abstract = _linen(model, rules, x)
+  params = lqer_quantize_params(fp, abstract)
+  ref = qmodel.apply({'params': params}, x)
+  fast = qwix.quantize_model(model, LqerProvider(rules,
+                                                 compute_dtype=compute_dtype))
+  y = jax.jit(fast.apply)({'params': params}, x)
+  assert y.dtype == ref.dtype
+  assert _rel(y, ref) < tol
