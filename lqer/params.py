@@ -346,7 +346,7 @@ def _run_chunk(chunk: list[_Job], base: str, factors=None):
                     rule.oversample, rule.power_iters)(ws, deqs, keys, **extra)
   out = {}
   for i, job in enumerate(chunk):
-    ai, bi = layout.split_factors(a[i], b[i])
+    ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
     out[job.path] = WithLqer(
         array=qlist[i], how=job.how,
         a=ai.astype(rule.factor_dtype), b=bi.astype(rule.factor_dtype),
@@ -354,6 +354,23 @@ def _run_chunk(chunk: list[_Job], base: str, factors=None):
         batch_axes=layout.batch_axes, rule=rule,
     )
   return out
+
+
+def _place_factors(job: _Job, a, b):
+  """Shards A like W's batch + contracting axes and B like its batch +
+  output axes (the rank axis replicated), when W carries a NamedSharding."""
+  sharding = getattr(job.weight, 'sharding', None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return a, b
+  spec = tuple(sharding.spec) + (None,) * (job.weight.ndim - len(sharding.spec))
+  layout = job.layout
+  a_spec = [spec[x] for x in (*layout.batch_axes, *layout.contracting_axes)]
+  b_spec = [spec[x] for x in layout.batch_axes] + [None] + [
+      spec[x] for x in layout.output_axes]
+  named = lambda s: jax.sharding.NamedSharding(sharding.mesh,
+                                                jax.sharding.PartitionSpec(*s))
+  return (jax.device_put(a, named(a_spec + [None])),
+          jax.device_put(b, named(b_spec)))
 
 
 def _base_only(job: _Job, q, awq_scale):

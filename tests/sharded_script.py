@@ -1,0 +1,66 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 host devices."""
+
+import os
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import qwix
+
+import lqer
+
+
+class Model(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    part = lambda names: nn.with_partitioning(nn.initializers.lecun_normal(),
+                                              names)
+    x = nn.Dense(256, use_bias=False, kernel_init=part(('data', 'model')))(x)
+    return nn.Dense(64, use_bias=False, kernel_init=part(('model', 'data')))(x)
+
+
+def main():
+  assert len(jax.devices()) == 8
+  mesh = jax.make_mesh((2, 4), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  model = Model()
+  x = jax.random.normal(jax.random.key(0), (8, 128))
+  variables = model.init(jax.random.key(0), x)
+  specs = nn.get_partition_spec(variables)['params']
+  local = nn.unbox(variables['params'])
+  sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
+                         local, specs)
+  rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=32, rank=8)]
+  qmodel = qwix.quantize_model(model, lqer.LqerProvider(rules))
+  abstract = nn.unbox(jax.eval_shape(qmodel.init, jax.random.key(0),
+                                     x)['params'])
+  params = lqer.lqer_quantize_params(sharded, abstract)
+  reference = lqer.lqer_quantize_params(local, abstract)
+  k0, k1 = params['Dense_0']['kernel'], params['Dense_1']['kernel']
+  # A follows W's input sharding, B its output sharding, rank replicated.
+  assert k0.a.sharding.spec == P('data', None), k0.a.sharding
+  assert k0.b.sharding.spec == P(None, 'model'), k0.b.sharding
+  assert k1.a.sharding.spec == P('model', None), k1.a.sharding
+  assert k1.b.sharding.spec == P(None, 'data'), k1.b.sharding
+  assert k0.array.qvalue.sharding.spec == P('data', 'model')
+  for name in ['Dense_0', 'Dense_1']:
+    got, want = params[name]['kernel'], reference[name]['kernel']
+    for a, b in zip(jax.tree.leaves(got.array), jax.tree.leaves(want.array)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Sharded reductions sum in another order: same factors up to bf16.
+    ab = np.asarray(got.a, np.float32) @ np.asarray(got.b, np.float32)
+    ab_ref = np.asarray(want.a, np.float32) @ np.asarray(want.b, np.float32)
+    assert np.linalg.norm(ab - ab_ref) < 1e-2 * np.linalg.norm(ab_ref)
+  y = jax.jit(qmodel.apply)({'params': params}, x)
+  y_single = qmodel.apply({'params': reference}, x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_single), atol=1e-3)
+  print('SHARDING OK')
+
+
+if __name__ == '__main__':
+  main()
