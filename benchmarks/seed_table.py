@@ -15,6 +15,9 @@ per-group (tile_size=128 where the layer allows it):
                     eager per-layer loop, full NumPy SVD of E = W - deq(Wq),
                     A = U_k S_k, B = V_k^T; evaluated as the float model with
                     W_hat = deq(Wq) + A B (float32), independent of lqer;
+  * lqer svd exact - `method='svd'`, `solver='exact'`, float32 factors: the
+                    earlier algorithm's math inside lqer (the two rows agree
+                    up to float32 rounding and the bf16 inference matmul);
   * lqer qera     - `method='qera'` (default damping and solver), calibrated
                     with `LqerCalibrationProvider` on separate random inputs
                     (neither the init nor the evaluation input).
@@ -28,7 +31,14 @@ them by module path without a tile size.
     python benchmarks/seed_table.py [--quick] [--json FILE]
 """
 
-import argparse
+import os
+
+# Small NumPy SVDs run ~100x slower when OpenBLAS's threads fight XLA's for
+# two cores; one BLAS thread (set before NumPy loads) avoids that.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
+import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
+import functools
 import json
 import re
 import shlex
@@ -53,7 +63,7 @@ CONFIGS = [                # (label, qtype, rank)
     ('INT4', jnp.int4, 16),
     ('INT4', jnp.int4, 32),
 ]
-IMPLS = ('lqer svd', 'earlier algo', 'lqer qera')
+IMPLS = ('lqer svd', 'earlier algo', 'lqer svd exact', 'lqer qera')
 
 
 def rel_error(y, ref):
@@ -65,22 +75,28 @@ def kernel_paths(fp):
   return [p for p in flax.traverse_util.flatten_dict(fp) if p[-1] == 'kernel']
 
 
-def per_channel_modules(model, x, qtype):
-  """Module paths whose innermost contracting axis is not a multiple of 128.
+def tiling_of_modules(model, x, qtype):
+  """Module paths by the size of their innermost contracting axis.
 
-  The contracting axes come from the kernels' `WithLqer` layouts (an
-  untiled abstract tree); Qwix tiles the last of them.
+  Returns (untiled, single): layers whose axis is not a multiple of 128 (they
+  get per-channel scales) and layers whose axis is exactly 128 (one group,
+  the same as per-channel). The contracting axes come from the kernels'
+  `WithLqer` layouts (an untiled abstract tree); Qwix tiles the last one.
   """
   rules = [lqer.LqerRule(weight_qtype=qtype, rank=1)]
   qm = qwix.quantize_model(model, lqer.LqerProvider(rules))
   abstract = jax.eval_shape(qm.init, jax.random.key(0), x)['params']
-  out = []
+  flat = flax.traverse_util.flatten_dict(abstract)
+  untiled, single = [], []
   for path in kernel_paths(abstract):
-    w = flax.traverse_util.flatten_dict(abstract)[path]
-    layout = w.layout
-    if layout.shape[layout.contracting_axes[-1]] % GROUP:
-      out.append('/'.join(path[:-1]))
-  return out
+    layout = flat[path].layout
+    size = layout.shape[layout.contracting_axes[-1]]
+    name = '/'.join(path[:-1])
+    if size % GROUP:
+      untiled.append(name)
+    elif size == GROUP:
+      single.append(name)
+  return untiled, single
 
 
 def make_rules(cls, qtype, tile, untiled, **kw):
@@ -109,6 +125,11 @@ def lqer_error(model, fp, x, x_eval, y_fp, rules, stats=None):
   return rel_error(jax.jit(qm.apply)({'params': params}, x_eval), y_fp)
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_apply(model):
+  return jax.jit(model.apply)
+
+
 def earlier_algorithm(model, fp, x_eval, y_fp, ptq_params, rank):
   """Eager per-layer full NumPy SVD of E; the model run with deq + A B."""
   flat = flax.traverse_util.flatten_dict(fp)
@@ -131,7 +152,7 @@ def earlier_algorithm(model, fp, x_eval, y_fp, ptq_params, rank):
                       np.argsort(perm))
     new[path] = jnp.asarray(deq + ab, jnp.float32)
   params = flax.traverse_util.unflatten_dict(new)
-  return rel_error(jax.jit(model.apply)({'params': params}, x_eval), y_fp)
+  return rel_error(jitted_apply(model)({'params': params}, x_eval), y_fp)
 
 
 def calibrate(model, fp, x, x_cal, rules):
@@ -159,8 +180,8 @@ def main():
   x_eval = jax.random.normal(jax.random.key(1), SHAPE)
   x_cal = jax.random.normal(jax.random.key(2), CAL_SHAPE)
   fp = model.init(jax.random.key(0), x)['params']
-  y_fp = jax.jit(model.apply)({'params': fp}, x_eval)
-  untiled = per_channel_modules(model, x, jnp.int4)
+  y_fp = jitted_apply(model)({'params': fp}, x_eval)
+  untiled, single_group = tiling_of_modules(model, x, jnp.int4)
   stats = calibrate(model, fp, x, x_cal, [
       lqer.LqerRule(weight_qtype=jnp.int4, rank=1, method='qera')])
 
@@ -176,6 +197,9 @@ def main():
               lqer.LqerRule, qtype, tile, untiled, rank=rank)),
           'earlier algo': earlier_algorithm(model, fp, x_eval, y_fp,
                                             ptq_params, rank),
+          'lqer svd exact': lqer_error(model, fp, x, x_eval, y_fp, make_rules(
+              lqer.LqerRule, qtype, tile, untiled, rank=rank, solver='exact',
+              factor_dtype=jnp.float32)),
           'lqer qera': lqer_error(model, fp, x, x_eval, y_fp, make_rules(
               lqer.LqerRule, qtype, tile, untiled, rank=rank,
               method='qera'), stats),
@@ -192,29 +216,31 @@ def main():
       print(f'  {quant}: done ({time.time() - start:.0f} s)', file=sys.stderr,
             flush=True)
 
+  rows = [r for impl in IMPLS for r in rows if r['implementation'] == impl]
   print()
   print('| Model | Quantization | PTQ Error | LQER Error | Improvement |')
   print('|---|---|---|---|---|')
-  for impl in IMPLS:
-    for r in rows:
-      if r['implementation'] == impl:
-        star = '*' if r['tile_size'] else ''
-        print(f"| {r['model']} | {r['quantization']}{star} |"
-              f" {r['ptq_error']:.4f} | {r['lqer_error']:.4f} |"
-              f" {r['improvement_pct']:.1f}% |")
+  for r in rows:
+    star = '*' if r['tile_size'] else ''
+    print(f"| {r['model']} | {r['quantization']}{star} |"
+          f" {r['ptq_error']:.4f} | {r['lqer_error']:.4f} |"
+          f" {r['improvement_pct']:.1f}% |")
   print()
   dims = ', '.join(f'{k}={v}' for k, v in MODEL.items())
   print(f'Transformer({dims}); init and evaluation inputs {SHAPE} from'
         ' jax.random.key(0) and key(1); error = ||y_q - y_fp||_F /'
         ' ||y_fp||_F on the evaluation input. lqer svd: default randomized'
         ' solver, bf16 factors. earlier algo: eager full NumPy SVD per layer,'
-        ' W_hat = deq + A B in float32. lqer qera: calibrated on'
+        ' W_hat = deq + A B in float32. lqer svd exact: exact solver, f32'
+        ' factors. lqer qera: calibrated on'
         f' {CAL_SHAPE[0] * CAL_SHAPE[1]} tokens of separate random inputs'
         ' (key 2).')
   if not args.quick:
     print(f'* group {GROUP}: these layers have an innermost contracting axis'
           f' that is not a multiple of {GROUP} and are quantized per-channel:'
-          f' {", ".join(untiled)}.')
+          f' {", ".join(untiled)}; these have exactly {GROUP} and so one'
+          f' group per column, the same as per-channel:'
+          f' {", ".join(single_group)}.')
   print(f'({time.time() - start:.0f} s)')
   if args.json:
     with open(args.json, 'w') as f:

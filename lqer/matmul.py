@@ -1,21 +1,17 @@
-"""Weight-only quantized matmul, x deq(Wq), faster and leaner than Qwix's.
+"""Weight-only quantized matmul: x deq(Wq), dequantized at its use.
 
 Qwix's weight-only `dot_general` dequantizes the whole weight to float32 in
-its own fusion and runs a float32 dot; XLA hoists those dequantizations, so
-a jitted forward holds a float32 copy of every weight at once. Here:
+its own fusion and runs a float32 dot; XLA hoists those dequantizations to
+the start of the program, so a jitted forward holds a float32 copy of every
+weight at once (temporary memory ~1.0x the float weights). Here the
+dequantization is tied to the layer's input by a data dependency (a zero
+XLA cannot fold; `optimization_barrier` is dropped before scheduling on
+XLA:CPU), so about one layer's dequantized weights are live at a time.
 
-* an `optimization_barrier` ties the weight to the layer's input, so its
-  dequantization cannot be scheduled before the layer runs: one layer's
-  dequantized weight is live at a time;
-* the weight is dequantized to `compute_dtype` (bfloat16 by default: int4 /
-  int8 codes are exact in it, and the scale product is rounded once to 8
-  bits of mantissa) and multiplied with the activation in that dtype with
-  float32 accumulation (`preferred_element_type`), which uses the bf16 dot
-  units of CPUs (AVX512-BF16 / AMX), GPUs and TPUs.
-
-Supported: symmetric or asymmetric integer / float8 / nf4 QArrays of any
-tiling, any dot_general dimension numbers. `None` from `supports` means the
-caller should use Qwix's own path (activation quantization).
+`compute_dtype` float32 gives Qwix's numbers; bfloat16 rounds the
+dequantized weight and the activation to bf16 (float32 accumulation), which
+halves the transient copy and uses bf16 dot units where the backend has
+them (XLA:CPU 0.10 upcasts bf16 dots to f32, so it is no faster there).
 """
 
 import jax
@@ -29,8 +25,12 @@ def weight_only_dot_general(lhs, q: qarray.QArray, dimension_numbers,
 
   Returns float32 of dot_general's output shape.
   """
-  lhs, q = jax.lax.optimization_barrier((lhs, q))
-  scale = q.scale.astype(compute_dtype)
+  # A zero that XLA cannot fold ties the dequantization to the layer's
+  # input, so it is not hoisted to the start of the program.
+  # (optimization_barrier is dropped before scheduling on XLA:CPU.)
+  zero = jnp.zeros((), compute_dtype) * lhs.reshape(-1)[0].astype(
+      compute_dtype)
+  scale = q.scale.astype(compute_dtype) + zero
   q = q.replace(scale=scale, zero_point=q.zero_point)
   w = qarray.dequantize(q)
   return jax.lax.dot_general(lhs.astype(compute_dtype), w, dimension_numbers,

@@ -38,14 +38,15 @@ class LqerProvider(ptq.PtqProvider):
 
   Args:
     rules: the `LqerRule`s (plain Qwix rules work too).
-    compute_dtype: None (default) runs Qwix's own quantized dot_general for
-      the main term. jnp.bfloat16 or jnp.float32 instead dequantizes each
-      weight-only weight at its use and runs a dot in that dtype with float32
-      accumulation (`lqer.matmul`); see benchmarks/inference.py for when it
-      is faster. Rules with `act_qtype` always use Qwix's path.
+    compute_dtype: for weight-only rules, each weight is dequantized at its
+      use to this dtype and multiplied with float32 accumulation
+      (`lqer.matmul`): jnp.float32 (default; the same numbers as Qwix's
+      path, without XLA holding every dequantized weight at once) or
+      jnp.bfloat16. None runs Qwix's own quantized dot_general. Rules with
+      `act_qtype` always use Qwix's path.
   """
 
-  def __init__(self, rules, *, compute_dtype=None, **kwargs):
+  def __init__(self, rules, *, compute_dtype=jnp.float32, **kwargs):
     super().__init__(rules, **kwargs)
     self._compute_dtype = compute_dtype
 

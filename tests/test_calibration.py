@@ -506,6 +506,12 @@ def test_awq_base_inference_matches_numpy_and_qera_beats_awq(dense_setup):
   rep = lqer.report(fp, params, stats).layers[0]
   assert rep.output_error_base == pytest.approx(err_awq, rel=1e-3)
   assert rep.output_error == pytest.approx(err, rel=1e-3)
+  # Bits: int4 codes, f32 scale per output channel, f32 factors of rank 4,
+  # and the f32 AWQ scale per input channel.
+  n_in, n_out = 32, 64
+  assert rep.bits_per_weight == pytest.approx(
+      4 + 32 * n_out / (n_in * n_out) + 32 * 4 * (n_in + n_out)
+      / (n_in * n_out) + 32 * n_in / (n_in * n_out))
 
 
 # ------------------------------------------------------------------ NNX ----

@@ -374,11 +374,44 @@ def test_lqer_matmul_path_matches_qwix_path(compute_dtype, tol):
   x = jax.random.normal(KEY, (2, 8, 16))
   fp = model.init(KEY, x)['params']
   rules = [LqerRule(weight_qtype=jnp.int4, tile_size=16, rank=8)]
-  qmodel, abstract = _linen(model, rules, x)
+  _, abstract = _linen(model, rules, x)
   params = lqer_quantize_params(fp, abstract)
-  ref = qmodel.apply({'params': params}, x)
+  qwix_path = qwix.quantize_model(model, LqerProvider(rules,
+                                                      compute_dtype=None))
+  ref = qwix_path.apply({'params': params}, x)
   fast = qwix.quantize_model(model, LqerProvider(rules,
                                                  compute_dtype=compute_dtype))
   y = jax.jit(fast.apply)({'params': params}, x)
   assert y.dtype == ref.dtype
   assert _rel(y, ref) < tol
+
+
+def test_forward_does_not_hold_every_dequantized_weight():
+  """XLA hoists Qwix's dequantizations; lqer's matmul keeps ~1 layer live."""
+
+  class Stack(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(6):
+        x = x + nn.Dense(256, use_bias=False)(
+            nn.relu(nn.Dense(512, use_bias=False)(x)))
+      return x
+
+  model = Stack()
+  x = jnp.ones((1, 256))
+  fp = model.init(KEY, x)['params']
+  fp_bytes = sum(w.nbytes for w in jax.tree.leaves(fp))
+  rules = [LqerRule(weight_qtype=jnp.int4, tile_size=128, rank=8)]
+  _, abstract = _linen(model, rules, x)
+  params = lqer_quantize_params(fp, abstract)
+
+  def temp_ratio(compute_dtype):
+    m = qwix.quantize_model(model, LqerProvider(rules,
+                                                compute_dtype=compute_dtype))
+    compiled = jax.jit(lambda p, x: m.apply({'params': p}, x)).lower(
+        params, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / fp_bytes
+
+  assert temp_ratio(None) > 0.9  # Qwix's path: every weight in float32
+  assert temp_ratio(jnp.float32) < 0.25
