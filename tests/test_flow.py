@@ -1,6 +1,5 @@
 """The core flows end to end: Linen and NNX, both abstract-tree flows."""
 
-import flax
 from flax import linen as nn
 from flax import nnx
 import jax
@@ -86,22 +85,6 @@ def test_full_rank_reconstructs_weight_to_factor_precision():
     params = lqer_quantize_params({'kernel': jnp.asarray(w)}, abstract)
     w_hat = qmodel.apply({'params': params}, x)  # identity input -> W_hat
     assert np.abs(w_hat - w).max() <= tol * np.abs(w).max()
-
-
-def _layer_output_errors(fp_params, qparams, model, x):
-  """Relative error of each quantized Dense's output, on its own real input."""
-  _, state = model.apply({'params': fp_params}, x,
-                         capture_intermediates=True, mutable=['intermediates'])
-  del state
-  errors = {}
-  flat_fp = flax.traverse_util.flatten_dict(fp_params)
-  for path, w in flat_fp.items():
-    if path[-1] != 'kernel':
-      continue
-    q = flax.traverse_util.flatten_dict(qparams, is_leaf=lambda k, v: isinstance(
-        v, qwix._src.providers.ptq.WithAux))[path]
-    errors[path] = q
-  return errors
 
 
 @pytest.mark.parametrize('qtype', [jnp.int8, jnp.int4])
@@ -369,7 +352,7 @@ def test_qera_factors_each_input_once(monkeypatch):
 @pytest.mark.parametrize('compute_dtype,tol', [(jnp.float32, 1e-5),
                                                (jnp.bfloat16, 2e-2)])
 def test_lqer_matmul_path_matches_qwix_path(compute_dtype, tol):
-  """The optional dequantize-at-use matmul computes the same layer."""
+  """lqer's dequantize-at-use matmul computes what Qwix's path does."""
   model = Transformer()
   x = jax.random.normal(KEY, (2, 8, 16))
   fp = model.init(KEY, x)['params']
