@@ -86,8 +86,8 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
       example=(jnp.zeros((1, 8), jnp.int32),),
       calib_batches=[(calib[i:i + 4],) for i in range(0, len(calib), 4)],
       metric='perplexity',
-      score=lambda m, p: {'perplexity': smollm2.perplexity(m, p, evals,
-                                                           window)},
+      score=lambda m, p: {'perplexity': smollm2.perplexity(
+          m, p, evals, window, progress=True)},
       module_path=r'layers_\d+/(attn|mlp)/.*',
   )
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
+from tqdm.auto import tqdm
 from tokenizers import decoders, models, pre_tokenizers
 
 from models import _package
@@ -316,7 +317,8 @@ def _window_nll(module: nn.Module, params, windows: jax.Array) -> jax.Array:
 
 
 def perplexity(module: nn.Module, params, token_ids: np.ndarray,
-               window: int = 512, batch_size: int = 4) -> float:
+               window: int = 512, batch_size: int = 4,
+               progress: bool = False) -> float:
   """Perplexity over non-overlapping windows of ``window`` tokens.
 
   Each window is scored independently (no context carried over): tokens
@@ -335,7 +337,10 @@ def perplexity(module: nn.Module, params, token_ids: np.ndarray,
   windows = token_ids[: n_windows * window].reshape(n_windows, window)
   nll_fn = jax.jit(functools.partial(_window_nll, module))
   total = 0.0
-  for start in range(0, n_windows, batch_size):
+  starts = range(0, n_windows, batch_size)
+  if progress:
+    starts = tqdm(starts, desc="perplexity", unit="batch", leave=False)
+  for start in starts:
     batch = windows[start:start + batch_size]
     n_real = len(batch)
     if n_real < batch_size:
