@@ -17,7 +17,7 @@ per-group (tile_size=128 where the layer allows it):
                     W_hat = deq(Wq) + A B (float32), independent of lqer;
   * lqer svd exact - `method='svd'`, `solver='exact'`, float32 factors: the
                     earlier algorithm's math inside lqer (the two rows agree
-                    up to float32 rounding and the bf16 inference matmul);
+                    up to rounding; the footer prints the largest gap);
   * lqer qera     - `method='qera'` (default damping and solver), calibrated
                     with `LqerCalibrationProvider` on separate random inputs
                     (neither the init nor the evaluation input).
@@ -235,6 +235,12 @@ def main():
         ' factors. lqer qera: calibrated on'
         f' {CAL_SHAPE[0] * CAL_SHAPE[1]} tokens of separate random inputs'
         ' (key 2).')
+  exact = {r['quantization']: r['lqer_error'] for r in rows
+           if r['implementation'] == 'lqer svd exact'}
+  gap = max(abs(r['lqer_error'] / exact[r['quantization']] - 1) for r in rows
+            if r['implementation'] == 'earlier algo')
+  print(f'lqer svd exact vs earlier algo: largest relative gap in LQER Error'
+        f' {gap:.2e}.')
   if not args.quick:
     print(f'* group {GROUP}: these layers have an innermost contracting axis'
           f' that is not a multiple of {GROUP} and are quantized per-channel:'

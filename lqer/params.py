@@ -218,6 +218,12 @@ def _check_stats(job: _Job, base: str):
         ' model under LqerCalibrationProvider with the same rules first.'
     )
   stats_lib.check(job.stats, job.layout, name)
+  if ((job.rank and job.rule.method == 'qera') or base == 'gptq') and (
+      'sum_of_xtx' not in job.stats):
+    raise ValueError(
+        f'{name}: {needs if base != "gptq" else "base gptq"} needs E[x^T x]'
+        ' (sum_of_xtx), but these statistics were collected with'
+        ' LqerCalibrationProvider(second_moment=False)')
   if base != 'rtn' and (job.layout.batch_axes
                         or len(job.layout.contracting_axes) != 1):
     raise ValueError(f'{name}: base {base!r} supports kernels with exactly'

@@ -408,6 +408,32 @@ def test_nan_stats_name_the_weight(mlp_setup, method, key):
     lqer_quantize_params(fp, abstract, calibration=stats)
 
 
+def test_stats_of_another_width_name_the_weight(mlp_setup):
+  fp, abstract, stats = _with_rule(mlp_setup, method='qera')
+  stats['Dense_0'] = stats['Dense_1']  # 64 input channels, kernel has 32
+  with pytest.raises(ValueError, match='Dense_0/kernel: statistics are for 64'
+                     ' input channels but the kernel contracts 32'):
+    lqer_quantize_params(fp, abstract, calibration=stats)
+
+
+@pytest.mark.parametrize('method,base', [('qera', 'rtn'), ('svd', 'gptq')])
+def test_stats_without_second_moment_name_the_weight(mlp_setup, method, base):
+  """LqerCalibrationProvider(second_moment=False) keeps only mean |x|; QERA
+  and a GPTQ base need E[x^T x]: a ValueError naming the weight, up front."""
+  model, x, fp, _ = mlp_setup
+  rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method=method)]
+  cal = qwix.quantize_model(
+      model, LqerCalibrationProvider(rules, second_moment=False))
+  _, new = cal.apply({'params': fp, **cal.init(KEY, x)}, x,
+                     mutable='quant_stats')
+  stats = new['quant_stats']
+  assert 'sum_of_xtx' not in stats['Dense_0']['kernel_lqer']
+  _, abstract = _abstract(model, rules, x)
+  with pytest.raises(ValueError, match=r'Dense_0/kernel.*'
+                     r'(sum_of_xtx|E\[x\^T x\]|second.moment)'):
+    lqer_quantize_params(fp, abstract, calibration=stats, base=base)
+
+
 def test_cholesky_failure_names_the_weight(mlp_setup):
   fp, abstract, stats = _with_rule(mlp_setup, method='qera', qera_damping=0.0)
   s = stats['Dense_1']['kernel_lqer']
