@@ -96,7 +96,8 @@ def eval_command(args) -> list:
   for bits in bits_list:
     for row in evaluation.run(task, bits, tile, ranks, args.methods,
                               base=args.base, save_dir=args.save,
-                              load_dir=args.load, solver=args.solver):
+                              load_dir=args.load, solver=args.solver,
+                              with_fp=bits == bits_list[0]):
       rows.append(row)
       print(f'  {row.method:6s} bits={row.bits} rank={row.rank}'
             f' {row.metric}={row.value:.4f}', file=sys.stderr, flush=True)

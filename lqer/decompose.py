@@ -96,6 +96,7 @@ def l2qer_scale(act_abs_mean: jax.Array) -> jax.Array:
   return s / norm
 
 
+@jax.jit
 def damped_cholesky(second_moment: jax.Array, damping: float) -> jax.Array:
   """Lower Cholesky factor L of R + damping * mean(diag R) I  (..., in, in).
 

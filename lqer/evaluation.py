@@ -191,14 +191,16 @@ def fingerprint(task_name, rules, base):
 
 def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
         methods: Sequence[str], base: str = 'rtn', save_dir=None,
-        load_dir=None, **rule_kw) -> Iterator[Row]:
-  """Yields FP, PTQ and method x rank rows for one bits / tile setting."""
+        load_dir=None, with_fp=True, **rule_kw) -> Iterator[Row]:
+  """Yields FP (if with_fp), PTQ and method x rank rows for one bits / tile
+  setting."""
   row = lambda method, rank, scores, bpw=None, secs=None: Row(
       task.name, method, base, bits if method != 'FP' else None,
       tile_size if method != 'FP' else None, rank, task.metric,
       scores[task.metric], bpw, secs,
       {k: v for k, v in scores.items() if k != task.metric})
-  yield row('FP', None, task.score(task.module, task.params), 32.0)
+  if with_fp:
+    yield row('FP', None, task.score(task.module, task.params), 32.0)
   rules, _ = build_rules(task.params, task.module_path, bits,
                                tile_size, None, 'svd', **rule_kw)
   stats = calibrate(task, build_rules(task.params, task.module_path, bits,
@@ -216,17 +218,17 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
         model = qwix.quantize_model(task.module, LqerProvider(rules))
         abstract = jax.eval_shape(model.init, jax.random.key(0),
                                   *task.example)['params']
-        params = checkpoint.load(_subdir(load_dir, method, rank), abstract,
+        params = checkpoint.load(_subdir(load_dir, bits, tile_size, method, rank), abstract,
                                  fp)
         secs = None
       else:
         model, params, _, secs = quantize(task, rules, stats, base)
       if save_dir is not None:
-        checkpoint.save(_subdir(save_dir, method, rank), params, fp)
+        checkpoint.save(_subdir(save_dir, bits, tile_size, method, rank), params, fp)
       bpw = make_report(task.params, params).total()['bits_per_weight']
       yield row(METHOD_LABELS[method], rank, task.score(model, params), bpw,
                 secs)
 
 
-def _subdir(root, method, rank):
-  return f'{root}/{method}_r{rank}'
+def _subdir(root, bits, tile_size, method, rank):
+  return f'{root}/w{bits}_g{tile_size or 0}_{method}_r{rank}'
