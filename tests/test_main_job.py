@@ -59,11 +59,16 @@ def test_cli_json_and_bad_checkpoint(tmp_path, capsys):
   assert {'model', 'method', 'base', 'bits', 'tile_size', 'rank', 'metric',
           'value', 'bits_per_weight', 'offline_seconds'} <= set(records[0])
   assert '| QERA |' in capsys.readouterr().out
-  # A checkpoint from another rule set (rank 8) must not load silently.
+  # A checkpoint from another rule set (exact solver) must not load silently.
   with pytest.raises(checkpoint.CheckpointError, match='rules'):
-    cli.main(['eval', '--model', 'minilm', '--ranks', '8', '--methods',
-              'qera', '--calib-text', str(text), '--eval-text', str(text),
-              '--load', str(tmp_path / 'ck')])
+    cli.main(['eval', '--model', 'minilm', '--ranks', '4', '--methods',
+              'qera', '--solver', 'exact', '--calib-text', str(text),
+              '--eval-text', str(text), '--load', str(tmp_path / 'ck')])
+  # The same rules load and give the same numbers.
+  cli.main(['eval', '--model', 'minilm', '--ranks', '4', '--methods', 'qera',
+            '--calib-text', str(text), '--eval-text', str(text),
+            '--json', str(out), '--load', str(tmp_path / 'ck')])
+  assert json.loads(out.read_text())[2]['value'] == records[2]['value']
 
 
 def test_checkpoint_roundtrip_atomic_and_checked(tmp_path):
