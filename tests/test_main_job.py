@@ -13,20 +13,15 @@ def _by_method(rows):
 
 
 @pytest.mark.slow
-def test_smollm2_small_end_to_end(tmp_path):
+def test_smollm2_small_end_to_end():
   task = evaluation.smollm2_task(n_calib=2048, n_eval=1024)
   rows = _by_method(evaluation.run(task, 4, 128, [32], ['svd', 'l2qer',
-                                                         'qera'],
-                                   save_dir=str(tmp_path)))
+                                                         'qera']))
   fp, ptq = rows['FP'].value, rows['PTQ'].value
   assert 3 < fp < 40, fp  # sane perplexity on English prose
   assert rows['L2QER'].value < ptq and rows['QERA'].value < ptq
   assert rows['QERA'].value < rows['LQER'].value
   assert 4 < rows['QERA'].bits_per_weight < 6
-  # Checkpoint round trip: reloaded params give the same perplexity.
-  reloaded = _by_method(evaluation.run(task, 4, 128, [32], ['qera'],
-                                       load_dir=str(tmp_path)))
-  assert reloaded['QERA'].value == rows['QERA'].value
 
 
 @pytest.mark.slow
