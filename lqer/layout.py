@@ -78,6 +78,14 @@ class KernelLayout:
   def max_rank(self) -> int:
     return min(self.in_size, self.out_size)
 
+  def check_rank(self, rank: int, name: str):
+    """Raises ValueError naming the weight if rank exceeds min(in, out)."""
+    if rank > self.max_rank:
+      raise ValueError(
+          f'{name}: rank {rank} is larger than the matrix allows: the kernel'
+          f' {self.shape} multiplies as {self.in_size} x {self.out_size}, so'
+          f' rank must be <= {self.max_rank}')
+
   def to_matrix(self, w: jax.Array) -> jax.Array:
     """Kernel -> (*batch, in, out)."""
     perm = self.batch_axes + self.contracting_axes + self.output_axes

@@ -194,12 +194,7 @@ def build_weight(path, w, how, layout, rule: LqerRule) -> WithLqer:
 
 def _check_weight(job: _Job):
   name = path_str(job.path)
-  if job.rank > job.layout.max_rank:
-    raise ValueError(
-        f'{name}: rank {job.rank} is larger than the matrix allows: the'
-        f' kernel {job.layout.shape} multiplies as {job.layout.in_size} x'
-        f' {job.layout.out_size}, so rank must be <= {job.layout.max_rank}'
-    )
+  job.layout.check_rank(job.rank, name)
   if not jnp.issubdtype(job.weight.dtype, jnp.floating):
     raise TypeError(f'{name}: expected a float weight, got {job.weight.dtype}')
   if not bool(jnp.all(jnp.isfinite(job.weight))):
@@ -329,9 +324,12 @@ def _run_chunk(chunk: list[_Job], base: str, factors=None):
   """Quantizes and factors a chunk of same-settings weights in one call."""
   first = chunk[0]
   rule, layout = first.rule, first.layout
-  ws = jnp.stack([j.weight for j in chunk])
   results = [_base_one(j, base) for j in chunk]
+  if first.rank == 0:
+    return {job.path: _base_only(job, q, s) for job, (q, _, s)
+            in zip(chunk, results)}
   qlist = [r[0] for r in results]
+  ws = jnp.stack([j.weight for j in chunk])
   deqs = jnp.stack([r[1] for r in results])
   awq = [r[2] for r in results]
   extra = {}
@@ -340,9 +338,6 @@ def _run_chunk(chunk: list[_Job], base: str, factors=None):
         [stats_lib.abs_mean(j.stats) for j in chunk])
   elif rule.method == 'qera':
     extra['chol'] = jnp.stack([factors.get(j) for j in chunk])
-  if first.rank == 0:
-    return {job.path: _base_only(job, q, s)
-            for job, q, s in zip(chunk, qlist, awq)}
   keys = jnp.stack([
       jax.random.fold_in(jax.random.key(rule.seed),
                          zlib.crc32(path_str(j.path).encode()))

@@ -145,13 +145,7 @@ class LqerProvider(ptq.PtqProvider):
     path = (*module_path, name)
     layout = layout_lib.KernelLayout(
         tuple(rhs.shape), tuple(sorted(contracting)), tuple(sorted(batch)))
-    if rule.rank > layout.max_rank:
-      raise ValueError(
-          f'{params_lib.path_str(path)}: rank {rule.rank} is larger than the'
-          f' matrix allows: the kernel {layout.shape} multiplies as'
-          f' {layout.in_size} x {layout.out_size}, so rank must be <='
-          f' {layout.max_rank}'
-      )
+    layout.check_rank(rule.rank, params_lib.path_str(path))
     weight = params_lib.build_weight(path, rhs, get_how(rule), layout, rule)
     _replace_param(name, weight)
     return weight
