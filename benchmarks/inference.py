@@ -79,14 +79,20 @@ def main():
       'bf16': (bf16_model, bf16),
       'Qwix PTQ int4': (ptq_model, ptq),
   }
-  for label, cd in [('LQER int4 (lqer matmul, bf16)', jnp.bfloat16),
-                    ('LQER int4 (lqer matmul, f32)', jnp.float32),
-                    ('LQER int4 (Qwix matmul)', None)]:
-    lm = qwix.quantize_model(model, lqer.LqerProvider(rules, compute_dtype=cd))
-    if 'params' not in locals():
-      abstract = jax.eval_shape(lm.init, jax.random.key(0), x0)['params']
-      params = lqer.lqer_quantize_params(fp, abstract)
-    variants[label] = (lm, params)
+  lqer_model = lambda cd: qwix.quantize_model(
+      model, lqer.LqerProvider(rules, compute_dtype=cd))
+  abstract = jax.eval_shape(lqer_model('auto').init, jax.random.key(0),
+                            x0)['params']
+  params = lqer.lqer_quantize_params(fp, abstract)
+  packed = lqer.pack_params(params)
+  ptq_lqer = qwix.quantize_model(model, lqer.LqerProvider(ptq_rules))
+  variants.update({
+      'LQER int4 (Qwix matmul)': (lqer_model(None), params),
+      'LQER int4 (f32 at use)': (lqer_model(jnp.float32), params),
+      'LQER int4 (auto)': (lqer_model('auto'), params),
+      'PTQ int4 packed (auto)': (ptq_lqer, lqer.pack_params(ptq)),
+      'LQER int4 packed (auto)': (lqer_model('auto'), packed),
+  })
   results = []
   for b, t in shapes:
     x = jax.random.normal(jax.random.key(1), (b, t, args.d))
@@ -107,21 +113,30 @@ def main():
         times[name].append(time.perf_counter() - start)
     fp_med = statistics.median(times['FP32'])
     ptq_med = statistics.median(times['Qwix PTQ int4'])
+    # The branch's cost: each LQER variant against PTQ on the same matmul.
+    same_path = {'LQER int4 (Qwix matmul)': 'Qwix PTQ int4',
+                 'LQER int4 packed (auto)': 'PTQ int4 packed (auto)'}
     for name, (_, prm, _, temp) in fns.items():
       med = statistics.median(times[name])
+      base = same_path.get(name)
       results.append({
           'shape': f'{b}x{t}', 'variant': name, 'median_ms': med * 1e3,
           'vs_fp32': med / fp_med, 'vs_ptq': med / ptq_med,
+          'vs_same_path_ptq': (med / statistics.median(times[base])
+                               if base else None),
           'temp_vs_fp32_weights': temp / fp_bytes,
           'param_bytes_vs_ptq': stored_bytes(prm) / stored_bytes(ptq),
           'param_bytes_vs_fp32': stored_bytes(prm) / fp_bytes})
   print(f'devices: {jax.devices()}')
   print('| shape | variant | median ms | vs FP32 | vs Qwix PTQ |'
+        ' branch: vs PTQ on same matmul |'
         ' temp mem / FP32 weights | param bytes / PTQ | param bytes / FP32 |')
-  print('|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|')
   for r in results:
+    same = r['vs_same_path_ptq']
     print(f"| {r['shape']} | {r['variant']} | {r['median_ms']:.2f} |"
           f" {r['vs_fp32']:.2f} | {r['vs_ptq']:.2f} |"
+          f" {'' if same is None else f'{same:.2f}'} |"
           f" {r['temp_vs_fp32_weights']:.2f} | {r['param_bytes_vs_ptq']:.3f} |"
           f" {r['param_bytes_vs_fp32']:.3f} |")
   if args.json:

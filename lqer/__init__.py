@@ -6,6 +6,7 @@ for the calibration distribution) on top of any Qwix weight quantizer.
 
 from lqer.calibration import LqerCalibrationProvider
 from lqer.decompose import METHODS, SOLVERS
+from lqer.packing import PackedInt4, pack_params
 from lqer.params import lqer_quantize_params
 from lqer.provider import LqerProvider
 from lqer.report import LayerReport, Report, report
@@ -20,8 +21,10 @@ __all__ = [
     'LqerProvider',
     'LqerRule',
     'METHODS',
+    'PackedInt4',
     'SOLVERS',
     'WithLqer',
     'lqer_quantize_params',
+    'pack_params',
 ]
 __version__ = '0.1.0'

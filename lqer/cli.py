@@ -12,12 +12,18 @@ import dataclasses
 import json
 import sys
 
+import jax.numpy as jnp
+
 from lqer import evaluation
 
 DEFAULTS = {
     'smollm2': dict(bits=[4], tile_size=128, ranks=[32]),
     'minilm': dict(bits=[4], tile_size=128, ranks=[32]),
 }
+
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+                  'auto': 'auto'}
 
 
 def _parser():
@@ -45,6 +51,12 @@ def _parser():
                  help='smollm2 evaluation tokens (windows of 512)')
   e.add_argument('--eval-sentences', type=int, default=512,
                  help='minilm evaluation sentences')
+  e.add_argument('--compute-dtype', choices=sorted(COMPUTE_DTYPES),
+                 default='float32',
+                 help='inference matmul (LqerProvider compute_dtype);'
+                 ' float32 gives Qwix\'s numbers (default)')
+  e.add_argument('--pack', action='store_true',
+                 help='evaluate with int4 weights packed (lqer.pack_params)')
   e.add_argument('--json', help='write one record per row to this file')
   e.add_argument('--save', help='write each quantized params tree under DIR')
   e.add_argument('--load', help='evaluate checkpoints saved with --save'
@@ -97,6 +109,8 @@ def eval_command(args) -> list:
     for row in evaluation.run(task, bits, tile, ranks, args.methods,
                               base=args.base, save_dir=args.save,
                               load_dir=args.load, solver=args.solver,
+                              compute_dtype=COMPUTE_DTYPES[args.compute_dtype],
+                              pack=args.pack,
                               with_fp=bits == bits_list[0]):
       rows.append(row)
       print(f'  {row.method:6s} bits={row.bits} rank={row.rank}'

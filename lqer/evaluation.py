@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lqer import checkpoint
 from lqer.calibration import LqerCalibrationProvider
+from lqer.packing import pack_params
 from lqer.params import lqer_quantize_params
 from lqer.provider import LqerProvider
 from lqer.report import report as make_report
@@ -173,9 +174,10 @@ def calibrate(task: Task, rules) -> Any:
   return stats
 
 
-def quantize(task: Task, rules, stats, base='rtn'):
+def quantize(task: Task, rules, stats, base='rtn', compute_dtype=jnp.float32):
   """(LQER model, params, offline seconds) for the rules."""
-  model = qwix.quantize_model(task.module, LqerProvider(rules))
+  model = qwix.quantize_model(
+      task.module, LqerProvider(rules, compute_dtype=compute_dtype))
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             *task.example)['params']
   start = time.perf_counter()
@@ -191,9 +193,12 @@ def fingerprint(task_name, rules, base):
 
 def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
         methods: Sequence[str], base: str = 'rtn', save_dir=None,
-        load_dir=None, with_fp=True, **rule_kw) -> Iterator[Row]:
+        load_dir=None, with_fp=True, compute_dtype=jnp.float32, pack=False,
+        **rule_kw) -> Iterator[Row]:
   """Yields FP (if with_fp), PTQ and method x rank rows for one bits / tile
-  setting."""
+  setting. compute_dtype / pack: the inference matmul (float32 unpacked
+  gives Qwix's numbers)."""
+  maybe_pack = pack_params if pack else lambda params: params
   row = lambda method, rank, scores, bpw=None, secs=None: Row(
       task.name, method, base, bits if method != 'FP' else None,
       tile_size if method != 'FP' else None, rank, task.metric,
@@ -205,29 +210,32 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
                                tile_size, None, 'svd', **rule_kw)
   stats = calibrate(task, build_rules(task.params, task.module_path, bits,
                                       tile_size, 1, 'qera')[0])
-  ptq_model, ptq_params, _, secs = quantize(task, rules, stats, base)
+  ptq_model, ptq_params, _, secs = quantize(task, rules, stats, base,
+                                            compute_dtype)
   bpw = make_report(task.params, ptq_params).total()['bits_per_weight']
   yield row('PTQ' if base == 'rtn' else base.upper(), None,
-            task.score(ptq_model, ptq_params), bpw, secs)
+            task.score(ptq_model, maybe_pack(ptq_params)), bpw, secs)
   for rank in ranks:
     for method in methods:
       rules, _ = build_rules(task.params, task.module_path, bits, tile_size,
                              rank, method, **rule_kw)
       fp = fingerprint(task.name, rules, base)
       if load_dir is not None:
-        model = qwix.quantize_model(task.module, LqerProvider(rules))
+        model = qwix.quantize_model(
+            task.module, LqerProvider(rules, compute_dtype=compute_dtype))
         abstract = jax.eval_shape(model.init, jax.random.key(0),
                                   *task.example)['params']
-        params = checkpoint.load(_subdir(load_dir, bits, tile_size, method, rank), abstract,
-                                 fp)
+        params = checkpoint.load(
+            _subdir(load_dir, bits, tile_size, method, rank), abstract, fp)
         secs = None
       else:
-        model, params, _, secs = quantize(task, rules, stats, base)
+        model, params, _, secs = quantize(task, rules, stats, base,
+                                          compute_dtype)
       if save_dir is not None:
         checkpoint.save(_subdir(save_dir, bits, tile_size, method, rank), params, fp)
       bpw = make_report(task.params, params).total()['bits_per_weight']
-      yield row(METHOD_LABELS[method], rank, task.score(model, params), bpw,
-                secs)
+      yield row(METHOD_LABELS[method], rank,
+                task.score(model, maybe_pack(params)), bpw, secs)
 
 
 def _subdir(root, bits, tile_size, method, rank):

@@ -8,30 +8,49 @@ dequantization is tied to the layer's input by a data dependency (a zero
 XLA cannot fold; `optimization_barrier` is dropped before scheduling on
 XLA:CPU), so about one layer's dequantized weights are live at a time.
 
-`compute_dtype` float32 gives Qwix's numbers; bfloat16 rounds the
-dequantized weight and the activation to bf16 (float32 accumulation), which
-halves the transient copy and uses bf16 dot units where the backend has
-them (XLA:CPU 0.10 upcasts bf16 dots to f32, so it is no faster there).
+Compute dtype ('auto', chosen by measurement with benchmarks/inference.py):
+on CPU, bfloat16 (bf16 x bf16 -> f32 dots, which XLA:CPU runs through
+YNNPACK) when a call multiplies at least `BF16_MIN_TOKENS` rows, float32
+below that (XLA:CPU converts a bf16 matrix-vector dot to f32 first, so bf16
+buys nothing there). Other backends: float32 (not measured here).
+float32 gives Qwix's numbers exactly.
 """
 
 import jax
 import jax.numpy as jnp
 from qwix._src.core import qarray
 
+from lqer import packing
 
-def weight_only_dot_general(lhs, q: qarray.QArray, dimension_numbers,
-                            compute_dtype=jnp.bfloat16):
+BF16_MIN_TOKENS = 64
+
+
+def compute_dtype_for(requested, tokens: int):
+  """The dtype a weight is dequantized to for a call with `tokens` rows."""
+  if requested != 'auto':
+    return requested
+  if jax.default_backend() == 'cpu' and tokens >= BF16_MIN_TOKENS:
+    return jnp.bfloat16
+  return jnp.float32
+
+
+def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto'):
   """lhs @ deq(q) with dequantization at use, float32 accumulation.
 
-  Returns float32 of dot_general's output shape.
+  `q` is a Qwix QArray or a `packing.PackedInt4`. Returns float32 of
+  dot_general's output shape.
   """
+  (lhs_c, _), (lhs_b, _) = dimension_numbers
+  contracted = 1
+  for axis in (*lhs_c, *lhs_b):
+    contracted *= lhs.shape[axis]
+  dtype = compute_dtype_for(compute_dtype, lhs.size // max(contracted, 1))
+  if isinstance(q, packing.PackedInt4):
+    return packing.packed_dot_general(lhs, q, dimension_numbers, dtype)
   # A zero that XLA cannot fold ties the dequantization to the layer's
   # input, so it is not hoisted to the start of the program.
-  # (optimization_barrier is dropped before scheduling on XLA:CPU.)
-  zero = jnp.zeros((), compute_dtype) * lhs.reshape(-1)[0].astype(
-      compute_dtype)
-  scale = q.scale.astype(compute_dtype) + zero
-  q = q.replace(scale=scale, zero_point=q.zero_point)
+  zero = jnp.zeros((), dtype) * lhs.reshape(-1)[0].astype(dtype)
+  q = q.replace(scale=q.scale.astype(dtype) + zero, zero_point=q.zero_point)
   w = qarray.dequantize(q)
-  return jax.lax.dot_general(lhs.astype(compute_dtype), w, dimension_numbers,
+  return jax.lax.dot_general(lhs.astype(dtype), w, dimension_numbers,
                              preferred_element_type=jnp.float32)

@@ -28,6 +28,7 @@ from qwix._src.utils import flax_util
 
 from lqer import layout as layout_lib
 from lqer import matmul
+from lqer import packing
 from lqer import params as params_lib
 from lqer.rule import LqerRule
 from lqer.weight import WithLqer
@@ -40,13 +41,15 @@ class LqerProvider(ptq.PtqProvider):
     rules: the `LqerRule`s (plain Qwix rules work too).
     compute_dtype: for weight-only rules, each weight is dequantized at its
       use to this dtype and multiplied with float32 accumulation
-      (`lqer.matmul`): jnp.float32 (default; the same numbers as Qwix's
-      path, without XLA holding every dequantized weight at once) or
+      (`lqer.matmul`, without XLA holding every dequantized weight at
+      once): 'auto' (default; per backend and call shape, see
+      `lqer.matmul`), jnp.float32 (Qwix's numbers exactly) or
       jnp.bfloat16. None runs Qwix's own quantized dot_general. Rules with
-      `act_qtype` always use Qwix's path.
+      `act_qtype` always use Qwix's path. Weights packed by
+      `lqer.pack_params` need a compute dtype and a weight-only rule.
   """
 
-  def __init__(self, rules, *, compute_dtype=jnp.float32, **kwargs):
+  def __init__(self, rules, *, compute_dtype='auto', **kwargs):
     super().__init__(rules, **kwargs)
     self._compute_dtype = compute_dtype
 
@@ -56,6 +59,11 @@ class LqerProvider(ptq.PtqProvider):
     rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
     if (self._compute_dtype is None or rule is None
         or rule.act_qtype is not None):
+      if isinstance(rhs.array, packing.PackedInt4):
+        raise ValueError(
+            f'{flax_util.get_current_module_path()}: a packed int4 weight'
+            ' (lqer.pack_params) needs LqerProvider(compute_dtype=...) not'
+            ' None and a weight-only rule (no act_qtype)')
       return qwix_call()
     self._get_current_rule_and_op_id(op_name)  # keep Qwix's op counting
     out = matmul.weight_only_dot_general(lhs, rhs.array, dimension_numbers,

@@ -1,0 +1,165 @@
+"""Packed int4 weights (lqer.pack_params) and the per-shape compute dtype."""
+
+from flax import linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import qwix
+from qwix._src.core import qarray
+
+import lqer
+from lqer import LqerProvider, LqerRule, lqer_quantize_params, matmul, packing
+from models import NnxMLP, Transformer
+
+KEY = jax.random.key(0)
+
+
+def _int4_qarray(rng, shape, groups):
+  """Random int4 QArray with a per-group scale along axis 0 (and NumPy)."""
+  q = rng.integers(-8, 8, size=shape).astype(np.int8)
+  scale = rng.uniform(0.5, 2.0, size=(groups, *shape[1:])).astype(np.float32)
+  arr = qarray.QArray(qvalue=jnp.asarray(q).astype(jnp.int4),
+                      scale=jnp.asarray(scale))
+  w = (q.reshape(groups, -1, *shape[1:]) * scale[:, None]).reshape(shape)
+  return arr, w.astype(np.float32)
+
+
+@pytest.mark.parametrize('shape,groups', [((256, 96), 2), ((64, 3, 8), 1),
+                                          ((128, 130), 4)])
+@pytest.mark.parametrize('tokens', [1, 5, 70])
+def test_packed_matmul_matches_numpy(shape, groups, tokens):
+  rng = np.random.default_rng(tokens)
+  arr, w = _int4_qarray(rng, shape, groups)
+  layout = lqer.layout.KernelLayout(shape, (0,), ())
+  assert packing.unpackable_reason(arr, layout) is None
+  p = packing.pack(arr)
+  assert p.packed.dtype == jnp.uint8
+  assert p.packed.size * 2 == arr.qvalue.size  # same bytes as packed int4
+  x = rng.normal(size=(tokens, shape[0])).astype(np.float32)
+  dims = (((1,), (0,)), ((), ()))
+  ref = np.tensordot(x, w, axes=([1], [0]))
+  y = jax.jit(lambda x, p: packing.packed_dot_general(
+      x, p, dims, jnp.float32))(x, p)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+  y16 = packing.packed_dot_general(x, p, dims, jnp.bfloat16)
+  assert float(np.linalg.norm(y16 - ref) / np.linalg.norm(ref)) < 1e-2
+
+
+def test_packed_matmul_two_contracting_axes():
+  """An attention output kernel (heads, head_dim, d), tiled along heads."""
+  rng = np.random.default_rng(1)
+  arr, w = _int4_qarray(rng, (4, 8, 6), 2)  # scale (2, 8, 6): not contiguous
+  layout = lqer.layout.KernelLayout((4, 8, 6), (0, 1), ())
+  assert 'contiguous' in packing.unpackable_reason(arr, layout)
+  arr = arr.replace(scale=arr.scale[:, :1])  # scale (2, 1, 6): groups of rows
+  w = (np.asarray(arr.qvalue.astype(jnp.float32)).reshape(2, 2, 8, 6)
+       * np.asarray(arr.scale)[:, None]).reshape(4, 8, 6)
+  assert packing.unpackable_reason(arr, layout) is None
+  p = packing.pack(arr, 2)
+  x = rng.normal(size=(3, 8, 4)).astype(np.float32)  # contract axes 2, 1
+  dims = (((2, 1), (0, 1)), ((), ()))
+  y = packing.packed_dot_general(x, p, dims, jnp.float32)
+  np.testing.assert_allclose(y, np.einsum('bjh,hjo->bo', x, w), rtol=1e-5,
+                             atol=1e-4)
+
+
+def test_unpackable_weights_are_named_and_left_alone():
+  rng = np.random.default_rng(0)
+  arr, _ = _int4_qarray(rng, (16, 9), 1)
+  assert 'odd output' in packing.unpackable_reason(
+      arr, lqer.layout.KernelLayout((16, 9), (0,), ()))
+  arr, _ = _int4_qarray(rng, (4, 16, 8), 1)
+  assert 'leading axes' in packing.unpackable_reason(
+      arr, lqer.layout.KernelLayout((4, 16, 8), (1,), (0,)))
+  int8 = qarray.QArray(qvalue=jnp.zeros((16, 8), jnp.int8),
+                       scale=jnp.ones((1, 8)))
+  assert 'int4' in packing.unpackable_reason(
+      int8, lqer.layout.KernelLayout((16, 8), (0,), ()))
+
+
+@pytest.mark.parametrize('compute_dtype', [jnp.float32, 'auto'])
+def test_pack_params_linen_same_output(compute_dtype):
+  """Packing changes the storage, not the numbers (Dense + DenseGeneral)."""
+  model = Transformer()
+  x = jax.random.normal(KEY, (2, 40, 16))  # 80 tokens: 'auto' picks bf16
+  fp = model.init(KEY, x)['params']
+  rules = [LqerRule(weight_qtype=jnp.int4, tile_size=16, rank=8)]
+  qmodel = qwix.quantize_model(model, LqerProvider(rules,
+                                                   compute_dtype=compute_dtype))
+  abstract = jax.eval_shape(qmodel.init, KEY, x)['params']
+  params = lqer_quantize_params(fp, abstract)
+  packed = lqer.pack_params(params)
+  kinds = {type(w.array).__name__ for w in jax.tree.leaves(
+      packed, is_leaf=lambda v: isinstance(v, lqer.WithLqer))
+           if isinstance(w, lqer.WithLqer)}
+  assert kinds == {'PackedInt4'}  # incl. DenseGeneral out (2 contracting)
+  for xx in (x, x[:1, :1]):
+    ref = jax.jit(qmodel.apply)({'params': params}, xx)
+    y = jax.jit(qmodel.apply)({'params': packed}, xx)
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_pack_params_nnx_and_plain_ptq_weights():
+  x = jax.random.normal(KEY, (3, 16))
+  model = NnxMLP(16, 64, 10, rngs=nnx.Rngs(0))
+  rules = [LqerRule(module_path='.*fc1.*', weight_qtype=jnp.int4, rank=4),
+           qwix.QuantizationRule(module_path='.*', weight_qtype=jnp.int4)]
+  qmodel = qwix.quantize_model(model, LqerProvider(rules), x)
+  ref = qmodel(x)
+  assert lqer.pack_params(qmodel) is qmodel  # in place
+  packed = [v for _, v in nnx.iter_graph(qmodel)
+            if isinstance(v, packing.PackedInt4)]
+  assert len(packed) == 2  # fc1 (LQER) and fc2 (plain PTQ)
+  assert any(isinstance(v, lqer.WithLqer) for _, v in nnx.iter_graph(qmodel))
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(qmodel, x), ref,
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_packed_weights_need_lqer_matmul():
+  model = nn.Dense(32, use_bias=False)
+  x = jnp.ones((2, 64))
+  rules = [LqerRule(weight_qtype=jnp.int4, rank=4)]
+  qmodel = qwix.quantize_model(model, LqerProvider(rules))
+  params = lqer.pack_params(lqer_quantize_params(
+      model.init(KEY, x)['params'],
+      jax.eval_shape(qmodel.init, KEY, x)['params']))
+  qwix_path = qwix.quantize_model(model, LqerProvider(rules,
+                                                      compute_dtype=None))
+  with pytest.raises(ValueError, match='packed int4 weight'):
+    qwix_path.apply({'params': params}, x)
+
+
+def test_auto_compute_dtype_by_tokens():
+  assert matmul.compute_dtype_for(jnp.float32, 4096) == jnp.float32
+  small = matmul.compute_dtype_for('auto', matmul.BF16_MIN_TOKENS - 1)
+  large = matmul.compute_dtype_for('auto', matmul.BF16_MIN_TOKENS)
+  assert small == jnp.float32
+  assert large == (jnp.bfloat16 if jax.default_backend() == 'cpu'
+                   else jnp.float32)
+
+
+def test_packed_forward_keeps_temporary_memory_small():
+  """One cache-sized block of one weight is dequantized at a time."""
+
+  class Stack(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(4):
+        x = x + nn.Dense(512, use_bias=False)(
+            nn.relu(nn.Dense(2048, use_bias=False)(x)))
+      return x
+
+  model = Stack()
+  x = jnp.ones((1, 512))
+  fp = model.init(KEY, x)['params']
+  fp_bytes = sum(w.nbytes for w in jax.tree.leaves(fp))
+  rules = [LqerRule(weight_qtype=jnp.int4, tile_size=128, rank=8)]
+  qmodel = qwix.quantize_model(model, LqerProvider(rules))
+  params = lqer.pack_params(lqer_quantize_params(
+      fp, jax.eval_shape(qmodel.init, KEY, x)['params']))
+  compiled = jax.jit(lambda p, x: qmodel.apply({'params': p}, x)).lower(
+      params, x).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * fp_bytes
