@@ -34,10 +34,12 @@ def compute_dtype_for(requested, tokens: int):
   return jnp.float32
 
 
-def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto'):
+def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto',
+                            low_rank=None):
   """lhs @ deq(q) with dequantization at use, float32 accumulation.
 
-  `q` is a Qwix QArray or a `packing.PackedInt4`. Returns float32 of
+  `q` is a Qwix QArray or a `packing.PackedInt4`; `low_rank` (packed only):
+  (xa, b) added as xa @ b inside the blocked matmul. Returns float32 of
   dot_general's output shape.
   """
   (lhs_c, _), (lhs_b, _) = dimension_numbers
@@ -46,7 +48,8 @@ def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto'):
     contracted *= lhs.shape[axis]
   dtype = compute_dtype_for(compute_dtype, lhs.size // max(contracted, 1))
   if isinstance(q, packing.PackedInt4):
-    return packing.packed_dot_general(lhs, q, dimension_numbers, dtype)
+    return packing.packed_dot_general(lhs, q, dimension_numbers, dtype,
+                                      low_rank)
   # A zero that XLA cannot fold ties the dequantization to the layer's
   # input, so it is not hoisted to the start of the program.
   zero = jnp.zeros((), dtype) * lhs.reshape(-1)[0].astype(dtype)

@@ -135,8 +135,12 @@ def pack_params(params):
                       is_leaf=lambda x: isinstance(x, ptq.WithAux))
 
 
-def packed_dot_general(lhs, p: PackedInt4, dimension_numbers, compute_dtype):
-  """lhs @ deq(p), dequantized one cache-sized block of columns at a time.
+def packed_dot_general(lhs, p: PackedInt4, dimension_numbers, compute_dtype,
+                       low_rank=None):
+  """lhs @ deq(p) [+ xa @ b], one cache-sized block of columns at a time.
+
+  low_rank: optional (xa (tokens, k), b (k, out)) float32, the LQER branch,
+  added block by block so its full-size output is never materialized.
 
   Each block's dequantization depends on the previous block's output (a zero
   XLA cannot fold), so XLA keeps one block live instead of hoisting all.
@@ -167,8 +171,13 @@ def packed_dot_general(lhs, p: PackedInt4, dimension_numbers, compute_dtype):
       scale = p.scale[:, 2 * c0 + parity:2 * c1:2] + zero
       w = ((nibble.astype(compute_dtype) - 8).reshape(groups, -1, c1 - c0)
            * scale.astype(compute_dtype)[:, None])
-      out.append(jnp.dot(x, w.reshape(rows, c1 - c0),
-                         preferred_element_type=jnp.float32))
+      y = jnp.dot(x, w.reshape(rows, c1 - c0),
+                  preferred_element_type=jnp.float32)
+      if low_rank is not None:
+        xa, b = low_rank
+        y = y + jnp.dot(xa, b[:, 2 * c0 + parity:2 * c1:2],
+                        preferred_element_type=jnp.float32)
+      out.append(y)
     link = odd[-1][0, 0]
   y = jnp.stack([jnp.concatenate(even, -1), jnp.concatenate(odd, -1)], -1)
   return y.reshape(*lead, *p.shape[ncontract:])

@@ -53,9 +53,13 @@ class LqerProvider(ptq.PtqProvider):
     super().__init__(rules, **kwargs)
     self._compute_dtype = compute_dtype
 
-  def _main(self, op_name, lhs, rhs, dimension_numbers, output_perm,
+  def _main(self, op_name, x, lhs, rhs, dimension_numbers, output_perm,
             qwix_call):
-    """x deq(Wq): lqer's weight-only matmul, or Qwix's own call."""
+    """(x deq(Wq), whether (lhs A) B is already added).
+
+    lqer's weight-only matmul or Qwix's own call; a packed weight takes the
+    branch into its blocked matmul, so no full-size branch output is live.
+    """
     rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
     if (self._compute_dtype is None or rule is None
         or rule.act_qtype is not None):
@@ -64,13 +68,23 @@ class LqerProvider(ptq.PtqProvider):
             f'{flax_util.get_current_module_path()}: a packed int4 weight'
             ' (lqer.pack_params) needs LqerProvider(compute_dtype=...) not'
             ' None and a weight-only rule (no act_qtype)')
-      return qwix_call()
+      return qwix_call(), False
     self._get_current_rule_and_op_id(op_name)  # keep Qwix's op counting
-    out = matmul.weight_only_dot_general(lhs, rhs.array, dimension_numbers,
-                                         self._compute_dtype)
+    low_rank = None
+    if (isinstance(rhs.array, packing.PackedInt4) and isinstance(rhs, WithLqer)
+        and rhs.rank > 0):
+      first, _ = rhs.layout.branch_dimension_numbers(lhs.ndim,
+                                                     dimension_numbers)
+      xa = jax.lax.dot_general(lhs, rhs.a.astype(lhs.dtype), first,
+                               preferred_element_type=jnp.float32)
+      low_rank = (xa.reshape(-1, rhs.rank),
+                  rhs.b.reshape(rhs.rank, -1).astype(jnp.float32))
+    out = matmul.weight_only_dot_general(x, rhs.array, dimension_numbers,
+                                         self._compute_dtype, low_rank)
     if output_perm is not None:
       out = jnp.transpose(out, output_perm)
-    return out.astype(jnp.result_type(lhs.dtype, rhs.array.scale.dtype))
+    dtype = jnp.result_type(x.dtype, rhs.array.scale.dtype)
+    return out.astype(dtype), low_rank is not None
 
   def dot_general(
       self,
@@ -98,12 +112,13 @@ class LqerProvider(ptq.PtqProvider):
           out_sharding=out_sharding,
       )
     x = _awq_scaled(lhs, rhs, dimension_numbers)
-    main = self._main(
-        'dot_general', x, rhs, dimension_numbers, None,
+    main, done = self._main(
+        'dot_general', x, lhs, rhs, dimension_numbers, None,
         lambda: super(LqerProvider, self).dot_general(
             x, rhs, dimension_numbers, precision, preferred_element_type,
             out_sharding=out_sharding))
-    return _add_branch(main, lhs, rhs, dimension_numbers, None)
+    return main if done else _add_branch(main, lhs, rhs, dimension_numbers,
+                                         None)
 
   def einsum(
       self,
@@ -135,11 +150,12 @@ class LqerProvider(ptq.PtqProvider):
     if not isinstance(rhs, ptq.WithAux):
       return super().einsum(einsum_str, lhs, rhs, **kwargs)
     x = _awq_scaled(lhs, rhs, dims)
-    main = self._main(
-        'einsum', x, rhs, dims, info.output_perm,
+    main, done = self._main(
+        'einsum', x, lhs, rhs, dims, info.output_perm,
         lambda: super(LqerProvider, self).einsum(einsum_str, x, rhs,
                                                  **kwargs))
-    return _add_branch(main, lhs, rhs, dims, info.output_perm)
+    return main if done else _add_branch(main, lhs, rhs, dims,
+                                         info.output_perm)
 
   def _maybe_create(self, rhs, op_name, contracting, batch, get_how):
     """Replaces a matched float weight by a `WithLqer` (init / first call)."""

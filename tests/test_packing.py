@@ -98,7 +98,8 @@ def test_pack_params_linen_same_output(compute_dtype):
   for xx in (x, x[:1, :1]):
     ref = jax.jit(qmodel.apply)({'params': params}, xx)
     y = jax.jit(qmodel.apply)({'params': packed}, xx)
-    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+    # Same dequantized values; the branch is added per block (f32 rounding).
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_pack_params_nnx_and_plain_ptq_weights():
@@ -114,7 +115,7 @@ def test_pack_params_nnx_and_plain_ptq_weights():
   assert len(packed) == 2  # fc1 (LQER) and fc2 (plain PTQ)
   assert any(isinstance(v, lqer.WithLqer) for _, v in nnx.iter_graph(qmodel))
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(qmodel, x), ref,
-                             rtol=1e-6, atol=1e-6)
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_packed_weights_need_lqer_matmul():
