@@ -45,6 +45,9 @@ def _parser():
   e.add_argument('--base', choices=['rtn', 'gptq', 'awq'], default='rtn')
   e.add_argument('--solver', choices=['randomized', 'exact'],
                  default='randomized')
+  e.add_argument('--power-iters', type=int, default=None,
+                 help='power iterations of the randomized solver'
+                 ' (default: LqerRule\'s)')
   e.add_argument('--calib-text', help='UTF-8 text file for calibration')
   e.add_argument('--eval-text', help='UTF-8 text file for evaluation')
   e.add_argument('--eval-tokens', type=int, default=20480,
@@ -109,6 +112,8 @@ def eval_command(args) -> list:
     for row in evaluation.run(task, bits, tile, ranks, args.methods,
                               base=args.base, save_dir=args.save,
                               load_dir=args.load, solver=args.solver,
+                              **({} if args.power_iters is None else
+                                 {'power_iters': args.power_iters}),
                               compute_dtype=COMPUTE_DTYPES[args.compute_dtype],
                               pack=args.pack,
                               with_fp=bits == bits_list[0]):
