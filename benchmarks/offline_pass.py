@@ -22,6 +22,9 @@ plain (E) and weighted (L^T E) matrices.
 import argparse
 import json
 import resource
+import subprocess
+import sys
+import threading
 import time
 
 import flax.linen as nn
@@ -75,18 +78,12 @@ def captured_energy(e, rank, **solver_kw):
   return float(jnp.sum(e**2) - jnp.sum(resid**2))
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument('--dims', type=int, nargs=2, default=[4096, 11008])
-  p.add_argument('--rank', type=int, default=32)
-  p.add_argument('--tokens', type=int, default=8192)
-  p.add_argument('--json')
-  args = p.parse_args()
+def setup(args):
+  """The float block and QERA statistics of correlated tokens."""
   d, ff = args.dims
   x = jnp.ones((1, d))
   model = Block(d, ff)
   fp = jax.jit(model.init)(jax.random.key(0), x)['params']
-  n_params = sum(v.size for v in jax.tree.leaves(fp))
   # Calibration statistics of correlated activations (not timed).
   rules0 = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=128, rank=1,
                           method='qera')]
@@ -101,6 +98,75 @@ def main():
                                                  stats, xb)
     stats = new['quant_stats']
   jax.block_until_ready(stats)
+  return model, x, fp, stats
+
+
+def _rss() -> int:
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_only(args, model, x, fp, stats):
+  """Child process: peak RSS growth of one lqer pass above params + stats."""
+  method = args.peak_only
+  rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=128,
+                         rank=args.rank, method=method)]
+  qm = qwix.quantize_model(model, lqer.LqerProvider(rules))
+  abstract = jax.eval_shape(qm.init, jax.random.key(0), x)['params']
+  baseline = _rss()
+  peak = [baseline]
+  done = threading.Event()
+
+  def poll():  # RSS sampled every 5 ms during the pass
+    while not done.is_set():
+      peak[0] = max(peak[0], _rss())
+      time.sleep(0.005)
+
+  thread = threading.Thread(target=poll)
+  thread.start()
+  jax.block_until_ready(lqer.lqer_quantize_params(fp, abstract,
+                                                  calibration=stats))
+  done.set()
+  thread.join()
+  print(json.dumps({'method': method, 'baseline': baseline,
+                    'peak_growth': max(peak[0], _rss()) - baseline}))
+
+
+def measure_peaks(args, n_params):
+  """Peak RSS growth of the default randomized pass, one child per method."""
+  d, ff = args.dims
+  params_bytes = n_params * 4
+  group_bytes = 2 * d * ff * 4  # gate + up: the largest same-shape group
+  out = {}
+  for method in ['svd', 'qera']:
+    child = subprocess.run(
+        [sys.executable, __file__, '--peak-only', method, '--dims', str(d),
+         str(ff), '--rank', str(args.rank), '--tokens', str(args.tokens)],
+        capture_output=True, text=True, check=True)
+    r = json.loads(child.stdout.strip().splitlines()[-1])
+    out[method] = r
+    print(f'peak memory of the {method} pass above params + stats:'
+          f' {r["peak_growth"] / 2**30:.2f} GiB ='
+          f' {r["peak_growth"] / params_bytes:.2f}x the float32 block,'
+          f' {r["peak_growth"] / group_bytes:.2f}x the largest group'
+          f' (gate + up, {group_bytes / 2**30:.2f} GiB)', flush=True)
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--dims', type=int, nargs=2, default=[4096, 11008])
+  p.add_argument('--rank', type=int, default=32)
+  p.add_argument('--tokens', type=int, default=8192)
+  p.add_argument('--json')
+  p.add_argument('--peak-only', choices=['svd', 'qera'],
+                 help=argparse.SUPPRESS)
+  args = p.parse_args()
+  model, x, fp, stats = setup(args)
+  n_params = sum(v.size for v in jax.tree.leaves(fp))
+  if args.peak_only:
+    return peak_only(args, model, x, fp, stats)
+  d, ff = args.dims
 
   rows = []
 
@@ -136,22 +202,29 @@ def main():
                                                calibration=stats),
              solver == 'randomized')
 
-  # Captured energy of the default randomized solver vs exact, on 'o' and
-  # on its whitened (QERA) matrix.
-  rule = lqer.LqerRule(weight_qtype=jnp.int4, rank=args.rank)
+  # Captured energy of the randomized solver vs exact, on 'o' (plain E, the
+  # 'svd' matrix) and on its whitened (QERA) matrix, for several power
+  # iteration counts; '*' marks each method's default.
   w = fp['o']['kernel']
   q = qwix.quantize(w, jnp.int4, channelwise_axes=[1], tiled_axes={0: 128})
   e = w - qwix.dequantize(q)
   r = stats['o']['kernel_lqer']
   chol = decompose.damped_cholesky(r['sum_of_xtx'] / r['count'], 0.01)
   energy = {}
-  for label, m in [('plain E', e), ('weighted L^T E', chol.T @ e)]:
+  for label, m, method in [('plain E', e, 'svd'),
+                           ('weighted L^T E', chol.T @ e, 'qera')]:
+    rule = lqer.LqerRule(weight_qtype=jnp.int4, rank=args.rank,
+                         method=method)
     exact = captured_energy(m, args.rank)
-    rand = captured_energy(m, args.rank, solver='randomized',
-                           key=jax.random.key(0), oversample=rule.oversample,
-                           power_iters=rule.power_iters)
-    energy[label] = rand / exact
-    print(f'captured energy, randomized / exact, {label}: {rand / exact:.4f}')
+    for iters in sorted({2, 4, 8, 16, rule.resolved_power_iters}):
+      rand = captured_energy(m, args.rank, solver='randomized',
+                             key=jax.random.key(0), oversample=rule.oversample,
+                             power_iters=iters)
+      energy[f'{label}, {iters} power iterations'] = rand / exact
+      mark = ' *' if iters == rule.resolved_power_iters else ''
+      print(f'captured energy, randomized / exact, {label}, oversample'
+            f' {rule.oversample}, {iters} power iterations:'
+            f' {rand / exact:.4f}{mark}')
 
   print()
   print('| variant | s / block | first block s | s / 1e9 params |'
@@ -173,9 +246,11 @@ def main():
   print(f'peak RSS of the whole run: {peak / 2**30:.2f} GiB = '
         f'{peak / params_bytes:.2f}x the float32 block ({params_bytes / 2**30:.2f}'
         ' GiB; the statistics and the exact solvers are included)')
+  peaks = measure_peaks(args, n_params)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'rows': rows, 'captured_energy_ratio': energy,
+                 'pass_peak_growth': peaks,
                  'peak_rss_bytes': peak, 'params_bytes': params_bytes},
                 f, indent=1)
 

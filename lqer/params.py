@@ -231,7 +231,7 @@ def _group_key(job: _Job):
   return (
       job.weight.shape, str(job.weight.dtype), job.layout, job.rank,
       job.rule.method, job.rule.solver, job.rule.oversample,
-      job.rule.power_iters, job.rule.qera_damping, str(how.qtype),
+      job.rule.resolved_power_iters, job.rule.qera_damping, str(how.qtype),
       tuple(how.channelwise_axes), tuple(sorted(how.tiled_axes.items())),
       how.calibration_method,
   )
@@ -344,7 +344,7 @@ def _run_chunk(chunk: list[_Job], base: str, factors=None):
       for j in chunk
   ])
   a, b = _factor_fn(layout, first.rank, rule.method, rule.solver,
-                    rule.oversample, rule.power_iters)(ws, deqs, keys, **extra)
+                    rule.oversample, rule.resolved_power_iters)(ws, deqs, keys, **extra)
   out = {}
   for i, job in enumerate(chunk):
     ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))

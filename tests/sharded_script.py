@@ -4,6 +4,9 @@ import os
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
+import math  # pylint: disable=g-import-not-at-top
+import re  # pylint: disable=g-import-not-at-top
+
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
@@ -59,7 +62,36 @@ def main():
   y = jax.jit(qmodel.apply)({'params': params}, x)
   y_single = qmodel.apply({'params': reference}, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_single), atol=1e-3)
+  check_factorization_does_not_gather_weight(sharded['Dense_0']['kernel'])
   print('SHARDING OK')
+
+
+def _largest_all_gather(hlo: str) -> int:
+  """Elements of the largest all-gather result in an optimized HLO text."""
+  largest = 0
+  for line in hlo.splitlines():
+    if 'all-gather' not in line or '=' not in line:
+      continue
+    result = line.split('=', 1)[1]
+    for dims in re.findall(r'[a-z0-9]+\[([0-9,]*)\]', result.split('all-gather')[0]):
+      largest = max(largest, math.prod(int(d) for d in dims.split(',') if d))
+  return largest
+
+
+def check_factorization_does_not_gather_weight(w):
+  """The randomized solver works on W's shards (only the thin sketch is
+  gathered); the exact SVD needs the whole error matrix on one device."""
+  ws = jnp.stack([w])
+  keys = jnp.stack([jax.random.key(0)])
+  layout = lqer.layout.KernelLayout(w.shape, (0,), ())
+  sizes = {}
+  for solver in ['randomized', 'exact']:
+    fn = lqer.params._factor_fn(layout, 8, 'svd', solver, 16, 4)
+    hlo = fn.lower(ws, ws * 0.5, keys).compile().as_text()
+    sizes[solver] = _largest_all_gather(hlo)
+  print('largest all-gather (elements):', sizes, 'weight:', w.size)
+  assert sizes['randomized'] < w.size // 4, sizes
+  assert sizes['exact'] >= w.size, sizes
 
 
 if __name__ == '__main__':
