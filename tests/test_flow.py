@@ -389,7 +389,7 @@ def test_forward_does_not_hold_every_dequantized_weight():
   _, abstract = _linen(model, rules, x)
   params = lqer_quantize_params(fp, abstract)
 
-  def temp_ratio(compute_dtype):
+  def temp_ratio(compute_dtype, params=params):
     m = qwix.quantize_model(model, LqerProvider(rules,
                                                 compute_dtype=compute_dtype))
     compiled = jax.jit(lambda p, x: m.apply({'params': p}, x)).lower(
@@ -397,4 +397,7 @@ def test_forward_does_not_hold_every_dequantized_weight():
     return compiled.memory_analysis().temp_size_in_bytes / fp_bytes
 
   assert temp_ratio(None) > 0.9  # Qwix's path: every weight in float32
-  assert temp_ratio(jnp.float32) < 0.25
+  at_use = temp_ratio(jnp.float32)
+  assert at_use < 0.25
+  # Packed: one block of one weight at a time (here a block is a weight).
+  assert temp_ratio(jnp.float32, lqer.pack_params(params)) <= at_use

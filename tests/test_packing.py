@@ -95,11 +95,19 @@ def test_pack_params_linen_same_output(compute_dtype):
       packed, is_leaf=lambda v: isinstance(v, lqer.WithLqer))
            if isinstance(w, lqer.WithLqer)}
   assert kinds == {'PackedInt4'}  # incl. DenseGeneral out (2 contracting)
+  f32 = qwix.quantize_model(model, LqerProvider(rules,
+                                                compute_dtype=jnp.float32))
   for xx in (x, x[:1, :1]):
     ref = jax.jit(qmodel.apply)({'params': params}, xx)
     y = jax.jit(qmodel.apply)({'params': packed}, xx)
-    # Same dequantized values; the branch is added per block (f32 rounding).
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    if compute_dtype == jnp.float32:
+      # Same dequantized values; the branch is added per block (f32 rounding).
+      np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    else:  # bf16 dots at 80 rows: both within bf16 rounding of float32
+      exact = jax.jit(f32.apply)({'params': params}, xx)
+      for out in (y, ref):
+        assert float(jnp.linalg.norm(out - exact)
+                     / jnp.linalg.norm(exact)) < 1e-2
 
 
 def test_pack_params_nnx_and_plain_ptq_weights():
@@ -139,28 +147,3 @@ def test_auto_compute_dtype_by_tokens():
   assert small == jnp.float32
   assert large == (jnp.bfloat16 if jax.default_backend() == 'cpu'
                    else jnp.float32)
-
-
-def test_packed_forward_keeps_temporary_memory_small():
-  """One cache-sized block of one weight is dequantized at a time."""
-
-  class Stack(nn.Module):
-
-    @nn.compact
-    def __call__(self, x):
-      for _ in range(4):
-        x = x + nn.Dense(512, use_bias=False)(
-            nn.relu(nn.Dense(2048, use_bias=False)(x)))
-      return x
-
-  model = Stack()
-  x = jnp.ones((1, 512))
-  fp = model.init(KEY, x)['params']
-  fp_bytes = sum(w.nbytes for w in jax.tree.leaves(fp))
-  rules = [LqerRule(weight_qtype=jnp.int4, tile_size=128, rank=8)]
-  qmodel = qwix.quantize_model(model, LqerProvider(rules))
-  params = lqer.pack_params(lqer_quantize_params(
-      fp, jax.eval_shape(qmodel.init, KEY, x)['params']))
-  compiled = jax.jit(lambda p, x: qmodel.apply({'params': p}, x)).lower(
-      params, x).compile()
-  assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * fp_bytes
