@@ -191,16 +191,21 @@ def main():
          lambda: qwix.quantize_params(fp, ptq_abs), True)
   record('earlier project (eager full SVD)',
          lambda: earlier_project(fp, ptq_abs, args.rank), False)
-  for method in ['svd', 'qera']:
-    for solver in ['exact', 'randomized']:
-      rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=128,
-                             rank=args.rank, method=method, solver=solver)]
-      qm = qwix.quantize_model(model, lqer.LqerProvider(rules))
-      abstract = jax.eval_shape(qm.init, jax.random.key(0), x)['params']
-      record(f'lqer {method} {solver}',
-             lambda: lqer.lqer_quantize_params(fp, abstract,
-                                               calibration=stats),
-             solver == 'randomized')
+  variants = [('svd', 'exact', None), ('svd', 'randomized', None),
+              ('svd', 'randomized', 4), ('qera', 'exact', None),
+              ('qera', 'randomized', None)]
+  for method, solver, iters in variants:
+    rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=128,
+                           rank=args.rank, method=method, solver=solver,
+                           power_iters=iters)]
+    qm = qwix.quantize_model(model, lqer.LqerProvider(rules))
+    abstract = jax.eval_shape(qm.init, jax.random.key(0), x)['params']
+    label = f'lqer {method} {solver}' + (
+        f' ({rules[0].resolved_power_iters} power iterations)'
+        if solver == 'randomized' else '')
+    record(label, lambda: lqer.lqer_quantize_params(fp, abstract,
+                                                    calibration=stats),
+           solver == 'randomized')
 
   # Captured energy of the randomized solver vs exact, on 'o' (plain E, the
   # 'svd' matrix) and on its whitened (QERA) matrix, for several power
@@ -236,11 +241,13 @@ def main():
           f" {r['first_block_seconds']:.1f} |"
           f" {r['seconds_per_billion_params']:.1f} |"
           f" {r['minutes_7b_32_blocks']:.1f} |")
-  speedup = base['earlier project (eager full SVD)'] / base[
-      'lqer svd randomized']
-  print(f'\nlqer svd (default) vs earlier project: {speedup:.1f}x faster;'
-        f' vs plain PTQ: {base["lqer svd randomized"] / base["qwix.quantize_params (PTQ)"]:.1f}x'
-        ' slower')
+  earlier = base['earlier project (eager full SVD)']
+  ptq = base['qwix.quantize_params (PTQ)']
+  for name in base:
+    if name.startswith('lqer svd randomized'):
+      print(f'\n{name} vs earlier project: {earlier / base[name]:.1f}x'
+            f' faster; vs plain PTQ: {base[name] / ptq:.1f}x slower', end='')
+  print()
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   params_bytes = n_params * 4
   print(f'peak RSS of the whole run: {peak / 2**30:.2f} GiB = '

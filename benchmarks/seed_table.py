@@ -10,7 +10,8 @@ Rows, for INT8 rank 16, INT4 rank 16, INT4 rank 32, per-channel and then
 per-group (tile_size=128 where the layer allows it):
 
   * lqer svd      - `LqerRule(method='svd')`, default (randomized) solver and
-                    bf16 factors, `LqerProvider` defaults;
+                    bf16 factors, `LqerProvider(compute_dtype=float32)`
+                    (Qwix's numbers; this table compares algorithms);
   * earlier algo  - the earlier project's algorithm, reimplemented here: an
                     eager per-layer loop, full NumPy SVD of E = W - deq(Wq),
                     A = U_k S_k, B = V_k^T; evaluated as the float model with
@@ -84,7 +85,8 @@ def tiling_of_modules(model, x, qtype):
   `WithLqer` layouts (an untiled abstract tree); Qwix tiles the last one.
   """
   rules = [lqer.LqerRule(weight_qtype=qtype, rank=1)]
-  qm = qwix.quantize_model(model, lqer.LqerProvider(rules))
+  qm = qwix.quantize_model(
+      model, lqer.LqerProvider(rules, compute_dtype=jnp.float32))
   abstract = jax.eval_shape(qm.init, jax.random.key(0), x)['params']
   flat = flax.traverse_util.flatten_dict(abstract)
   untiled, single = [], []
@@ -119,7 +121,8 @@ def ptq_error(model, fp, x, x_eval, y_fp, qtype, tile, untiled):
 
 
 def lqer_error(model, fp, x, x_eval, y_fp, rules, stats=None):
-  qm = qwix.quantize_model(model, lqer.LqerProvider(rules))
+  qm = qwix.quantize_model(
+      model, lqer.LqerProvider(rules, compute_dtype=jnp.float32))
   abstract = jax.eval_shape(qm.init, jax.random.key(0), x)['params']
   params = lqer.lqer_quantize_params(fp, abstract, calibration=stats)
   return rel_error(jax.jit(qm.apply)({'params': params}, x_eval), y_fp)

@@ -10,10 +10,13 @@ XLA:CPU), so about one layer's dequantized weights are live at a time.
 
 Compute dtype ('auto', chosen by measurement with benchmarks/inference.py):
 on CPU, bfloat16 (bf16 x bf16 -> f32 dots, which XLA:CPU runs through
-YNNPACK) when a call multiplies at least `BF16_MIN_TOKENS` rows, float32
-below that (XLA:CPU converts a bf16 matrix-vector dot to f32 first, so bf16
-buys nothing there). Other backends: float32 (not measured here).
-float32 gives Qwix's numbers exactly.
+YNNPACK) for weights of at most 4 bits when a call multiplies at least
+`BF16_MIN_TOKENS` rows; float32 below that (XLA:CPU converts a bf16
+matrix-vector dot to f32 first, so bf16 buys nothing there) and for wider
+qtypes (bf16 rounding of the activations and scales, ~2^-9, is comparable
+to int8's own error and would undo most of its reconstruction). Other
+backends: float32 (not measured here). float32 gives Qwix's numbers
+exactly.
 """
 
 import jax
@@ -25,13 +28,29 @@ from lqer import packing
 BF16_MIN_TOKENS = 64
 
 
-def compute_dtype_for(requested, tokens: int):
-  """The dtype a weight is dequantized to for a call with `tokens` rows."""
+def compute_dtype_for(requested, tokens: int, weight_bits: int = 4):
+  """The dtype a weight of `weight_bits` is dequantized to for a call with
+  `tokens` rows."""
   if requested != 'auto':
     return requested
-  if jax.default_backend() == 'cpu' and tokens >= BF16_MIN_TOKENS:
+  if (jax.default_backend() == 'cpu' and tokens >= BF16_MIN_TOKENS
+      and weight_bits <= 4):
     return jnp.bfloat16
   return jnp.float32
+
+
+def qtype_bits(q) -> int:
+  """Bits per weight of a QArray's (or PackedInt4's) qtype."""
+  if isinstance(q, packing.PackedInt4):
+    return 4
+  qtype = q.qtype
+  if isinstance(qtype, str):
+    digits = ''.join(c for c in qtype if c.isdigit())
+    return int(digits) if digits else 8
+  dtype = jnp.dtype(qtype)
+  if jnp.issubdtype(dtype, jnp.integer):
+    return jnp.iinfo(dtype).bits
+  return jnp.finfo(dtype).bits
 
 
 def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto',
@@ -46,7 +65,8 @@ def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto',
   contracted = 1
   for axis in (*lhs_c, *lhs_b):
     contracted *= lhs.shape[axis]
-  dtype = compute_dtype_for(compute_dtype, lhs.size // max(contracted, 1))
+  dtype = compute_dtype_for(compute_dtype, lhs.size // max(contracted, 1),
+                            qtype_bits(q))
   if isinstance(q, packing.PackedInt4):
     return packing.packed_dot_general(lhs, q, dimension_numbers, dtype,
                                       low_rank)

@@ -1,5 +1,7 @@
 """Packed int4 weights (lqer.pack_params) and the per-shape compute dtype."""
 
+import dataclasses
+
 from flax import linen as nn
 from flax import nnx
 import jax
@@ -140,10 +142,30 @@ def test_packed_weights_need_lqer_matmul():
     qwix_path.apply({'params': params}, x)
 
 
-def test_auto_compute_dtype_by_tokens():
+def test_auto_compute_dtype_by_tokens_and_bits():
   assert matmul.compute_dtype_for(jnp.float32, 4096) == jnp.float32
   small = matmul.compute_dtype_for('auto', matmul.BF16_MIN_TOKENS - 1)
   large = matmul.compute_dtype_for('auto', matmul.BF16_MIN_TOKENS)
   assert small == jnp.float32
   assert large == (jnp.bfloat16 if jax.default_backend() == 'cpu'
                    else jnp.float32)
+  assert matmul.compute_dtype_for('auto', 4096, 8) == jnp.float32
+  int8 = qarray.QArray(qvalue=jnp.zeros((4, 2), jnp.int8),
+                       scale=jnp.ones((1, 2)))
+  assert matmul.qtype_bits(int8) == 8
+  assert matmul.qtype_bits(qarray.QArray(
+      qvalue=jnp.zeros((4, 2), jnp.int4), scale=jnp.ones((1, 2)))) == 4
+  assert matmul.qtype_bits(dataclasses.replace(int8, qtype='nf4')) == 4
+
+
+def test_auto_keeps_int8_weights_in_float32():
+  """bf16 rounding would be as large as int8's error: 'auto' = float32."""
+  model = nn.Dense(64, use_bias=False)
+  x = jax.random.normal(KEY, (2, 40, 32))  # 80 rows
+  rules = [LqerRule(weight_qtype=jnp.int8, rank=4)]
+  outs = {}
+  for cd in ('auto', jnp.float32):
+    qmodel = qwix.quantize_model(model, LqerProvider(rules, compute_dtype=cd))
+    params = qmodel.init(KEY, x)['params']
+    outs[str(cd)] = jax.jit(qmodel.apply)({'params': params}, x)
+  np.testing.assert_array_equal(outs['auto'], outs[str(jnp.float32)])
