@@ -12,9 +12,10 @@ int4 per-group 128, rank 32. Times, in one process:
 
 and prints seconds per block, per billion parameters, and extrapolated to a
 whole 7B model (32 blocks; fast variants are timed twice, the second,
-compiled run counting for blocks 2-32), plus the captured-energy ratio of the randomized
-solver against the exact one, (||E||^2 - ||E - AB||^2) / same for exact, for
-plain (E) and weighted (L^T E) matrices.
+compiled run counting for blocks 2-32), the captured-energy ratio of the
+randomized solver against the exact one, (||E||^2 - ||E - AB||^2) / same for
+exact, for plain (E) and weighted (L^T E) matrices by power iterations, and
+the peak memory of the default 'svd' and 'qera' passes.
 
     python benchmarks/offline_pass.py [--json FILE] [--dims 4096 11008]
 """
@@ -166,7 +167,6 @@ def main():
   n_params = sum(v.size for v in jax.tree.leaves(fp))
   if args.peak_only:
     return peak_only(args, model, x, fp, stats)
-  d, ff = args.dims
 
   rows = []
 
@@ -251,8 +251,9 @@ def main():
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   params_bytes = n_params * 4
   print(f'peak RSS of the whole run: {peak / 2**30:.2f} GiB = '
-        f'{peak / params_bytes:.2f}x the float32 block ({params_bytes / 2**30:.2f}'
-        ' GiB; the statistics and the exact solvers are included)')
+        f'{peak / params_bytes:.2f}x the float32 block'
+        f' ({params_bytes / 2**30:.2f} GiB; the statistics and the exact'
+        ' solvers are included)')
   peaks = measure_peaks(args, n_params)
   if args.json:
     with open(args.json, 'w') as f:

@@ -112,8 +112,7 @@ def eval_command(args) -> list:
     for row in evaluation.run(task, bits, tile, ranks, args.methods,
                               base=args.base, save_dir=args.save,
                               load_dir=args.load, solver=args.solver,
-                              **({} if args.power_iters is None else
-                                 {'power_iters': args.power_iters}),
+                              power_iters=args.power_iters,
                               compute_dtype=COMPUTE_DTYPES[args.compute_dtype],
                               pack=args.pack,
                               with_fp=bits == bits_list[0]):

@@ -232,7 +232,8 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
         model, params, _, secs = quantize(task, rules, stats, base,
                                           compute_dtype)
       if save_dir is not None:
-        checkpoint.save(_subdir(save_dir, bits, tile_size, method, rank), params, fp)
+        checkpoint.save(_subdir(save_dir, bits, tile_size, method, rank),
+                        params, fp)
       bpw = make_report(task.params, params).total()['bits_per_weight']
       yield row(METHOD_LABELS[method], rank,
                 task.score(model, maybe_pack(params)), bpw, secs)

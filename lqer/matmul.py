@@ -70,9 +70,8 @@ def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto',
   if isinstance(q, packing.PackedInt4):
     return packing.packed_dot_general(lhs, q, dimension_numbers, dtype,
                                       low_rank)
-  # A zero that XLA cannot fold ties the dequantization to the layer's
-  # input, so it is not hoisted to the start of the program.
-  zero = jnp.zeros((), dtype) * lhs.reshape(-1)[0].astype(dtype)
+  # Tied to the layer's input, the dequantization is not hoisted.
+  zero = packing.unfoldable_zero(lhs, dtype)
   q = q.replace(scale=q.scale.astype(dtype) + zero, zero_point=q.zero_point)
   w = qarray.dequantize(q)
   return jax.lax.dot_general(lhs.astype(dtype), w, dimension_numbers,

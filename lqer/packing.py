@@ -135,6 +135,14 @@ def pack_params(params):
                       is_leaf=lambda x: isinstance(x, ptq.WithAux))
 
 
+def unfoldable_zero(value, dtype):
+  """0 * value[first element]: a zero XLA cannot fold (value could be NaN),
+  so whatever it is added to depends on `value` and is not hoisted to the
+  start of the program (`optimization_barrier` is dropped before scheduling
+  on XLA:CPU)."""
+  return jnp.zeros((), dtype) * value.reshape(-1)[0].astype(dtype)
+
+
 def packed_dot_general(lhs, p: PackedInt4, dimension_numbers, compute_dtype,
                        low_rank=None):
   """lhs @ deq(p) [+ xa @ b], one cache-sized block of columns at a time.
@@ -161,10 +169,10 @@ def packed_dot_general(lhs, p: PackedInt4, dimension_numbers, compute_dtype,
   width = max(1, BLOCK_BYTES // (rows * 2 * itemsize),
               -(-half // MAX_BLOCKS))
   even, odd = [], []
-  link = lhs.reshape(-1)[0]
+  link = lhs
   for c0 in range(0, half, width):
     c1 = min(half, c0 + width)
-    zero = jnp.zeros((), p.scale.dtype) * link.astype(p.scale.dtype)
+    zero = unfoldable_zero(link, p.scale.dtype)
     byte = p.packed[:, c0:c1] ^ jnp.uint8(0x88)
     halves = ((byte & jnp.uint8(15), even, 0), (byte >> jnp.uint8(4), odd, 1))
     for nibble, out, parity in halves:
@@ -178,6 +186,6 @@ def packed_dot_general(lhs, p: PackedInt4, dimension_numbers, compute_dtype,
         y = y + jnp.dot(xa, b[:, 2 * c0 + parity:2 * c1:2],
                         preferred_element_type=jnp.float32)
       out.append(y)
-    link = odd[-1][0, 0]
+    link = odd[-1]
   y = jnp.stack([jnp.concatenate(even, -1), jnp.concatenate(odd, -1)], -1)
   return y.reshape(*lead, *p.shape[ncontract:])

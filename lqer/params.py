@@ -344,7 +344,8 @@ def _run_chunk(chunk: list[_Job], base: str, factors=None):
       for j in chunk
   ])
   a, b = _factor_fn(layout, first.rank, rule.method, rule.solver,
-                    rule.oversample, rule.resolved_power_iters)(ws, deqs, keys, **extra)
+                    rule.oversample, rule.resolved_power_iters)(
+                        ws, deqs, keys, **extra)
   out = {}
   for i, job in enumerate(chunk):
     ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))

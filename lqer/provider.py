@@ -73,10 +73,7 @@ class LqerProvider(ptq.PtqProvider):
     low_rank = None
     if (isinstance(rhs.array, packing.PackedInt4) and isinstance(rhs, WithLqer)
         and rhs.rank > 0):
-      first, _ = rhs.layout.branch_dimension_numbers(lhs.ndim,
-                                                     dimension_numbers)
-      xa = jax.lax.dot_general(lhs, rhs.a.astype(lhs.dtype), first,
-                               preferred_element_type=jnp.float32)
+      xa = _branch_input(lhs, rhs, dimension_numbers)
       low_rank = (xa.reshape(-1, rhs.rank),
                   rhs.b.reshape(rhs.rank, -1).astype(jnp.float32))
     out = matmul.weight_only_dot_general(x, rhs.array, dimension_numbers,
@@ -185,14 +182,19 @@ def _awq_scaled(lhs, rhs, dimension_numbers):
   return lhs / rhs.awq_scale.reshape(shape).astype(lhs.dtype)
 
 
+def _branch_input(lhs, rhs: WithLqer, dimension_numbers):
+  """x A in float32, shaped (*lhs non-contracting, k)."""
+  first, _ = rhs.layout.branch_dimension_numbers(lhs.ndim, dimension_numbers)
+  return jax.lax.dot_general(lhs, rhs.a.astype(lhs.dtype), first,
+                             preferred_element_type=jnp.float32)
+
+
 def _add_branch(main, lhs, rhs, dimension_numbers, output_perm):
   """main + (x A) B, the branch accumulated in float32."""
   if not isinstance(rhs, WithLqer) or rhs.rank == 0:
     return main
-  first, second = rhs.layout.branch_dimension_numbers(
-      lhs.ndim, dimension_numbers)
-  xa = jax.lax.dot_general(lhs, rhs.a.astype(lhs.dtype), first,
-                           preferred_element_type=jnp.float32)
+  _, second = rhs.layout.branch_dimension_numbers(lhs.ndim, dimension_numbers)
+  xa = _branch_input(lhs, rhs, dimension_numbers)
   branch = jax.lax.dot_general(xa, rhs.b.astype(jnp.float32), second,
                                preferred_element_type=jnp.float32)
   if output_perm is not None:
