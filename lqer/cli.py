@@ -48,6 +48,9 @@ def _parser():
   e.add_argument('--power-iters', type=int, default=None,
                  help='power iterations of the randomized solver'
                  ' (default: LqerRule\'s)')
+  e.add_argument('--no-krylov', dest='krylov', action='store_false',
+                 help='randomized solver: subspace iteration instead of'
+                 ' block Krylov')
   e.add_argument('--calib-text', help='UTF-8 text file for calibration')
   e.add_argument('--eval-text', help='UTF-8 text file for evaluation')
   e.add_argument('--eval-tokens', type=int, default=20480,
@@ -113,6 +116,7 @@ def eval_command(args) -> list:
                               base=args.base, save_dir=args.save,
                               load_dir=args.load, solver=args.solver,
                               power_iters=args.power_iters,
+                              krylov=args.krylov,
                               compute_dtype=COMPUTE_DTYPES[args.compute_dtype],
                               pack=args.pack,
                               with_fp=bits == bits_list[0]):

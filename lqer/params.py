@@ -10,7 +10,6 @@ through one jitted call, a bounded number of bytes at a time.
 """
 
 import dataclasses
-import functools
 import hashlib
 import math
 import re
@@ -231,7 +230,7 @@ def _group_key(job: _Job):
   return (
       job.weight.shape, str(job.weight.dtype), job.layout, job.rank,
       job.rule.method, job.rule.solver, job.rule.oversample,
-      job.rule.resolved_power_iters, job.rule.qera_damping, str(how.qtype),
+      job.rule.resolved_power_iters, job.rule.krylov, job.rule.qera_damping, str(how.qtype),
       tuple(how.channelwise_axes), tuple(sorted(how.tiled_axes.items())),
       how.calibration_method,
   )
@@ -321,17 +320,29 @@ def _base_one(job: _Job, base: str):
 
 
 def _run_chunk(chunk: list[_Job], base: str, factors=None):
-  """Quantizes and factors a chunk of same-settings weights in one call."""
+  """Quantizes and factors a chunk of same-settings weights in one call.
+
+  With base 'rtn' the quantization runs inside the jitted call (Qwix PTQ's
+  own `quantize`, bit for bit); GPTQ / AWQ bases are computed eagerly first.
+  """
   first = chunk[0]
   rule, layout = first.rule, first.layout
-  results = [_base_one(j, base) for j in chunk]
-  if first.rank == 0:
-    return {job.path: _base_only(job, q, s) for job, (q, _, s)
-            in zip(chunk, results)}
-  qlist = [r[0] for r in results]
+  if base == 'rtn':
+    # Qwix's calibration, eagerly: jitted, XLA may fold e.g. the clipping
+    # factor of 'absmax,0.9' into the scale differently (1-ulp changes).
+    scales = [qarray.compute_scale_zero_point(
+        qarray.calibrate(j.weight, j.how), j.how.qtype) for j in chunk]
+    bases = jax.tree.map(lambda *x: jnp.stack(x), *scales)
+    awq = [None] * len(chunk)
+  else:
+    results = [_base_one(j, base) for j in chunk]
+    if first.rank == 0:
+      return {job.path: _base_only(job, q, s) for job, (q, _, s)
+              in zip(chunk, results)}
+    qs = [r[0] for r in results]
+    bases = jnp.stack([r[1] for r in results])
+    awq = [r[2] for r in results]
   ws = jnp.stack([j.weight for j in chunk])
-  deqs = jnp.stack([r[1] for r in results])
-  awq = [r[2] for r in results]
   extra = {}
   if rule.method == 'l2qer':
     extra['act_abs_mean'] = jnp.stack(
@@ -343,14 +354,17 @@ def _run_chunk(chunk: list[_Job], base: str, factors=None):
                          zlib.crc32(path_str(j.path).encode()))
       for j in chunk
   ])
-  a, b = _factor_fn(layout, first.rank, rule.method, rule.solver,
-                    rule.oversample, rule.resolved_power_iters)(
-                        ws, deqs, keys, **extra)
+  q, a, b = _factor_fn(layout, first.rank, rule,
+                       first.how if base == 'rtn' else None)(
+                           ws, bases, keys, **extra)
+  del ws, bases
+  if q is not None:
+    qs = [jax.tree.map(lambda x, i=i: x[i], q) for i in range(len(chunk))]
   out = {}
   for i, job in enumerate(chunk):
     ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
     out[job.path] = WithLqer(
-        array=qlist[i], how=job.how,
+        array=qs[i], how=job.how,
         a=ai.astype(rule.factor_dtype), b=bi.astype(rule.factor_dtype),
         awq_scale=awq[i], contracting_axes=layout.contracting_axes,
         batch_axes=layout.batch_axes, rule=rule,
@@ -388,16 +402,37 @@ def _base_only(job: _Job, q, awq_scale):
       rule=job.rule)
 
 
-@functools.lru_cache(maxsize=None)
-def _factor_fn(layout, rank, method, solver, oversample, power_iters):
-  """Jitted (ws, deqs, keys, stats) -> stacked matrix-form A, B."""
+_FACTOR_FNS: dict[Any, Any] = {}
 
-  def one(w, deq, key, act_abs_mean=None, chol=None):
+
+def _factor_fn(layout, rank, rule: LqerRule, how=None):
+  """Jitted (ws, base, keys, stats) -> (QArrays or None, A, B), stacked.
+
+  base: the dequantized base weights, or with `how` (base 'rtn') Qwix's
+  (scale, zero_point) per weight: each w is then quantized inside, q =
+  quantize_with_scale_zero_point(w), E = w - dequantize(q), so no float
+  dequantized weight leaves the call. Cached by the settings
+  (HowToQuantize is unhashable, so by its repr).
+  """
+  solver_kw = dict(solver=rule.solver, oversample=rule.oversample,
+                   power_iters=rule.resolved_power_iters, krylov=rule.krylov)
+  cache_key = (layout, rank, rule.method, tuple(solver_kw.items()),
+               repr(how))
+  if cache_key in _FACTOR_FNS:
+    return _FACTOR_FNS[cache_key]
+
+  def one(w, base, key, act_abs_mean=None, chol=None):
+    q, deq = None, base
+    if how is not None:
+      q = qarray.quantize_with_scale_zero_point(w, how.qtype, *base,
+                                                how.noise_fn)
+      deq = qarray.dequantize(q)
     error = layout.to_matrix(w.astype(jnp.float32) - deq.astype(jnp.float32))
-    return decompose.reconstruct(
-        error, rank, method, act_abs_mean=act_abs_mean, chol=chol,
-        solver=solver, key=key, oversample=oversample,
-        power_iters=power_iters,
-    )
+    a, b = decompose.reconstruct(
+        error, rank, rule.method, act_abs_mean=act_abs_mean, chol=chol,
+        key=key, **solver_kw)
+    return q, a, b
 
-  return jax.jit(jax.vmap(one))
+  fn = jax.jit(jax.vmap(one))
+  _FACTOR_FNS[cache_key] = fn
+  return fn

@@ -10,9 +10,9 @@ import qwix
 from lqer import decompose
 
 FACTOR_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-# Randomized-SVD power iterations per method (benchmarks/offline_pass.py
+# Block-Krylov power iterations per method (benchmarks/offline_pass.py
 # and `lqer eval --solver exact` / `--power-iters` measure the trade-off).
-DEFAULT_POWER_ITERS = {'svd': 16, 'l2qer': 4, 'qera': 4}
+DEFAULT_POWER_ITERS = {'svd': 6, 'l2qer': 4, 'qera': 4}
 _INT_QTYPES = ('int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8')
 _STRING_QTYPES = ('nf4', 'mxfp4', 'mxfp8', 'nvfp4', *_INT_QTYPES)
 _CALIBRATIONS = ('absmax', 'minmax', 'rms', 'fixed')
@@ -33,10 +33,13 @@ class LqerRule(qwix.QuantizationRule):
     solver: 'randomized' (Halko et al., the default) or 'exact' (full SVD).
     oversample: extra sketch columns of the randomized solver.
     power_iters: power iterations of the randomized solver; None (default)
-      = `DEFAULT_POWER_ITERS[method]`: 16 for 'svd', whose error matrices
-      are near-white (slow subspace convergence; 4 iterations left SmolLM2
-      perplexity 1% from the exact solver's), 4 for the activation-aware
-      methods, whose weighted matrices have decaying spectra.
+      = `DEFAULT_POWER_ITERS[method]`: 6 for 'svd', whose error matrices
+      are near-white (slow convergence), 4 for the activation-aware methods,
+      whose weighted matrices have decaying spectra.
+    krylov: keep every power iterate in the basis (block Krylov, Musco &
+      Musco 2015; default) instead of only the last (subspace iteration).
+      Same matmuls; on a 4096 x 4096 int4 error 6 Krylov iterations capture
+      more energy (0.992 of exact) than 16 subspace iterations (0.988).
     qera_damping: lambda of the damped Cholesky R + lambda mean(diag R) I.
     seed: seed of the randomized solver's Gaussian sketch.
   """
@@ -47,6 +50,7 @@ class LqerRule(qwix.QuantizationRule):
   solver: str = 'randomized'
   oversample: int = 16
   power_iters: int | None = None
+  krylov: bool = True
   qera_damping: float = 0.01
   seed: int = 0
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import qwix
+from qwix._src.core import qarray
 
 import lqer
 
@@ -62,7 +63,9 @@ def main():
   y = jax.jit(qmodel.apply)({'params': params}, x)
   y_single = qmodel.apply({'params': reference}, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_single), atol=1e-3)
-  check_factorization_does_not_gather_weight(sharded['Dense_0']['kernel'])
+  w = jax.random.normal(jax.random.key(1), (512, 1024))
+  check_factorization_does_not_gather_weight(
+      jax.device_put(w, sharded['Dense_0']['kernel'].sharding))
   print('SHARDING OK')
 
 
@@ -79,18 +82,26 @@ def _largest_all_gather(hlo: str) -> int:
 
 
 def check_factorization_does_not_gather_weight(w):
-  """The randomized solver works on W's shards (only the thin sketch is
-  gathered); the exact SVD needs the whole error matrix on one device."""
+  """The randomized solver (default settings) works on W's shards: the
+  largest all-gather is the thin Q^T E (1024 x 7 blocks of 24 columns);
+  the exact SVD needs the whole error matrix on one device."""
   ws = jnp.stack([w])
   keys = jnp.stack([jax.random.key(0)])
   layout = lqer.layout.KernelLayout(w.shape, (0,), ())
   sizes = {}
+  how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=[1],
+                             tiled_axes={}, calibration_method='absmax')
   for solver in ['randomized', 'exact']:
-    fn = lqer.params._factor_fn(layout, 8, 'svd', solver, 16, 4)
-    hlo = fn.lower(ws, ws * 0.5, keys).compile().as_text()
+    rule = lqer.LqerRule(weight_qtype=jnp.int4, rank=8, solver=solver)
+    # Quantization, E and the factors, as lqer_quantize_params runs them.
+    fn = lqer.params._factor_fn(layout, 8, rule, how)
+    scale = qarray.compute_scale_zero_point(qarray.calibrate(w, how),
+                                            jnp.int4)
+    base = jax.tree.map(lambda x: jnp.stack([x]), scale)
+    hlo = fn.lower(ws, base, keys).compile().as_text()
     sizes[solver] = _largest_all_gather(hlo)
   print('largest all-gather (elements):', sizes, 'weight:', w.size)
-  assert sizes['randomized'] < w.size // 4, sizes
+  assert sizes['randomized'] <= max(w.shape) * 7 * 24 < w.size // 2, sizes
   assert sizes['exact'] >= w.size, sizes
 
 

@@ -108,6 +108,55 @@ def test_randomized_svd_close_to_exact_on_decaying_spectrum():
   np.testing.assert_allclose(_product(u_r * s_r, vt_r), m_exact, atol=1e-5)
 
 
+def _captured(e, a, b):
+  """||E||^2 - ||E - AB||^2 in float64."""
+  e = np.asarray(e, np.float64)
+  return np.sum(e**2) - np.sum((e - _product(a, b))**2)
+
+
+def test_krylov_beats_subspace_iteration_on_quantization_error():
+  # A near-white int4 error: the flat spectrum where power iteration is slow.
+  _, e = _error(np.random.default_rng(8), 256, 192)
+  exact = _captured(e, *reference.svd_factors(e, 16))
+  energy = {}
+  for krylov in [False, True]:
+    a, b = decompose.reconstruct(jnp.asarray(e), 16, 'svd',
+                                 solver='randomized', key=jax.random.key(0),
+                                 oversample=8, power_iters=3, krylov=krylov)
+    energy[krylov] = _captured(e, a, b) / exact
+  # Same matmuls with E; the Krylov basis keeps every iterate.
+  assert 0.9 < energy[False] < energy[True] <= 1 + 1e-5, energy
+  assert energy[True] > 0.98, energy
+
+
+def test_krylov_space_as_wide_as_the_matrix_is_exact():
+  # 8 iterations of 12 columns > min(40, 30): the basis is capped at the
+  # latest blocks that fit and spans the whole column space.
+  _, e = _error(np.random.default_rng(9), 40, 30)
+  a, b = decompose.reconstruct(jnp.asarray(e), 5, 'svd', solver='randomized',
+                               key=jax.random.key(0), oversample=7,
+                               power_iters=8, krylov=True)
+  ra, rb = reference.svd_factors(e, 5)
+  np.testing.assert_allclose(_product(a, b), ra @ rb, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape,true_rank', [((12, 300), 12), ((12, 300), 3),
+                                             ((30, 20), 20)])
+def test_wide_svd_matches_numpy(shape, true_rank):
+  rng = np.random.default_rng(10)
+  m = rng.normal(size=(shape[0], true_rank)) @ rng.normal(
+      size=(true_rank, shape[1]))
+  u, s, vt = decompose._wide_svd(jnp.asarray(m, jnp.float32), 5)
+  ru, rs, rvt = np.linalg.svd(m, full_matrices=False)
+  np.testing.assert_allclose(s, rs[:5], rtol=1e-4, atol=1e-4)
+  k = min(5, true_rank)
+  np.testing.assert_allclose(_product(u[:, :k] * s[:k], vt[:k]),
+                             (ru[:, :k] * rs[:k]) @ rvt[:k],
+                             atol=1e-3 * rs[0])
+  # Zero singular values give zero rows, not NaNs.
+  assert np.all(np.isfinite(vt))
+
+
 def test_randomized_is_deterministic_and_batched():
   rng = np.random.default_rng(7)
   ms = jnp.asarray(rng.normal(size=(3, 50, 40)), jnp.float32)
