@@ -39,11 +39,13 @@ def _unpack(p: packing.PackedInt4):
   """The packed path's dequantization (one block = the whole weight)."""
   byte = p.packed ^ jnp.uint8(0x88)
   groups = p.scale.shape[0]
+  half = COLS // 2
   halves = []
-  for parity, nibble in ((0, byte & jnp.uint8(15)), (1, byte >> jnp.uint8(4))):
-    w = ((nibble.astype(jnp.float32) - 8).reshape(groups, -1, COLS // 2)
-         * p.scale[:, None, parity::2])
-    halves.append(w.reshape(ROWS, COLS // 2))
+  for offset, nibble in ((0, byte & jnp.uint8(15)),
+                         (half, byte >> jnp.uint8(4))):
+    w = ((nibble.astype(jnp.float32) - 8).reshape(groups, -1, half)
+         * p.scale[:, None, offset:offset + half])
+    halves.append(w.reshape(ROWS, half))
   return halves
 
 

@@ -3,11 +3,13 @@
 XLA:CPU reads an `s4` array nibble by nibble (about 0.3-0.5 ns per element
 on the benchmark machine), which makes dequantizing an int4 weight cost as
 much as the float matmul it replaces. A packed weight holds the same bits as
-plain uint8 bytes, p[i, j] = (q[i, 2j] & 15) | (q[i, 2j+1] & 15) << 4 for the
-kernel viewed as an (in, out) matrix, so dequantization is two vectorizable
-byte operations per element pair:
+plain uint8 bytes, the low nibble from the left half of the columns and the
+high nibble from the right half, p[i, j] = (q[i, j] & 15) | (q[i, j + h] &
+15) << 4 with h = out / 2, for the kernel viewed as an (in, out) matrix, so
+dequantization is two vectorizable byte operations per element pair, each
+with a contiguous run of scales and output columns:
 
-    q[i, 2j]   = ((p ^ 0x88) & 15) - 8,     q[i, 2j+1] = ((p ^ 0x88) >> 4) - 8
+    q[i, j]   = ((p ^ 0x88) & 15) - 8,     q[i, j + h] = ((p ^ 0x88) >> 4) - 8
 
 Param bytes do not change (0.5 byte per weight). `pack_params` converts a
 quantized tree once, after `lqer_quantize_params` (or a checkpoint load);
@@ -35,7 +37,7 @@ MAX_BLOCKS = 16
 
 @flax.struct.dataclass
 class PackedInt4:
-  """int4 kernel as an (in, out) matrix of uint8 pairs along `out`.
+  """int4 kernel as an (in, out) matrix of uint8 pairs (j, j + out / 2).
 
   Attributes:
     packed: uint8 (in, out // 2); `in` flattens the contracting axes.
@@ -87,8 +89,9 @@ def pack(q: qarray.QArray, ncontract: int = 1) -> PackedInt4:
   groups = math.prod(q.scale.shape[:ncontract])
   scale = jnp.broadcast_to(q.scale, (*q.scale.shape[:ncontract],
                                      *q.shape[ncontract:]))
-  packed = jax.lax.bitcast_convert_type(
-      q.qvalue.reshape(rows, out // 2, 2), jnp.uint8)
+  nibbles = (q.qvalue.reshape(rows, 2, out // 2).astype(jnp.int8)
+             & 15).astype(jnp.uint8)
+  packed = nibbles[:, 0] | (nibbles[:, 1] << 4)
   return PackedInt4(packed=packed, scale=scale.reshape(groups, out),
                     shape=tuple(q.shape))
 
@@ -168,24 +171,24 @@ def packed_dot_general(lhs, p: PackedInt4, dimension_numbers, compute_dtype,
   itemsize = jnp.dtype(compute_dtype).itemsize
   width = max(1, BLOCK_BYTES // (rows * 2 * itemsize),
               -(-half // MAX_BLOCKS))
-  even, odd = [], []
+  halves = ([], [])
   link = lhs
   for c0 in range(0, half, width):
     c1 = min(half, c0 + width)
     zero = unfoldable_zero(link, p.scale.dtype)
     byte = p.packed[:, c0:c1] ^ jnp.uint8(0x88)
-    halves = ((byte & jnp.uint8(15), even, 0), (byte >> jnp.uint8(4), odd, 1))
-    for nibble, out, parity in halves:
-      scale = p.scale[:, 2 * c0 + parity:2 * c1:2] + zero
+    for nibble, out, offset in ((byte & jnp.uint8(15), halves[0], 0),
+                                (byte >> jnp.uint8(4), halves[1], half)):
+      scale = p.scale[:, offset + c0:offset + c1] + zero
       w = ((nibble.astype(compute_dtype) - 8).reshape(groups, -1, c1 - c0)
            * scale.astype(compute_dtype)[:, None])
       y = jnp.dot(x, w.reshape(rows, c1 - c0),
                   preferred_element_type=jnp.float32)
       if low_rank is not None:
         xa, b = low_rank
-        y = y + jnp.dot(xa, b[:, 2 * c0 + parity:2 * c1:2],
+        y = y + jnp.dot(xa, b[:, offset + c0:offset + c1],
                         preferred_element_type=jnp.float32)
       out.append(y)
-    link = odd[-1]
-  y = jnp.stack([jnp.concatenate(even, -1), jnp.concatenate(odd, -1)], -1)
+    link = halves[1][-1]
+  y = jnp.concatenate(halves[0] + halves[1], -1)
   return y.reshape(*lead, *p.shape[ncontract:])

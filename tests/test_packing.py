@@ -49,6 +49,15 @@ def test_packed_matmul_matches_numpy(shape, groups, tokens):
   assert float(np.linalg.norm(y16 - ref) / np.linalg.norm(ref)) < 1e-2
 
 
+def test_packed_bytes_follow_the_documented_layout():
+  """p[i, j] = (q[i, j] & 15) | (q[i, j + out/2] & 15) << 4, in NumPy."""
+  rng = np.random.default_rng(2)
+  arr, _ = _int4_qarray(rng, (8, 12), 1)
+  q = np.asarray(arr.qvalue.astype(jnp.int8)).astype(np.int64)
+  want = (q[:, :6] & 15) | ((q[:, 6:] & 15) << 4)
+  np.testing.assert_array_equal(np.asarray(packing.pack(arr).packed), want)
+
+
 def test_packed_matmul_two_contracting_axes():
   """An attention output kernel (heads, head_dim, d), tiled along heads."""
   rng = np.random.default_rng(1)
