@@ -6,7 +6,8 @@ int4 per-group 128, rank 32. Times, in one process:
   * plain `qwix.quantize_params` (the floor),
   * the earlier project's algorithm: an eager per-layer loop of full
     NumPy SVDs of E = W - deq(Wq), A = U_k S_k, B = V_k^T,
-  * lqer 'svd' with the exact and the randomized solver,
+  * lqer 'svd' with the exact solver, the default randomized solver (block
+    Krylov) and plain subspace iteration with 16 power iterations,
   * lqer 'qera' with the exact and the randomized solver (statistics of
     synthetic correlated activations; calibration itself is not timed),
 
@@ -14,7 +15,8 @@ and prints seconds per block, per billion parameters, and extrapolated to a
 whole 7B model (32 blocks; fast variants are timed twice, the second,
 compiled run counting for blocks 2-32), the captured-energy ratio of the
 randomized solver against the exact one, (||E||^2 - ||E - AB||^2) / same for
-exact, for plain (E) and weighted (L^T E) matrices by power iterations, and
+exact, for plain (E) and weighted (L^T E) matrices by power iterations
+(block Krylov and subspace iteration), and
 the peak memory of the default 'svd' and 'qera' passes.
 
     python benchmarks/offline_pass.py [--json FILE] [--dims 4096 11008]
@@ -191,17 +193,18 @@ def main():
          lambda: qwix.quantize_params(fp, ptq_abs), True)
   record('earlier project (eager full SVD)',
          lambda: earlier_project(fp, ptq_abs, args.rank), False)
-  variants = [('svd', 'exact', None), ('svd', 'randomized', None),
-              ('svd', 'randomized', 4), ('qera', 'exact', None),
-              ('qera', 'randomized', None)]
-  for method, solver, iters in variants:
+  variants = [('svd', 'exact', None, True), ('svd', 'randomized', None, True),
+              ('svd', 'randomized', 16, False), ('qera', 'exact', None, True),
+              ('qera', 'randomized', None, True)]
+  for method, solver, iters, krylov in variants:
     rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=128,
                            rank=args.rank, method=method, solver=solver,
-                           power_iters=iters)]
+                           power_iters=iters, krylov=krylov)]
     qm = qwix.quantize_model(model, lqer.LqerProvider(rules))
     abstract = jax.eval_shape(qm.init, jax.random.key(0), x)['params']
     label = f'lqer {method} {solver}' + (
-        f' ({rules[0].resolved_power_iters} power iterations)'
+        f' ({"block Krylov" if krylov else "subspace"},'
+        f' {rules[0].resolved_power_iters} power iterations)'
         if solver == 'randomized' else '')
     record(label, lambda: lqer.lqer_quantize_params(fp, abstract,
                                                     calibration=stats),
@@ -221,15 +224,19 @@ def main():
     rule = lqer.LqerRule(weight_qtype=jnp.int4, rank=args.rank,
                          method=method)
     exact = captured_energy(m, args.rank)
-    for iters in sorted({2, 4, 8, 16, rule.resolved_power_iters}):
-      rand = captured_energy(m, args.rank, solver='randomized',
-                             key=jax.random.key(0), oversample=rule.oversample,
-                             power_iters=iters)
-      energy[f'{label}, {iters} power iterations'] = rand / exact
-      mark = ' *' if iters == rule.resolved_power_iters else ''
-      print(f'captured energy, randomized / exact, {label}, oversample'
-            f' {rule.oversample}, {iters} power iterations:'
-            f' {rand / exact:.4f}{mark}')
+    for krylov, counts in [(True, (2, 3, 4, 6, 8)), (False, (4, 8, 16))]:
+      for iters in sorted({*counts, rule.resolved_power_iters}):
+        rand = captured_energy(m, args.rank, solver='randomized',
+                               key=jax.random.key(0),
+                               oversample=rule.oversample,
+                               power_iters=iters, krylov=krylov)
+        kind = 'block Krylov' if krylov else 'subspace'
+        name = f'{label}, {kind}, {iters} power iterations'
+        energy[name] = rand / exact
+        mark = ' *' if krylov and iters == rule.resolved_power_iters else ''
+        print(f'captured energy, randomized / exact, {label}, {kind},'
+              f' oversample {rule.oversample}, {iters} power iterations:'
+              f' {rand / exact:.4f}{mark}')
 
   print()
   print('| variant | s / block | first block s | s / 1e9 params |'
