@@ -37,16 +37,10 @@ def _median_seconds(fn, args, repeats):
 
 def _unpack(p: packing.PackedInt4):
   """The packed path's dequantization (one block = the whole weight)."""
-  byte = p.packed ^ jnp.uint8(0x88)
-  groups = p.scale.shape[0]
-  half = COLS // 2
-  halves = []
-  for offset, nibble in ((0, byte & jnp.uint8(15)),
-                         (half, byte >> jnp.uint8(4))):
-    w = ((nibble.astype(jnp.float32) - 8).reshape(groups, -1, half)
-         * p.scale[:, None, offset:offset + half])
-    halves.append(w.reshape(ROWS, half))
-  return halves
+  return [packing._dequantize(nibbles, p.scale[:, i * (COLS // 2):
+                                               (i + 1) * (COLS // 2)],
+                              jnp.float32)
+          for i, nibbles in enumerate(packing._signed_nibbles(p.packed))]
 
 
 def main():
