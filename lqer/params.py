@@ -230,7 +230,8 @@ def _group_key(job: _Job):
   return (
       job.weight.shape, str(job.weight.dtype), job.layout, job.rank,
       job.rule.method, job.rule.solver, job.rule.oversample,
-      job.rule.resolved_power_iters, job.rule.krylov, job.rule.qera_damping, str(how.qtype),
+      job.rule.resolved_power_iters, job.rule.krylov, job.rule.qera_damping,
+      str(how.qtype),
       tuple(how.channelwise_axes), tuple(sorted(how.tiled_axes.items())),
       how.calibration_method,
   )
@@ -292,14 +293,8 @@ class _CholeskyCache:
 
 
 def _base_one(job: _Job, base: str):
-  """(QArray, dequantized base weight, awq_scale or None) of one weight.
-
-  'rtn' is Qwix PTQ's own eager `quantize`, so the base is bit-identical to
-  `qwix.quantize_params`; the heavy part, the factorisation, is batched.
-  """
-  if base == 'rtn':
-    q = qarray.quantize(job.weight, job.how)
-    return q, qarray.dequantize(q), None
+  """(QArray, dequantized base weight, awq_scale or None) of one weight
+  with a GPTQ or AWQ base ('rtn' is quantized inside `_factor_fn`)."""
   axis = job.layout.contracting_axes[0]
   w_norm, restore = qwix_calibration.normalize_weight(job.weight, axis)
   how = dataclasses.replace(job.how, channelwise_axes=[0])

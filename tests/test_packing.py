@@ -47,9 +47,9 @@ def test_packed_matmul_matches_numpy(shape, groups, tokens):
   ref = np.tensordot(x.astype(np.float64), w, axes=([1], [0]))
   y = jax.jit(lambda x, p: packing.packed_dot_general(
       x, p, dims, jnp.float32))(x, p)
-  # float32 sums of up to 2048 terms: tolerance relative to the largest.
+  # float32 sums: 1e-4 up to 256 contracted rows, growing with the rows.
   np.testing.assert_allclose(y, ref, rtol=1e-5,
-                             atol=2e-6 * np.abs(ref).max())
+                             atol=1e-4 * max(1, shape[0] / 256))
   y16 = packing.packed_dot_general(x, p, dims, jnp.bfloat16)
   assert float(np.linalg.norm(y16 - ref) / np.linalg.norm(ref)) < 1e-2
 
