@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from qwix._src.core import qarray
 
 from lqer import packing
+from lqer import rule as rule_lib
 
 BF16_MIN_TOKENS = 64
 
@@ -43,14 +44,7 @@ def qtype_bits(q) -> int:
   """Bits per weight of a QArray's (or PackedInt4's) qtype."""
   if isinstance(q, packing.PackedInt4):
     return 4
-  qtype = q.qtype
-  if isinstance(qtype, str):
-    digits = ''.join(c for c in qtype if c.isdigit())
-    return int(digits) if digits else 8
-  dtype = jnp.dtype(qtype)
-  if jnp.issubdtype(dtype, jnp.integer):
-    return jnp.iinfo(dtype).bits
-  return jnp.finfo(dtype).bits
+  return rule_lib.qtype_bits(q.qtype)
 
 
 def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto',

@@ -16,6 +16,24 @@ DEFAULT_POWER_ITERS = {'svd': 6, 'l2qer': 4, 'qera': 4}
 _INT_QTYPES = ('int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8')
 _STRING_QTYPES = ('nf4', 'mxfp4', 'mxfp8', 'nvfp4', *_INT_QTYPES)
 _CALIBRATIONS = ('absmax', 'minmax', 'rms', 'fixed')
+# Logical bits of Qwix's string qtypes (the microscaling formats carry their
+# shared exponents as Qwix scales, counted separately).
+_STRING_QTYPE_BITS = {'nf4': 4, 'mxfp4': 4, 'nvfp4': 4, 'mxfp8': 8}
+
+
+def qtype_bits(qtype) -> int:
+  """Logical bits per value of a Qwix qtype: jnp.int4 / 'int4' -> 4,
+  'int3' -> 3 (Qwix stores it in an int4 container), 'nf4' / 'mxfp4' /
+  'nvfp4' -> 4, 'mxfp8' / jnp.float8_e4m3fn -> 8."""
+  name = str(getattr(qtype, '__name__', qtype))
+  if name in _STRING_QTYPE_BITS:
+    return _STRING_QTYPE_BITS[name]
+  if name in _INT_QTYPES:
+    return int(name[3:])
+  dtype = np.dtype(qtype)
+  if np.issubdtype(dtype, np.integer):
+    return np.iinfo(dtype).bits
+  return dtype.itemsize * 8
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

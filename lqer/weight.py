@@ -46,3 +46,14 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
 
 
 nnx.register_data_type(WithLqer)
+
+
+def layout_of(weight: ptq.WithAux) -> layout_lib.KernelLayout:
+  """The kernel layout of a quantized weight: a `WithLqer` carries its own;
+  for a plain Qwix `WithAux` every non-channelwise axis contracts (Qwix marks
+  all non-contracting axes channelwise; einsum batch axes cannot be told
+  apart there)."""
+  if isinstance(weight, WithLqer):
+    return weight.layout
+  return layout_lib.KernelLayout.from_channelwise_axes(
+      tuple(weight.array.shape), weight.how.channelwise_axes)
