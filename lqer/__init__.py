@@ -9,7 +9,7 @@ from lqer.decompose import METHODS, SOLVERS
 from lqer.packing import PackedInt4, pack_params
 from lqer.params import lqer_quantize_params
 from lqer.provider import LqerProvider
-from lqer.report import LayerReport, Report, report
+from lqer.reporting import LayerReport, Report, report
 from lqer.rule import LqerRule
 from lqer.weight import WithLqer
 

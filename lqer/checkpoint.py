@@ -6,10 +6,14 @@ records each leaf's dtype and shape plus a caller-supplied `fingerprint`
 (model name, rules, ...). Loading needs the abstract tree the params must
 fit (from `jax.eval_shape` of the LqerProvider model): structure, shapes,
 dtypes and fingerprint are all checked, so a checkpoint from another model or
-rule set fails loudly. Saving writes a temporary file and renames it, so an
+rule set fails loudly, and one with factors loaded into a plain Qwix PTQ
+template (or the reverse) says so. AWQ scales, which an abstract tree cannot
+know about, are taken from the checkpoint. Save params unpacked: pack after
+loading. Saving writes a temporary file and renames it, so an
 interrupted save leaves the previous checkpoint intact.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,8 +22,14 @@ import tempfile
 import jax
 import ml_dtypes  # pylint: disable=unused-import  (registers int4, bf16, ...)
 import numpy as np
+from qwix._src.providers import ptq
 from safetensors import numpy as st_numpy
 from safetensors import safe_open
+
+from lqer import packing
+from lqer.rule import LqerRule
+from lqer.weight import WithLqer
+from lqer.weight import layout_of
 
 FILENAME = 'params.safetensors'
 
@@ -36,6 +46,15 @@ def _flat(tree):
 def save(directory, params, fingerprint: dict) -> pathlib.Path:
   """Writes params to directory/params.safetensors atomically."""
   directory = pathlib.Path(directory)
+  is_packed = lambda x: isinstance(x, packing.PackedInt4)
+  packed = [jax.tree_util.keystr(p) for p, x in
+            jax.tree_util.tree_flatten_with_path(params, is_leaf=is_packed)[0]
+            if is_packed(x)]
+  if packed:
+    raise CheckpointError(
+        f'{packed[0]} (and {len(packed) - 1} more) is packed by'
+        ' lqer.pack_params; save the params before packing (packing is a'
+        ' load-time layout, redone in seconds by pack_params after load)')
   directory.mkdir(parents=True, exist_ok=True)
   flat, _ = _flat(params)
   tensors, layout = {}, {}
@@ -78,7 +97,9 @@ def load(directory, abstract_params, fingerprint: dict):
         f' (saved {[saved.get(k) for k in diff]}, now'
         f' {[fingerprint.get(k) for k in diff]})')
   layout = json.loads(metadata['layout'])
+  abstract_params = _with_stored_awq_scales(abstract_params, layout, path)
   expected, treedef = _flat(abstract_params)
+  _check_factors(expected, layout, path)
   if set(expected) != set(layout):
     missing = sorted(set(expected) - set(layout))[:3]
     extra = sorted(set(layout) - set(expected))[:3]
@@ -95,3 +116,53 @@ def load(directory, abstract_params, fingerprint: dict):
     leaves.append(stored[key].view(np.dtype(dtype)).reshape(shape))
   return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x)
                                                 for x in leaves])
+
+
+def _with_stored_awq_scales(abstract, layout, path):
+  """abstract with each weight's AWQ scale shaped as stored: an AWQ base
+  (lqer_quantize_params(base='awq')) is invisible to the model's template."""
+
+  def fill(key_path, leaf):
+    key = jax.tree_util.keystr(key_path)
+    if key + '.awq_scale' not in layout:
+      return leaf
+    dtype, shape = layout[key + '.awq_scale']
+    scale = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+    if isinstance(leaf, WithLqer):
+      return dataclasses.replace(leaf, awq_scale=scale)
+    if isinstance(leaf, ptq.WithAux) and key + '.a' in layout:
+      # base='awq' on a weight without rank: a rank-0 WithLqer keeps s.
+      rank0 = lambda k: jax.ShapeDtypeStruct(tuple(layout[k][1]),
+                                             np.dtype(layout[k][0]))
+      lay = layout_of(leaf)
+      return WithLqer(array=leaf.array, how=leaf.how, a=rank0(key + '.a'),
+                      b=rank0(key + '.b'), awq_scale=scale,
+                      contracting_axes=lay.contracting_axes,
+                      batch_axes=lay.batch_axes,
+                      rule=LqerRule(weight_qtype=leaf.how.qtype),
+                      path='/'.join(str(getattr(k, 'key', k))
+                                    for k in key_path))
+    raise CheckpointError(f'{path}: {key} has an AWQ scale but the model\'s'
+                          ' weight there is not quantized')
+
+  return jax.tree_util.tree_map_with_path(
+      fill, abstract, is_leaf=lambda x: isinstance(x, ptq.WithAux))
+
+
+def _check_factors(expected, layout, path):
+  """Names a weight whose factors are in only one of checkpoint / model."""
+  for key in expected:
+    if key.endswith('.array.qvalue'):
+      weight = key[:-len('.array.qvalue')]
+      in_model, in_file = weight + '.a' in expected, weight + '.a' in layout
+      if in_file and not in_model:
+        raise CheckpointError(
+            f'{path}: {weight} holds LQER factors (a, b) but the model\'s'
+            ' template is a plain Qwix PTQ weight: build the template with'
+            ' lqer.LqerProvider(rules) and the rules it was saved with')
+      if in_model and not in_file:
+        raise CheckpointError(
+            f'{path}: {weight} is a plain Qwix PTQ weight (no factors) but'
+            ' the model expects LQER factors: these params came from'
+            ' qwix.quantize_params or rules without a rank; use the'
+            ' matching rules, or quantize with lqer.lqer_quantize_params')

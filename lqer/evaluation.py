@@ -29,7 +29,7 @@ from lqer.calibration import LqerCalibrationProvider
 from lqer.packing import pack_params
 from lqer.params import lqer_quantize_params
 from lqer.provider import LqerProvider
-from lqer.report import report as make_report
+from lqer.reporting import report as make_report
 from lqer.rule import LqerRule
 
 METHOD_LABELS = {'svd': 'LQER', 'l2qer': 'L2QER', 'qera': 'QERA'}

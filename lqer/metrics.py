@@ -26,16 +26,6 @@ def snr_db(w, w_hat):
   return 10.0 * jnp.log10(_sq(w) / jnp.maximum(_sq(w - w_hat), 1e-30))
 
 
-def mse(w, w_hat):
-  """Mean squared error over the last two axes."""
-  return _sq(w - w_hat) / (w.shape[-1] * w.shape[-2])
-
-
-def max_abs_error(w, w_hat):
-  """Largest |W - W_hat| over the last two axes."""
-  return jnp.max(jnp.abs(w - w_hat), axis=(-2, -1))
-
-
 def expected_output_energy(d, second_moment):
   """E_x ||x D||^2 = tr(D^T R D) for D (..., in, out), R (..., in, in)."""
   d = d.astype(jnp.float32)
@@ -48,11 +38,3 @@ def relative_output_error(w, w_hat, second_moment):
   num = expected_output_energy(w - w_hat, second_moment)
   den = expected_output_energy(w, second_moment)
   return jnp.sqrt(jnp.maximum(num, 0.0) / den)
-
-
-def empirical_output_error(x, w, w_hat):
-  """||X (W - W_hat)||_F / ||X W||_F for activations X (n, in)."""
-  x = x.astype(jnp.float32)
-  diff = jnp.matmul(x, w - w_hat, precision=_HIGHEST)
-  ref = jnp.matmul(x, w, precision=_HIGHEST)
-  return jnp.sqrt(jnp.sum(diff**2) / jnp.sum(ref**2))

@@ -1,21 +1,21 @@
 """`lqer_quantize_params`: the offline pass from float params to LQER params.
 
-For every weight whose rule has a rank: quantize it exactly as Qwix PTQ would
-(or take a GPTQ / AWQ base), take E = W - base, reshape it to the
-(*batch, in, out) matrix the op multiplies (`lqer.layout`), factor it with the
-rule's method (`lqer.decompose`) and store a `WithLqer`. Weights matched
-without a rank go through `qwix.quantize_params`; everything else passes
-through. Same-shaped weights with the same settings are stacked and go
-through one jitted call, a bounded number of bytes at a time.
+plan -> group -> factor. The plan pairs every float param with its abstract
+counterpart and decides, with clear errors, what it becomes: a `WithLqer`
+(a rule with a rank), a plain Qwix weight (no rank; `qwix.quantize_params`
+does it, static activation scales included), or itself. Same-shaped weights
+with the same settings are grouped; each group gets its bases
+(`lqer.bases`) and is factored in one jitted call (`lqer.factor`), a bounded
+number of bytes at a time.
 """
 
 import dataclasses
+import functools
 import hashlib
 import math
 import re
 import warnings
-import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 from flax import nnx
@@ -26,22 +26,23 @@ import qwix
 from qwix._src.core import qarray
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
-from qwix.contrib import awq_core
-from qwix.contrib import calibration as qwix_calibration
-from qwix.contrib import gptq_core
 
+from lqer import bases
 from lqer import decompose
+from lqer import factor
 from lqer import layout as layout_lib
 from lqer import stats as stats_lib
 from lqer.rule import LqerRule
 from lqer.weight import WithLqer
+from lqer.weight import layout_of
 
-BASES = ('rtn', 'gptq', 'awq')
+# Ops whose right operand Qwix quantizes as a weight.
+WEIGHT_OPS = ('dot_general', 'einsum')
 
 
 @dataclasses.dataclass
 class _Job:
-  """One weight to reconstruct."""
+  """One weight to reconstruct (rank 0: a GPTQ / AWQ / stored base only)."""
 
   path: tuple[Any, ...]
   weight: jax.Array
@@ -49,8 +50,13 @@ class _Job:
   layout: layout_lib.KernelLayout
   rule: LqerRule
   rank: int
-  abs_param: Any
+  base: Callable[..., Any]
+  base_kind: str
   stats: dict[str, jax.Array] | None = None
+
+  @property
+  def name(self) -> str:
+    return path_str(self.path)
 
 
 def path_str(path) -> str:
@@ -58,40 +64,60 @@ def path_str(path) -> str:
 
 
 def match_rule(rules: Sequence[qwix.QuantizationRule], path):
-  """First rule whose module_path fully matches the param's module path."""
+  """The rule Qwix applies to the weight at `path`: the first whose
+  module_path fully matches the module and whose op_names (if any) take a
+  weight op. Raises if that depends on which op read the weight, which a
+  param tree does not record."""
   module_path = path_str(path[:-1])
-  for rule in rules:
-    if re.fullmatch(rule.module_path, module_path):
-      return rule
-  return None
+  matches = [r for r in rules if re.fullmatch(r.module_path, module_path)
+             and (not r.op_names or set(r.op_names) & set(WEIGHT_OPS))]
+  if not matches:
+    return None
+  first = matches[0]
+  if first.op_names and not set(WEIGHT_OPS) <= set(first.op_names):
+    later = [r for r in matches[1:] if r != first]
+    if later:
+      raise ValueError(
+          f'{path_str(path)}: rule {first} applies only to ops'
+          f' {first.op_names}, and rule {later[0]} also matches this module;'
+          ' which one Qwix used depends on the op, which the param tree does'
+          ' not record. Build the abstract tree with LqerProvider(rules)'
+          ' instead of passing rules.')
+  return first
 
 
 def lqer_quantize_params(
     params: Any,
     abstract_params: Any,
-    rules: Sequence[qwix.QuantizationRule] | None = None,
+    rules_or_quant_stats: Any = None,
     *,
     calibration: Any = None,
-    base: str = 'rtn',
+    base: Any = 'rtn',
     allow_extra_params: bool = False,
     max_group_bytes: int = 1 << 30,
     progress: bool = False,
 ) -> Any:
   """Quantizes a float param tree into LQER params.
 
+  A drop-in for `qwix.quantize_params(params, abstract, quant_stats)`.
+
   Args:
     params: float params, unboxed (Linen) or `nnx.to_pure_dict` (NNX). May be
       a subtree of the model's params, as with `qwix.quantize_params`.
     abstract_params: the tree from `LqerProvider` (each reconstructed weight
-      an abstract `WithLqer` carrying its rule) or, with `rules`, from
+      an abstract `WithLqer` carrying its rule) or, with rules, from
       `qwix.PtqProvider` (plain `WithAux`). For NNX, the abstract model.
-    rules: needed only with a PtqProvider abstract tree: the `LqerRule`s whose
-      rank decides which weights get factors (first match by module path).
+    rules_or_quant_stats: either Qwix's `quant_stats` (static-range
+      activation scales, as the third argument of `qwix.quantize_params`),
+      or a sequence of `LqerRule`s, needed only with a PtqProvider abstract
+      tree: their rank decides which weights get factors.
     calibration: the `quant_stats` collection from `LqerCalibrationProvider`;
       required for methods 'l2qer' and 'qera' and for bases 'gptq' / 'awq'.
     base: the quantizer whose error is reconstructed: 'rtn' (Qwix PTQ,
       round to nearest), 'gptq' or 'awq' (qwix.contrib, driven by the same
-      statistics).
+      statistics), or a param tree already quantized by Qwix (e.g. by
+      `qwix.contrib.gptq.quantize_params` against a PtqProvider tree): its
+      quantized weights are kept as they are and their error reconstructed.
     allow_extra_params: as in `qwix.quantize_params`.
     max_group_bytes: float bytes of weights stacked into one jitted call.
     progress: show a progress bar over weight groups.
@@ -99,15 +125,17 @@ def lqer_quantize_params(
   Returns:
     The quantized params, same structure as `params` (a pure dict for NNX).
   """
-  if base not in BASES:
-    raise ValueError(f'base must be one of {BASES}, got {base!r}')
+  rules, quant_stats = _split_third_argument(rules_or_quant_stats)
+  if isinstance(base, str) and base not in bases.NAMES:
+    raise ValueError(f'base must be one of {bases.NAMES} or a Qwix-quantized'
+                     f' param tree, got {base!r}')
   jobs, plain = _plan(params, abstract_params, rules, calibration, base,
                       allow_extra_params)
-  out = _run_jobs(jobs, base, max_group_bytes, progress)
+  out = _run_jobs(jobs, max_group_bytes, progress)
   ptq_out = ptq.quantize_params(
       flax.traverse_util.unflatten_dict(plain), abstract_params,
-      allow_extra_params=allow_extra_params,
-  ) if plain else {}
+      quant_stats, allow_extra_params=allow_extra_params,
+  ) if plain or quant_stats else {}
   if isinstance(abstract_params, nnx.Module) and out:
     # As qwix.quantize_params: WithLqer -> pure dicts that nnx.update takes.
     out = flax.traverse_util.flatten_dict(flax.traverse_util.unflatten_dict(
@@ -116,46 +144,88 @@ def lqer_quantize_params(
   return flax.traverse_util.unflatten_dict(out)
 
 
+def _split_third_argument(value):
+  """(rules, quant_stats) from the third argument of lqer_quantize_params."""
+  if value is None:
+    return None, {}
+  if isinstance(value, Mapping | nnx.State):
+    return None, value
+  if isinstance(value, Sequence) and all(
+      isinstance(r, qwix.QuantizationRule) for r in value):
+    return list(value), {}
+  raise TypeError(
+      'lqer_quantize_params: the third argument must be a sequence of'
+      ' QuantizationRules (with a PtqProvider abstract tree) or the'
+      f' quant_stats mapping of qwix.quantize_params, got {type(value)}')
+
+
+def _abstract_at(tree, path):
+  value = flax_util.get_value_from_path(tree, path)
+  return value.get_value() if isinstance(value, nnx.Variable) else value
+
+
 def _plan(params, abstract_params, rules, calibration, base,
           allow_extra_params):
-  """Splits params into LQER jobs and the rest, validating every job."""
+  """Splits params into LQER jobs and the rest, validating every weight."""
   jobs, plain = [], {}
-  for path, w in flax.traverse_util.flatten_dict(params).items():
-    abs_w = flax_util.get_value_from_path(abstract_params, path)
-    if isinstance(abs_w, nnx.Variable):
-      abs_w = abs_w.get_value()
-    job = _make_job(path, w, abs_w, rules, base)
-    if job is None:
-      if abs_w is None and allow_extra_params:
-        continue
+  weight_modules = set()
+  flat = flax.traverse_util.flatten_dict(params)
+  for path, w in flat.items():
+    abs_w = _abstract_at(abstract_params, path)
+    if abs_w is None and allow_extra_params:
+      continue
+    if not isinstance(abs_w, ptq.WithAux):
       plain[path] = w
       continue
-    _check_weight(job)
-    if job.rule.needs_calibration or base != 'rtn':
+    w = _fitted_weight(path, w, abs_w)
+    factor.check_tiles(path_str(path), w.shape, abs_w.how)
+    rule = abs_w.rule if isinstance(abs_w, WithLqer) else (
+        match_rule(rules, path) if rules is not None else None)
+    weight_modules.add(path_str(path[:-1]))
+    job = _make_job(path, w, abs_w, rule, base)
+    if job is None:
+      plain[path] = w
+      continue
+    factor.check_weight(job.name, job.weight, job.layout, job.rank)
+    needs = bases.NEEDS.get(job.base_kind)
+    if job.rank and job.rule.needs_calibration or needs:
       job.stats = stats_lib.lookup(calibration, path)
-      _check_stats(job, base)
+      _check_stats(job, needs)
     jobs.append(job)
+  for rule in rules or ():
+    if rule.weight_qtype is not None and not any(
+        re.fullmatch(rule.module_path, m) for m in weight_modules):
+      warnings.warn(
+          f'rule {rule} matches no weight of the param tree (its'
+          ' module_path is matched against module paths such as'
+          f' {", ".join(sorted({path_str(p[:-1]) for p in flat})[:4])}'
+          ' ...)', stacklevel=3)
   return jobs, plain
 
 
-def _make_job(path, w, abs_w, rules, base):
-  """A `_Job` if this weight needs more than plain Qwix PTQ, else None.
+def _fitted_weight(path, w, abs_w):
+  """w as the op reads it (see `factor.check_shape`)."""
+  name = path_str(path)
+  if not isinstance(w, jax.Array | np.ndarray):
+    raise TypeError(f'{name}: params must be a pure dict of arrays, got'
+                    f' {type(w).__name__} (unbox Linen params with'
+                    ' nn.unbox, NNX state with nnx.to_pure_dict)')
+  factor.check_shape(name, w.shape, abs_w.shape)
+  return jnp.asarray(w).reshape(abs_w.shape)
 
-  Rank 0 marks a weight that gets a GPTQ / AWQ base without factors.
-  """
+
+def _make_job(path, w, abs_w, rule, base):
+  """A `_Job` if this weight needs more than plain Qwix PTQ, else None."""
   if isinstance(abs_w, WithLqer):
-    rule, layout, rank = abs_w.rule, abs_w.layout, abs_w.rank
-  elif isinstance(abs_w, ptq.WithAux):
-    layout = layout_lib.KernelLayout.from_channelwise_axes(
-        abs_w.shape, abs_w.how.channelwise_axes)
-    rule = match_rule(rules, path) if rules is not None else None
-    if not isinstance(rule, LqerRule) or rule.rank is None:
-      if base == 'rtn':
+    layout, rank = abs_w.layout, abs_w.rank
+  else:
+    layout = layout_of(abs_w)
+    rank = rule.rank if isinstance(rule, LqerRule) else None
+    if rank is None:
+      if isinstance(base, str) and base == 'rtn':
         return None
       rule, rank = LqerRule(weight_qtype=abs_w.how.qtype), 0
-    else:
-      rank = rule.rank
-    if rank > layout.max_rank:
+    elif rank > layout.max_rank:
       # The earlier project's flow clipped silently; keep it running, loudly.
       warnings.warn(
           f'{path_str(path)}: rank {rank} is larger than the'
@@ -163,48 +233,45 @@ def _make_job(path, w, abs_w, rules, base):
           f' {layout.max_rank} (only with rules + a PtqProvider tree;'
           ' LqerProvider raises)', stacklevel=4)
       rank = layout.max_rank
+  if isinstance(base, str):
+    fn, kind = bases.BY_NAME[base], base
   else:
-    return None
-  if not isinstance(w, jax.Array | np.ndarray):
-    raise TypeError(f'{path_str(path)}: params must be a pure dict of arrays,'
-                    f' got {type(w).__name__}')
-  w = jnp.asarray(w).reshape(abs_w.shape)
-  return _Job(path, w, abs_w.how, layout, rule, rank, abs_w)
+    q, awq_scale = _stored_base(path, base, abs_w)
+    fn = functools.partial(bases.stored, q, awq_scale)
+    kind = 'stored' if awq_scale is None else 'stored-awq'
+  return _Job(path, w, abs_w.how, layout, rule, rank, fn, kind)
 
 
-def build_weight(path, w, how, layout, rule: LqerRule) -> WithLqer:
-  """One `WithLqer` from a float weight, as the provider needs at init.
-
-  'svd' factors are computed; methods that need calibration get zero
-  factors until `lqer_quantize_params` is run with statistics.
-  """
-  job = _Job(path, w, how, layout, rule, rule.rank, None)
-  if not rule.needs_calibration:
-    return _run_chunk([job], 'rtn')[path]
-  zeros = jnp.zeros((), rule.factor_dtype)
-  return WithLqer(
-      array=qarray.quantize(w, how), how=how,
-      a=jnp.broadcast_to(zeros, layout.a_shape(rule.rank)),
-      b=jnp.broadcast_to(zeros, layout.b_shape(rule.rank)),
-      contracting_axes=layout.contracting_axes,
-      batch_axes=layout.batch_axes, rule=rule,
-  )
-
-
-def _check_weight(job: _Job):
-  name = path_str(job.path)
-  job.layout.check_rank(job.rank, name)
-  if not jnp.issubdtype(job.weight.dtype, jnp.floating):
-    raise TypeError(f'{name}: expected a float weight, got {job.weight.dtype}')
-  if not bool(jnp.all(jnp.isfinite(job.weight))):
-    bad = int(jnp.sum(~jnp.isfinite(job.weight)))
-    raise ValueError(f'{name}: weight holds {bad} NaN/Inf values')
+def _stored_base(path, tree, abs_w):
+  """(QArray, awq_scale) stored at `path` of a Qwix-quantized tree."""
+  name = path_str(path)
+  value = _abstract_at(tree, path)
+  if isinstance(value, ptq.WithAux):
+    q, awq_scale = value.array, getattr(value, 'awq_scale', None)
+  elif isinstance(value, Mapping) and 'array' in value:  # NNX pure dict
+    arr = value['array']
+    q = qarray.QArray(qvalue=arr['qvalue'], scale=arr['scale'],
+                      zero_point=arr.get('zero_point'), qtype=abs_w.how.qtype)
+    awq_scale = value.get('awq_scale')
+  else:
+    raise ValueError(f'{name}: base= tree holds no quantized weight here'
+                     f' (found {type(value).__name__}); pass the tree'
+                     ' returned by a Qwix quantize_params for the same model')
+  q = jax.tree.map(flax_util.unbox, q)
+  if tuple(q.shape) != tuple(abs_w.shape) or str(q.qtype) != str(
+      abs_w.how.qtype):
+    raise ValueError(f'{name}: base= tree holds a {q.qtype} weight of shape'
+                     f' {tuple(q.shape)}, the model quantizes it to'
+                     f' {abs_w.how.qtype} with shape {tuple(abs_w.shape)}')
+  if awq_scale is not None and len(layout_of(abs_w).contracting_axes) != 1:
+    raise ValueError(f'{name}: an AWQ base needs one contracting axis')
+  return q, None if awq_scale is None else flax_util.unbox(awq_scale)
 
 
-def _check_stats(job: _Job, base: str):
-  name = path_str(job.path)
-  needs = f"method {job.rule.method!r}" if job.rule.needs_calibration else (
-      f"base {base!r}")
+def _check_stats(job: _Job, base_needs):
+  name = job.name
+  needs = (f"method {job.rule.method!r}" if job.rank
+           and job.rule.needs_calibration else f'base {job.base_kind!r}')
   if job.stats is None:
     raise ValueError(
         f'{name}: {needs} needs calibration statistics, but none were found'
@@ -212,28 +279,26 @@ def _check_stats(job: _Job, base: str):
         ' model under LqerCalibrationProvider with the same rules first.'
     )
   stats_lib.check(job.stats, job.layout, name)
-  if ((job.rank and job.rule.method == 'qera') or base == 'gptq') and (
-      'sum_of_xtx' not in job.stats):
+  wants_xtx = (job.rank and job.rule.method == 'qera') or (
+      base_needs == 'sum_of_xtx')
+  if wants_xtx and 'sum_of_xtx' not in job.stats:
     raise ValueError(
-        f'{name}: {needs if base != "gptq" else "base gptq"} needs E[x^T x]'
-        ' (sum_of_xtx), but these statistics were collected with'
-        ' LqerCalibrationProvider(second_moment=False)')
-  if base != 'rtn' and (job.layout.batch_axes
-                        or len(job.layout.contracting_axes) != 1):
-    raise ValueError(f'{name}: base {base!r} supports kernels with exactly'
-                     f' one contracting axis; this one has layout'
+        f'{name}: {needs} needs E[x^T x] (sum_of_xtx), but these statistics'
+        ' were collected with LqerCalibrationProvider(second_moment=False)')
+  if base_needs and len(job.layout.contracting_axes) != 1:
+    raise ValueError(f'{name}: base {job.base_kind!r} supports kernels with'
+                     ' exactly one contracting axis; this one has layout'
                      f' {job.layout}')
 
 
 def _group_key(job: _Job):
-  how = job.how
+  how, rule = job.how, job.rule
   return (
       job.weight.shape, str(job.weight.dtype), job.layout, job.rank,
-      job.rule.method, job.rule.solver, job.rule.oversample,
-      job.rule.resolved_power_iters, job.rule.krylov, job.rule.qera_damping,
-      str(how.qtype),
-      tuple(how.channelwise_axes), tuple(sorted(how.tiled_axes.items())),
-      how.calibration_method,
+      job.base_kind, rule.method, rule.solver, rule.oversample,
+      rule.resolved_power_iters, rule.krylov, rule.qera_damping,
+      str(how.qtype), tuple(how.channelwise_axes),
+      tuple(sorted(how.tiled_axes.items())), how.calibration_method,
   )
 
 
@@ -251,7 +316,7 @@ def _chunks(jobs, max_group_bytes):
       yield group[i:i + size]
 
 
-def _run_jobs(jobs, base, max_group_bytes, progress):
+def _run_jobs(jobs, max_group_bytes, progress):
   out = {}
   chunks = list(_chunks(jobs, max_group_bytes))
   if progress:
@@ -259,7 +324,7 @@ def _run_jobs(jobs, base, max_group_bytes, progress):
     chunks = tqdm(chunks, desc='lqer', unit='group')
   factors = _CholeskyCache(max_group_bytes)
   for chunk in chunks:
-    out.update(_run_chunk(chunk, base, factors))
+    out.update(_run_chunk(chunk, factors))
   return out
 
 
@@ -281,10 +346,10 @@ class _CholeskyCache:
       chol = decompose.damped_cholesky(r, damping)
       if not bool(jnp.all(jnp.isfinite(chol))):
         raise ValueError(
-            f'{path_str(job.path)}: the Cholesky factorisation of E[x^T x]'
-            f' failed even with damping {damping} x mean(diag); the'
-            ' statistics are not positive semi-definite. Check the'
-            ' calibration data, or raise LqerRule.qera_damping.')
+            f'{job.name}: the Cholesky factorisation of E[x^T x] failed even'
+            f' with damping {damping} x mean(diag); the statistics are not'
+            ' positive semi-definite. Check the calibration data, or raise'
+            ' LqerRule.qera_damping.')
       while self._factors and (sum(f.nbytes for f in self._factors.values())
                                + chol.nbytes > self._max_bytes):
         self._factors.pop(next(iter(self._factors)))
@@ -292,78 +357,34 @@ class _CholeskyCache:
     return self._factors[key]
 
 
-def _base_one(job: _Job, base: str):
-  """(QArray, dequantized base weight, awq_scale or None) of one weight
-  with a GPTQ or AWQ base ('rtn' is quantized inside `_factor_fn`)."""
-  axis = job.layout.contracting_axes[0]
-  w_norm, restore = qwix_calibration.normalize_weight(job.weight, axis)
-  how = dataclasses.replace(job.how, channelwise_axes=[0])
-  if axis in how.tiled_axes:
-    how = dataclasses.replace(how, tiled_axes={1: how.tiled_axes[axis]})
-  if base == 'gptq':
-    q = gptq_core.quantize_weight(
-        w_norm, stats_lib.second_moment(job.stats), how)[0]
-    q = restore(q)
-    return q, qarray.dequantize(q), None
-  q, scales = awq_core.quantize_weight(
-      w_norm, stats_lib.abs_mean(job.stats), how)
-  q = restore(q)
-  awq_scale = scales.reshape(-1)
-  shape = [1] * job.weight.ndim
-  shape[axis] = awq_scale.shape[0]
-  return q, qarray.dequantize(q) / awq_scale.reshape(shape), awq_scale
-
-
-def _run_chunk(chunk: list[_Job], base: str, factors=None):
-  """Quantizes and factors a chunk of same-settings weights in one call.
-
-  With base 'rtn' the quantization runs inside the jitted call (Qwix PTQ's
-  own `quantize`, bit for bit); GPTQ / AWQ bases are computed eagerly first.
-  """
+def _run_chunk(chunk: list[_Job], factors: _CholeskyCache):
+  """Bases of a chunk of same-settings weights, then their factors in one
+  jitted call."""
   first = chunk[0]
   rule, layout = first.rule, first.layout
-  if base == 'rtn':
-    # Qwix's calibration, eagerly: jitted, XLA may fold e.g. the clipping
-    # factor of 'absmax,0.9' into the scale differently (1-ulp changes).
-    scales = [qarray.compute_scale_zero_point(
-        qarray.calibrate(j.weight, j.how), j.how.qtype) for j in chunk]
-    bases = jax.tree.map(lambda *x: jnp.stack(x), *scales)
-    awq = [None] * len(chunk)
-  else:
-    results = [_base_one(j, base) for j in chunk]
-    if first.rank == 0:
-      return {job.path: _base_only(job, q, s) for job, (q, _, s)
-              in zip(chunk, results)}
-    qs = [r[0] for r in results]
-    bases = jnp.stack([r[1] for r in results])
-    awq = [r[2] for r in results]
-  ws = jnp.stack([j.weight for j in chunk])
+  based = [job.base(job.weight, job.how, job.layout, job.stats)
+           for job in chunk]
+  if first.rank == 0:
+    return {job.path: _base_only(job, q, s)
+            for job, (q, s) in zip(chunk, based)}
+  stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)
   extra = {}
   if rule.method == 'l2qer':
     extra['act_abs_mean'] = jnp.stack(
         [stats_lib.abs_mean(j.stats) for j in chunk])
   elif rule.method == 'qera':
     extra['chol'] = jnp.stack([factors.get(j) for j in chunk])
-  keys = jnp.stack([
-      jax.random.fold_in(jax.random.key(rule.seed),
-                         zlib.crc32(path_str(j.path).encode()))
-      for j in chunk
-  ])
-  q, a, b = _factor_fn(layout, first.rank, rule,
-                       first.how if base == 'rtn' else None)(
-                           ws, bases, keys, **extra)
-  del ws, bases
-  if q is not None:
-    qs = [jax.tree.map(lambda x, i=i: x[i], q) for i in range(len(chunk))]
+  awq = [s for _, s in based]
+  a, b = factor.factor_fn(layout, first.rank, rule)(
+      jnp.stack([j.weight for j in chunk]), stack([q for q, _ in based]),
+      None if awq[0] is None else jnp.stack(awq),
+      jnp.stack([factor.seed_key(rule, j.name) for j in chunk]), **extra)
   out = {}
   for i, job in enumerate(chunk):
     ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
-    out[job.path] = WithLqer(
-        array=qs[i], how=job.how,
-        a=ai.astype(rule.factor_dtype), b=bi.astype(rule.factor_dtype),
-        awq_scale=awq[i], contracting_axes=layout.contracting_axes,
-        batch_axes=layout.batch_axes, rule=rule,
-    )
+    out[job.path] = WithLqer.create(
+        array=based[i][0], how=job.how, layout=layout, rule=rule, a=ai,
+        b=bi, awq_scale=awq[i], path=job.name)
   return out
 
 
@@ -385,49 +406,14 @@ def _place_factors(job: _Job, a, b):
 
 
 def _base_only(job: _Job, q, awq_scale):
-  """GPTQ base: a plain WithAux; AWQ base: a rank-0 WithLqer keeps s."""
+  """A base without factors: a plain WithAux, or a rank-0 WithLqer that
+  keeps an AWQ scale."""
   if awq_scale is None:
     return ptq.WithAux(q, job.how)
   layout = job.layout
-  dtype = job.rule.factor_dtype
-  return WithLqer(
-      array=q, how=job.how, a=jnp.zeros(layout.a_shape(0), dtype),
-      b=jnp.zeros(layout.b_shape(0), dtype), awq_scale=awq_scale,
-      contracting_axes=layout.contracting_axes, batch_axes=layout.batch_axes,
-      rule=job.rule)
-
-
-_FACTOR_FNS: dict[Any, Any] = {}
-
-
-def _factor_fn(layout, rank, rule: LqerRule, how=None):
-  """Jitted (ws, base, keys, stats) -> (QArrays or None, A, B), stacked.
-
-  base: the dequantized base weights, or with `how` (base 'rtn') Qwix's
-  (scale, zero_point) per weight: each w is then quantized inside, q =
-  quantize_with_scale_zero_point(w), E = w - dequantize(q), so no float
-  dequantized weight leaves the call. Cached by the settings
-  (HowToQuantize is unhashable, so by its repr).
-  """
-  solver_kw = dict(solver=rule.solver, oversample=rule.oversample,
-                   power_iters=rule.resolved_power_iters, krylov=rule.krylov)
-  cache_key = (layout, rank, rule.method, tuple(solver_kw.items()),
-               repr(how))
-  if cache_key in _FACTOR_FNS:
-    return _FACTOR_FNS[cache_key]
-
-  def one(w, base, key, act_abs_mean=None, chol=None):
-    q, deq = None, base
-    if how is not None:
-      q = qarray.quantize_with_scale_zero_point(w, how.qtype, *base,
-                                                how.noise_fn)
-      deq = qarray.dequantize(q)
-    error = layout.to_matrix(w.astype(jnp.float32) - deq.astype(jnp.float32))
-    a, b = decompose.reconstruct(
-        error, rank, rule.method, act_abs_mean=act_abs_mean, chol=chol,
-        key=key, **solver_kw)
-    return q, a, b
-
-  fn = jax.jit(jax.vmap(one))
-  _FACTOR_FNS[cache_key] = fn
-  return fn
+  zeros = jnp.zeros((), jnp.float32)
+  return WithLqer.create(
+      array=q, how=job.how, layout=layout, rule=job.rule,
+      a=jnp.broadcast_to(zeros, layout.a_shape(0)),
+      b=jnp.broadcast_to(zeros, layout.b_shape(0)), awq_scale=awq_scale,
+      path=job.name)

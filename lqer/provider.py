@@ -15,6 +15,7 @@ factors of the right shape until `lqer_quantize_params` fills them.
 """
 
 import dataclasses
+import warnings
 
 from flax import linen as nn
 from flax import nnx
@@ -29,9 +30,10 @@ from qwix._src.utils import flax_util
 from lqer import layout as layout_lib
 from lqer import matmul
 from lqer import packing
-from lqer import params as params_lib
+from lqer import factor
 from lqer.rule import LqerRule
 from lqer.weight import WithLqer
+from lqer.weight import divide_along
 
 
 class LqerProvider(ptq.PtqProvider):
@@ -52,6 +54,36 @@ class LqerProvider(ptq.PtqProvider):
   def __init__(self, rules, *, compute_dtype='auto', **kwargs):
     super().__init__(rules, **kwargs)
     self._compute_dtype = compute_dtype
+    self._weights_matched = [0] * len(self._rules)
+
+  def process_model_output(self, method_name, model_output):
+    """After the first run, warns about rules that matched no weight."""
+    if not self._initial_run_complete:
+      for rule, count in zip(self._rules, self._weights_matched):
+        if rule.weight_qtype is not None and not count:
+          warnings.warn(
+              f'LqerProvider: rule {rule} matched no weight: no op under a'
+              ' module whose path fully matches its module_path reads a'
+              ' param (print the paths with jax.tree_util.keystr over the'
+              ' float params; a module sharing its parent\'s scope has its'
+              ' params at the parent\'s path)', stacklevel=2)
+    return super().process_model_output(method_name, model_output)
+
+  def _check_weight(self, op_name, rhs):
+    """Counts the rule's weights; refuses plain Qwix params under a rule
+    with a rank (they would run as PTQ without a word)."""
+    rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
+    if rule is None or (not isinstance(rhs, ptq.WithAux)
+                        and flax_util.find_param(rhs) is None):
+      return
+    self._weights_matched[self._rules.index(rule)] += 1
+    if (isinstance(rule, LqerRule) and rule.rank is not None
+        and isinstance(rhs, ptq.WithAux) and not isinstance(rhs, WithLqer)):
+      raise ValueError(
+          f'{_module_path()}: the rule has rank {rule.rank} but this weight'
+          ' is a plain Qwix PTQ weight without factors (params from'
+          ' qwix.quantize_params or another provider?); build them with'
+          ' lqer.lqer_quantize_params, or use a rule with rank=None')
 
   def _main(self, op_name, x, lhs, rhs, dimension_numbers, output_perm,
             qwix_call):
@@ -93,6 +125,7 @@ class LqerProvider(ptq.PtqProvider):
       *,
       out_sharding=None,
   ):
+    self._check_weight('dot_general', rhs)
     if not isinstance(rhs, ptq.WithAux):
       rhs = self._maybe_create(
           rhs, 'dot_general', dimension_numbers[0][1], dimension_numbers[1][1],
@@ -134,6 +167,7 @@ class LqerProvider(ptq.PtqProvider):
     lhs, rhs = operands
     info = einsum_info.EinsumInfo.parse(einsum_str, ndims=(lhs.ndim, rhs.ndim))
     dims = info.dimension_numbers
+    self._check_weight('einsum', rhs)
     if not isinstance(rhs, ptq.WithAux):
       rhs = self._maybe_create(
           rhs, 'einsum', dims[0][1], dims[1][1],
@@ -157,19 +191,35 @@ class LqerProvider(ptq.PtqProvider):
   def _maybe_create(self, rhs, op_name, contracting, batch, get_how):
     """Replaces a matched float weight by a `WithLqer` (init / first call)."""
     rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
-    if not isinstance(rule, LqerRule) or rule.rank is None:
+    if rule is None or rule.weight_qtype is None:
       return rhs
     name = flax_util.find_param(rhs)
     if name is None:
       return rhs
-    module_path = tuple(map(str, flax_util.get_current_module_path()))
-    path = (*module_path, name)
-    layout = layout_lib.KernelLayout(
-        tuple(rhs.shape), tuple(sorted(contracting)), tuple(sorted(batch)))
-    layout.check_rank(rule.rank, params_lib.path_str(path))
-    weight = params_lib.build_weight(path, rhs, get_how(rule), layout, rule)
+    path = '/'.join((*_module_path(), name))
+    factor.check_shape(path, _stored_param(name).shape, rhs.shape)
+    if not isinstance(rule, LqerRule) or rule.rank is None:
+      return rhs
+    try:
+      layout = layout_lib.KernelLayout(
+          tuple(rhs.shape), tuple(sorted(contracting)), tuple(sorted(batch)))
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from None
+    weight = factor.build(path, rhs, get_how(rule), layout, rule)
     _replace_param(name, weight)
     return weight
+
+
+def _module_path() -> tuple[str, ...]:
+  return tuple(map(str, flax_util.get_current_module_path()))
+
+
+def _stored_param(name):
+  """The param `name` of the current module as stored (unboxed)."""
+  module = flax_util.get_current_module()
+  if isinstance(module, nn.Module):
+    return flax_util.unbox(module.get_variable('params', name))
+  return flax_util.unbox(getattr(module, name))
 
 
 def _awq_scaled(lhs, rhs, dimension_numbers):
@@ -177,9 +227,7 @@ def _awq_scaled(lhs, rhs, dimension_numbers):
   if getattr(rhs, 'awq_scale', None) is None:
     return lhs
   (lhs_ca, _), _ = dimension_numbers
-  shape = [1] * lhs.ndim
-  shape[lhs_ca[0]] = rhs.awq_scale.shape[0]
-  return lhs / rhs.awq_scale.reshape(shape).astype(lhs.dtype)
+  return divide_along(lhs, rhs.awq_scale, lhs_ca[0])
 
 
 def _branch_input(lhs, rhs: WithLqer, dimension_numbers):

@@ -10,7 +10,6 @@ points and the factors A, B.
 """
 
 import dataclasses
-import re
 from typing import Any
 
 import flax
@@ -22,10 +21,13 @@ from qwix._src.core import qarray
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
-from lqer import layout as layout_lib
 from lqer import metrics
+from lqer import packing
 from lqer import stats as stats_lib
+from lqer.rule import qtype_bits
 from lqer.weight import WithLqer
+from lqer.weight import divide_along
+from lqer.weight import layout_of
 
 
 @dataclasses.dataclass
@@ -98,24 +100,13 @@ class Report:
   __str__ = table
 
 
-def qtype_bits(qtype) -> int:
-  """Logical bits of a Qwix qtype: int4 -> 4, 'int3' -> 3, 'nf4' -> 4."""
-  name = str(getattr(qtype, '__name__', qtype))
-  match = re.search(r'(\d+)', name)
-  if name.startswith(('int', 'uint')) and match:
-    return int(match.group(1))
-  if name in ('nf4', 'mxfp4', 'nvfp4'):
-    return 4
-  return jnp.dtype(qtype).itemsize * 8
-
-
 def _array_bits(x):
   return 0 if x is None else x.size * jnp.dtype(x.dtype).itemsize * 8
 
 
 def bits_per_weight(w: ptq.WithAux) -> float:
   """(b n + bits of scales, zero points, awq scales, A and B) / n."""
-  q = w.array
+  q = _quantized(w.array)
   n = q.qvalue.size
   bits = qtype_bits(q.qtype) * n + _array_bits(q.scale) + _array_bits(
       q.zero_point)
@@ -124,8 +115,11 @@ def bits_per_weight(w: ptq.WithAux) -> float:
   return bits / n
 
 
-def _unboxed(x):
-  return flax_util.unbox(x)
+def _quantized(array) -> qarray.QArray:
+  """The QArray of a weight, unpacked if `lqer.pack_params` packed it."""
+  if isinstance(array, packing.PackedInt4):
+    return packing.unpack(array)
+  return array
 
 
 def report(fp_params: Any, quantized: Any, calibration: Any = None) -> Report:
@@ -144,29 +138,24 @@ def report(fp_params: Any, quantized: Any, calibration: Any = None) -> Report:
       q = q.get_value()
     if not isinstance(q, ptq.WithAux):
       continue
-    q = _unboxed(q)
+    q = jax.tree.map(flax_util.unbox, q)
     layers.append(_layer_report(path, jnp.asarray(w).reshape(q.shape), q,
                                 stats_lib.lookup(calibration, path)))
   return Report(layers)
 
 
 def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
-  base = qarray.dequantize(q.array).astype(jnp.float32)
+  base = qarray.dequantize(_quantized(q.array)).astype(jnp.float32)
+  layout = layout_of(q)
+  a = b = None
+  rank, method = 0, 'ptq'
   if isinstance(q, WithLqer):
-    layout = q.layout
     if q.awq_scale is not None:
-      shape = [1] * w.ndim
-      shape[layout.contracting_axes[0]] = -1
-      base = base / q.awq_scale.reshape(shape)
-    a, b = layout.merge_factors(q.a.astype(jnp.float32),
-                                q.b.astype(jnp.float32))
-    rank = q.rank
-    method = q.rule.method if rank else 'ptq'
-  else:
-    layout = layout_lib.KernelLayout.from_channelwise_axes(
-        q.shape, q.how.channelwise_axes)
-    a = b = None
-    rank, method = 0, 'ptq'
+      base = divide_along(base, q.awq_scale, layout.contracting_axes[0])
+    if q.rank:
+      a, b = layout.merge_factors(q.a.astype(jnp.float32),
+                                  q.b.astype(jnp.float32))
+      rank, method = q.rank, q.rule.method
   w_m = layout.to_matrix(w.astype(jnp.float32))
   base_m = layout.to_matrix(base)
   hat_m = base_m if a is None else base_m + jnp.matmul(

@@ -136,16 +136,34 @@ def _validate(rule: LqerRule):
   if not any(np.dtype(rule.factor_dtype) == np.dtype(d) for d in FACTOR_DTYPES):
     _fail(rule, 'factor_dtype', 'must be bfloat16, float16 or float32, got'
           f' {rule.factor_dtype!r}')
-  if rule.oversample < 0 or (rule.power_iters or 0) < 0:
-    _fail(rule, 'oversample/power_iters', 'must be >= 0')
-  if not rule.qera_damping >= 0:
-    _fail(rule, 'qera_damping', f'must be >= 0, got {rule.qera_damping!r}')
+  for field in ('oversample', 'power_iters'):
+    value = getattr(rule, field)
+    if value is None and field == 'power_iters':
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      _fail(rule, field, f'must be an int >= 0, got {value!r}')
+  if not isinstance(rule.krylov, bool):
+    _fail(rule, 'krylov', f'must be True or False, got {rule.krylov!r}')
+  if (isinstance(rule.qera_damping, bool)
+      or not isinstance(rule.qera_damping, (int, float))
+      or not rule.qera_damping >= 0):
+    _fail(rule, 'qera_damping', f'must be a number >= 0, got'
+          f' {rule.qera_damping!r}')
+  if isinstance(rule.seed, bool) or not isinstance(rule.seed, int):
+    _fail(rule, 'seed', f'must be an int, got {rule.seed!r}')
   if rule.tile_size is not None:
-    ts = rule.tile_size
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts <= 0:
-      _fail(rule, 'tile_size', f'must be a positive int or 1/n, got {ts!r}')
-    if isinstance(ts, float) and ts > 1:
-      _fail(rule, 'tile_size', f'a float tile size means 1/count, got {ts!r}')
+    tiles = (rule.tile_size.items() if isinstance(rule.tile_size, dict)
+             else [(None, rule.tile_size)])
+    for axis, ts in tiles:
+      if axis is not None and (isinstance(axis, bool)
+                               or not isinstance(axis, int)):
+        _fail(rule, 'tile_size', f'dict keys are axes (ints), got {axis!r}')
+      if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts <= 0:
+        _fail(rule, 'tile_size', 'must be a positive int or 1/n, or a dict'
+              f' {{axis: that}}, got {rule.tile_size!r}')
+      if isinstance(ts, float) and ts > 1:
+        _fail(rule, 'tile_size', 'a float tile size means 1/count, got'
+              f' {rule.tile_size!r}')
   method, *args = rule.weight_calibration_method.lower().split(',')
   if method not in _CALIBRATIONS:
     _fail(rule, 'weight_calibration_method',

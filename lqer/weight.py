@@ -1,12 +1,16 @@
 """`WithLqer`: a Qwix PTQ weight that also carries the low-rank factors."""
 
+import dataclasses
 from typing import Any
 
 import flax
 from flax import nnx
 import jax
+import jax.numpy as jnp
+import numpy as np
 from qwix._src.core import qarray
 from qwix._src.providers import ptq
+from qwix._src.utils import flax_util
 
 from lqer import layout as layout_lib
 
@@ -15,7 +19,7 @@ from lqer import layout as layout_lib
 class WithLqer(ptq.WithAux[qarray.QArray]):
   """W ~= deq(array) [/ awq_scale] + A B, in the kernel's own axes.
 
-  Attributes:
+  Build one with `WithLqer.create`. Attributes:
     a: (*batch, *contracting, k) left factor, `LqerRule.factor_dtype`.
     b: (*batch, k, *output) right factor.
     awq_scale: per-input-channel AWQ scale s of an AWQ base (the base weight
@@ -23,6 +27,7 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
     contracting_axes: kernel axes summed with the input.
     batch_axes: kernel axes shared with input and output (einsum batch).
     rule: the `LqerRule` that produced it (rank, method, qtype, ...).
+    path: the param path ('block/mlp/kernel'), for error messages.
   """
 
   a: jax.Array
@@ -33,10 +38,20 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
       pytree_node=False, default=()
   )
   rule: Any = flax.struct.field(pytree_node=False, default=None)
+  path: str = flax.struct.field(pytree_node=False, default='')
+
+  @classmethod
+  def create(cls, *, array, how, layout: layout_lib.KernelLayout, rule, a, b,
+             awq_scale=None, path: str = '') -> 'WithLqer':
+    """The one constructor: A, B cast to `rule.factor_dtype`."""
+    return cls(array=array, how=how, a=a.astype(rule.factor_dtype),
+               b=b.astype(rule.factor_dtype), awq_scale=awq_scale,
+               contracting_axes=layout.contracting_axes,
+               batch_axes=layout.batch_axes, rule=rule, path=path)
 
   @property
   def rank(self) -> int:
-    return self.a.shape[-1]
+    return flax_util.unbox(self.a).shape[-1]
 
   @property
   def layout(self) -> layout_lib.KernelLayout:
@@ -45,6 +60,46 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
     )
 
 
+def _new_base(old, new) -> bool:
+  """Whether `new` holds other quantized values than `old`, or `old` was
+  never concrete. Traced values (casts inside a model) are never flagged."""
+  old_q = flax_util.unbox(getattr(old, 'qvalue', None))
+  new_q = flax_util.unbox(getattr(new, 'qvalue', None))
+  if (new_q is None or new_q is old_q
+      or isinstance(new_q, jax.core.Tracer) or isinstance(old_q, jax.core.Tracer)):
+    return False
+  if not isinstance(old_q, jax.Array | np.ndarray):
+    return True  # abstract factors were never fitted
+  return old_q.shape != new_q.shape or not bool(jnp.array_equal(old_q, new_q))
+
+
+def _replace(self: WithLqer, **updates) -> WithLqer:
+  """dataclasses.replace, refusing a new base under the old factors.
+
+  A and B reconstruct the error of the base they were fitted to. Qwix's
+  calibrated transforms (`qwix.contrib.gptq` / `qep` / `calibration`
+  quantize_params) call `abs_w.replace(array=new_base)`, which would keep
+  factors fitted to another base (or never fitted): that raises here.
+  Same values (dtype casts, packing, device moves) pass.
+  """
+  if ('array' in updates and 'a' not in updates and self.rank > 0
+      and _new_base(self.array, updates['array'])):
+    raise ValueError(
+        f'{self.path or "an LQER weight"} (shape {tuple(self.shape)}, rule'
+        f' module_path={getattr(self.rule, "module_path", None)!r}): its'
+        ' quantized base is being replaced without refitting the factors'
+        ' A, B, which reconstruct the error of the old base. Qwix\'s'
+        ' calibrated quantize_params (qwix.contrib.gptq, qep, calibration)'
+        ' do this. Either let lqer build the base: lqer_quantize_params(fp,'
+        " abstract, base='gptq'|'awq', calibration=...), or quantize with"
+        ' Qwix against a qwix.PtqProvider tree and refit:'
+        ' lqer_quantize_params(fp, abstract, base=<that Qwix-quantized'
+        ' tree>).')
+  return dataclasses.replace(self, **updates)
+
+
+# After the class: flax.struct.dataclass installs its own `replace`.
+WithLqer.replace = _replace
 nnx.register_data_type(WithLqer)
 
 
@@ -57,3 +112,12 @@ def layout_of(weight: ptq.WithAux) -> layout_lib.KernelLayout:
     return weight.layout
   return layout_lib.KernelLayout.from_channelwise_axes(
       tuple(weight.array.shape), weight.how.channelwise_axes)
+
+
+def divide_along(x: jax.Array, s: jax.Array, axis: int) -> jax.Array:
+  """x / s along `axis`: how an AWQ scale s (in,) applies, to the base
+  weight (deq(Wq) / s on its contracting axis) or to the input (x / s on the
+  axis it contracts), so x (deq(Wq) / s) = (x / s) deq(Wq)."""
+  shape = [1] * x.ndim
+  shape[axis] = s.shape[0]
+  return x / s.reshape(shape).astype(x.dtype)

@@ -186,9 +186,6 @@ def test_metrics_match_numpy():
   np.testing.assert_allclose(
       metrics.relative_output_error(w, w_hat, jnp.asarray(r, jnp.float32)),
       reference.output_error(x, w, w_hat), rtol=1e-4)
-  np.testing.assert_allclose(
-      metrics.empirical_output_error(x, w, w_hat),
-      reference.output_error(x, w, w_hat), rtol=1e-4)
   rel = np.linalg.norm(w - w_hat) / np.linalg.norm(w)
   np.testing.assert_allclose(metrics.relative_weight_error(w, w_hat), rel,
                              rtol=1e-5)

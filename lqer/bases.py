@@ -1,0 +1,81 @@
+"""Base quantizers: the quantized weight whose error the factors carry.
+
+Each is a plain function with one signature,
+
+    base(w, how, layout, stats) -> (QArray, awq_scale or None)
+
+w: the float kernel; how: Qwix's `HowToQuantize` for it; layout: its
+`KernelLayout`; stats: its calibration statistics (`lqer.stats`) or None.
+The base weight is deq(QArray), divided by awq_scale along the contracting
+axis when there is one (`lqer.weight.divide_along`).
+
+* rtn:  Qwix PTQ's round to nearest, bit for bit (`qwix.quantize_params`).
+* gptq: Qwix's GPTQ (`qwix.contrib.gptq_core`) on H = E[x^T x].
+* awq:  Qwix's AWQ (`qwix.contrib.awq_core`) on mean |x|.
+* stored: a base already quantized by Qwix (any of its transforms), kept.
+"""
+
+import dataclasses
+import functools
+
+import jax
+from qwix._src.core import qarray
+from qwix.contrib import awq_core
+from qwix.contrib import calibration as qwix_calibration
+from qwix.contrib import gptq_core
+
+from lqer import stats as stats_lib
+
+NAMES = ('rtn', 'gptq', 'awq')
+# What each base reads from the statistics (besides the method's needs).
+NEEDS = {'rtn': None, 'gptq': 'sum_of_xtx', 'awq': 'sum_of_abs'}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _quantize_with(w, qtype, scale, zero_point, noise_fn):
+  return qarray.quantize_with_scale_zero_point(w, qtype, scale, zero_point,
+                                               noise_fn)
+
+
+def rtn(w, how, layout, stats):
+  """Qwix PTQ. Calibration runs eagerly: jitted, XLA may fold e.g. the
+  clipping factor of 'absmax,0.9' into the scale differently (1 ulp)."""
+  del layout, stats
+  scale, zero_point = qarray.compute_scale_zero_point(
+      qarray.calibrate(w, how), how.qtype)
+  return _quantize_with(w, how.qtype, scale, zero_point, how.noise_fn), None
+
+
+def _normalized(w, how, layout):
+  """w as Qwix's contrib algorithms take it: (out, in), and the inverse."""
+  axis = layout.contracting_axes[0]
+  w_norm, restore = qwix_calibration.normalize_weight(w, axis)
+  how = dataclasses.replace(how, channelwise_axes=[0])
+  if axis in how.tiled_axes:
+    how = dataclasses.replace(how, tiled_axes={1: how.tiled_axes[axis]})
+  return w_norm, how, restore
+
+
+def gptq(w, how, layout, stats):
+  """Qwix's GPTQ on the Hessian E[x^T x] of the layer's input."""
+  w_norm, how_norm, restore = _normalized(w, how, layout)
+  q = gptq_core.quantize_weight(w_norm, stats_lib.second_moment(stats),
+                                how_norm)[0]
+  return restore(q), None
+
+
+def awq(w, how, layout, stats):
+  """Qwix's AWQ: Q(W diag(s)) with s searched on mean |x|; base = deq / s."""
+  w_norm, how_norm, restore = _normalized(w, how, layout)
+  q, scales = awq_core.quantize_weight(w_norm, stats_lib.abs_mean(stats),
+                                       how_norm)
+  return restore(q), scales.reshape(-1)
+
+
+def stored(q, awq_scale, w, how, layout, stats):
+  """A base quantized elsewhere (bind q, awq_scale with functools.partial)."""
+  del w, how, layout, stats
+  return q, awq_scale
+
+
+BY_NAME = {'rtn': rtn, 'gptq': gptq, 'awq': awq}

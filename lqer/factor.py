@@ -1,0 +1,120 @@
+"""Factoring quantization errors, shared by the offline pass and the
+provider's init: E = W - base, reshaped to the (*batch, in, out) matrix the
+op multiplies (`lqer.layout`), factored by the rule's method
+(`lqer.decompose`), and the one place a float weight becomes a `WithLqer`.
+"""
+
+import math
+from typing import Any
+import zlib
+
+import jax
+import jax.numpy as jnp
+from qwix._src.core import qarray
+
+from lqer import bases
+from lqer import decompose
+from lqer import layout as layout_lib
+from lqer.weight import WithLqer
+from lqer.weight import divide_along
+
+_FACTOR_FNS: dict[Any, Any] = {}
+
+
+def check_weight(name: str, w, layout: layout_lib.KernelLayout, rank: int):
+  """Raises naming the weight if it is not a finite float of a factorable
+  layout (NaN checks are skipped on traced values)."""
+  layout.check_rank(rank, name)
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise TypeError(f'{name}: expected a float weight, got {w.dtype}')
+  finite = jnp.all(jnp.isfinite(w))
+  if not isinstance(finite, jax.core.Tracer) and not bool(finite):
+    bad = int(jnp.sum(~jnp.isfinite(w)))
+    raise ValueError(f'{name}: weight holds {bad} NaN/Inf values')
+
+
+def factor_fn(layout: layout_lib.KernelLayout, rank: int, rule):
+  """Jitted, batched (ws, qs, awq_scales, keys, **stats) -> (A, B).
+
+  Each E = w - deq(q) [/ awq_scale] is factored in the (*batch, in, out)
+  matrix form; A (*, in, k), B (*, k, out) float32. Stats: act_abs_mean
+  (l2qer) or chol (qera). Cached by the settings.
+  """
+  solver_kw = dict(solver=rule.solver, oversample=rule.oversample,
+                   power_iters=rule.resolved_power_iters, krylov=rule.krylov)
+  key = (layout, rank, rule.method, tuple(solver_kw.items()))
+  if key not in _FACTOR_FNS:
+
+    def one(w, q, awq_scale, key, act_abs_mean=None, chol=None):
+      base = qarray.dequantize(q).astype(jnp.float32)
+      if awq_scale is not None:
+        base = divide_along(base, awq_scale, layout.contracting_axes[0])
+      error = layout.to_matrix(w.astype(jnp.float32) - base)
+      return decompose.reconstruct(
+          error, rank, rule.method, act_abs_mean=act_abs_mean, chol=chol,
+          key=key, **solver_kw)
+
+    _FACTOR_FNS[key] = jax.jit(jax.vmap(one))
+  return _FACTOR_FNS[key]
+
+
+def seed_key(rule, path: str) -> jax.Array:
+  """The randomized solver's key of one weight: the rule's seed folded with
+  a hash of the param path, so weights get independent sketches."""
+  return jax.random.fold_in(jax.random.key(rule.seed),
+                            zlib.crc32(path.encode()))
+
+
+def check_shape(name: str, stored_shape, op_shape):
+  """Raises unless a param stored as `stored_shape` is the kernel an op
+  multiplies as `op_shape`: equal, or stored flattened (another number of
+  axes, as Qwix allows). A transposed read is refused: it is how a tied
+  embedding serves as the output projection."""
+  stored_shape, op_shape = tuple(stored_shape), tuple(op_shape)
+  if stored_shape == op_shape:
+    return
+  if math.prod(stored_shape) != math.prod(op_shape):
+    raise ValueError(f'{name}: float weight of shape {stored_shape} does not'
+                     f' fit the quantized weight of shape {op_shape}')
+  if len(stored_shape) == len(op_shape):
+    hint = (' The op reads this param transposed, as a tied embedding read'
+            ' as the output projection (x @ table.T) is: Qwix cannot'
+            ' quantize a table that is also read by a gather, so exclude it'
+            ' from the rules (a module_path that does not match it).'
+            if sorted(stored_shape) == sorted(op_shape) else '')
+    raise ValueError(f'{name}: float weight of shape {stored_shape} but the'
+                     f' op multiplies a kernel of shape {op_shape}; only a'
+                     ' param stored flattened is reshaped.' + hint)
+
+
+def check_tiles(name: str, shape, how):
+  """Raises naming the weight if a tile size does not divide its axis."""
+  for axis, tile in how.tiled_axes.items():
+    size = shape[axis]
+    n = round(1 / tile) if isinstance(tile, float) else None
+    if (size % tile if n is None else size % n):
+      valid = [d for d in range(1, size + 1) if size % d == 0]
+      raise ValueError(
+          f'{name}: tile_size {tile} does not divide axis {axis} of size'
+          f' {size} (kernel shape {tuple(shape)}); valid tile sizes for this'
+          f' axis: {valid}')
+
+
+def build(path: str, w, how, layout, rule) -> WithLqer:
+  """A `WithLqer` from a float weight at the provider's init: Qwix's RTN
+  base; 'svd' factors computed (free under eval_shape), activation-aware
+  methods zero until `lqer_quantize_params` runs with statistics."""
+  check_weight(path, w, layout, rule.rank)
+  check_tiles(path, w.shape, how)
+  q, _ = bases.rtn(w, how, layout, None)
+  if rule.needs_calibration:
+    zero = jnp.zeros((), rule.factor_dtype)
+    a = jnp.broadcast_to(zero, layout.a_shape(rule.rank))
+    b = jnp.broadcast_to(zero, layout.b_shape(rule.rank))
+  else:
+    stack = lambda x: jax.tree.map(lambda v: v[None], x)
+    a, b = factor_fn(layout, rule.rank, rule)(
+        stack(w), stack(q), None, stack(seed_key(rule, path)))
+    a, b = layout.split_factors(a[0], b[0])
+  return WithLqer.create(array=q, how=how, layout=layout, rule=rule, a=a,
+                         b=b, path=path)
