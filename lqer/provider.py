@@ -73,14 +73,15 @@ class LqerProvider(ptq.PtqProvider):
     """Counts the rule's weights; refuses plain Qwix params under a rule
     with a rank (they would run as PTQ without a word)."""
     rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
-    if rule is None or (not isinstance(rhs, ptq.WithAux)
-                        and flax_util.find_param(rhs) is None):
+    name = flax_util.find_param(rhs, ptq.WithAux) if rule else None
+    if name is None:
       return
     self._weights_matched[self._rules.index(rule)] += 1
     if (isinstance(rule, LqerRule) and rule.rank is not None
         and isinstance(rhs, ptq.WithAux) and not isinstance(rhs, WithLqer)):
       raise ValueError(
-          f'{_module_path()}: the rule has rank {rule.rank} but this weight'
+          f'{"/".join((*_module_path(), name))}: the rule has rank'
+          f' {rule.rank} but this weight'
           ' is a plain Qwix PTQ weight without factors (params from'
           ' qwix.quantize_params or another provider?); build them with'
           ' lqer.lqer_quantize_params, or use a rule with rank=None')
