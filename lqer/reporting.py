@@ -52,9 +52,12 @@ class LayerReport:
 
 @dataclasses.dataclass
 class Report:
-  """All quantized weights and a parameter-weighted model total."""
+  """All quantized weights and a parameter-weighted model total;
+  `left_float` lists the float params of 2+ axes (biases aside) that no
+  rule quantized, so a rule that missed its module shows up here."""
 
   layers: list[LayerReport]
+  left_float: list[str] = dataclasses.field(default_factory=list)
 
   def total(self) -> dict[str, Any]:
     n = np.array([l.num_weights for l in self.layers], float)
@@ -94,8 +97,12 @@ class Report:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: '  '.join(c.rjust(w) if i > 0 else c.ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths)))
-    return '\n'.join([line(head), line(['-' * w for w in widths])]
-                     + [line(r) for r in rows])
+    lines = [line(head), line(['-' * w for w in widths])]
+    lines += [line(r) for r in rows]
+    if self.left_float:
+      lines.append(f'left in float ({len(self.left_float)}): '
+                   + ', '.join(self.left_float))
+    return '\n'.join(lines)
 
   __str__ = table
 
@@ -131,17 +138,19 @@ def report(fp_params: Any, quantized: Any, calibration: Any = None) -> Report:
       model (after nnx.update), whose attributes hold the `WithLqer` weights.
     calibration: the quant_stats tree; enables the output errors.
   """
-  layers = []
+  layers, left_float = [], []
   for path, w in flax.traverse_util.flatten_dict(fp_params).items():
     q = flax_util.get_value_from_path(quantized, path)
     if isinstance(q, nnx.Variable):
       q = q.get_value()
     if not isinstance(q, ptq.WithAux):
+      if jnp.ndim(w) >= 2 and path[-1] != 'bias':
+        left_float.append('/'.join(map(str, path)))
       continue
     q = jax.tree.map(flax_util.unbox, q)
     layers.append(_layer_report(path, jnp.asarray(w).reshape(q.shape), q,
                                 stats_lib.lookup(calibration, path)))
-  return Report(layers)
+  return Report(layers, left_float)
 
 
 def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
