@@ -132,16 +132,12 @@ def _with_stored_awq_scales(abstract, layout, path):
       return dataclasses.replace(leaf, awq_scale=scale)
     if isinstance(leaf, ptq.WithAux) and key + '.a' in layout:
       # base='awq' on a weight without rank: a rank-0 WithLqer keeps s.
-      rank0 = lambda k: jax.ShapeDtypeStruct(tuple(layout[k][1]),
-                                             np.dtype(layout[k][0]))
-      lay = layout_of(leaf)
-      return WithLqer(array=leaf.array, how=leaf.how, a=rank0(key + '.a'),
-                      b=rank0(key + '.b'), awq_scale=scale,
-                      contracting_axes=lay.contracting_axes,
-                      batch_axes=lay.batch_axes,
-                      rule=LqerRule(weight_qtype=leaf.how.qtype),
-                      path='/'.join(str(getattr(k, 'key', k))
-                                    for k in key_path))
+      rank0 = lambda k: jax.ShapeDtypeStruct(tuple(layout[k][1]), np.float32)
+      return WithLqer.create(
+          array=leaf.array, how=leaf.how, layout=layout_of(leaf),
+          rule=LqerRule(weight_qtype=leaf.how.qtype), a=rank0(key + '.a'),
+          b=rank0(key + '.b'), awq_scale=scale,
+          path='/'.join(str(getattr(k, 'key', k)) for k in key_path))
     raise CheckpointError(f'{path}: {key} has an AWQ scale but the model\'s'
                           ' weight there is not quantized')
 

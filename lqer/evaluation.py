@@ -184,7 +184,7 @@ def quantize(task: Task, rules, stats, base='rtn', compute_dtype=jnp.float32):
   params = lqer_quantize_params(task.params, abstract, calibration=stats,
                                 base=base, progress=True)
   jax.block_until_ready(params)
-  return model, params, abstract, time.perf_counter() - start
+  return model, params, time.perf_counter() - start
 
 
 def fingerprint(task_name, rules, base):
@@ -210,7 +210,7 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
                                tile_size, None, 'svd', **rule_kw)
   stats = calibrate(task, build_rules(task.params, task.module_path, bits,
                                       tile_size, 1, 'qera')[0])
-  ptq_model, ptq_params, _, secs = quantize(task, rules, stats, base,
+  ptq_model, ptq_params, secs = quantize(task, rules, stats, base,
                                             compute_dtype)
   bpw = make_report(task.params, ptq_params).total()['bits_per_weight']
   yield row('PTQ' if base == 'rtn' else base.upper(), None,
@@ -229,7 +229,7 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
             _subdir(load_dir, bits, tile_size, method, rank), abstract, fp)
         secs = None
       else:
-        model, params, _, secs = quantize(task, rules, stats, base,
+        model, params, secs = quantize(task, rules, stats, base,
                                           compute_dtype)
       if save_dir is not None:
         checkpoint.save(_subdir(save_dir, bits, tile_size, method, rank),

@@ -43,9 +43,13 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
   @classmethod
   def create(cls, *, array, how, layout: layout_lib.KernelLayout, rule, a, b,
              awq_scale=None, path: str = '') -> 'WithLqer':
-    """The one constructor: A, B cast to `rule.factor_dtype`."""
-    return cls(array=array, how=how, a=a.astype(rule.factor_dtype),
-               b=b.astype(rule.factor_dtype), awq_scale=awq_scale,
+    """The one constructor: A, B cast to `rule.factor_dtype` (abstract
+    factors, `jax.ShapeDtypeStruct`s, take that dtype too)."""
+    cast = lambda f: (jax.ShapeDtypeStruct(f.shape, rule.factor_dtype)
+                      if isinstance(f, jax.ShapeDtypeStruct)
+                      else f.astype(rule.factor_dtype))
+    return cls(array=array, how=how, a=cast(a), b=cast(b),
+               awq_scale=awq_scale,
                contracting_axes=layout.contracting_axes,
                batch_axes=layout.batch_axes, rule=rule, path=path)
 

@@ -211,3 +211,13 @@ def test_checkpoint_refuses_packed_params_and_loads_awq_bases(tmp_path):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(qmodel.apply({'params': loaded}, x),
                                 qmodel.apply({'params': params}, x))
+  # base='awq' on rules without a rank: rank-0 weights that keep s.
+  plain = [LqerRule(weight_qtype=jnp.int4, tile_size=32)]
+  qmodel, abstract = _abstract(model, plain, x)
+  params = lqer_quantize_params(fp, abstract, calibration=new['quant_stats'],
+                                base='awq')
+  assert params['Dense_0']['kernel'].rank == 0
+  checkpoint.save(tmp_path / 'plain', params, {})
+  loaded = checkpoint.load(tmp_path / 'plain', abstract, {})
+  np.testing.assert_array_equal(qmodel.apply({'params': loaded}, x),
+                                qmodel.apply({'params': params}, x))
