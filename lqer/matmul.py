@@ -19,6 +19,8 @@ backends: float32 (not measured here). float32 gives Qwix's numbers
 exactly.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from qwix._src.core import qarray
@@ -52,7 +54,8 @@ def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto',
   """lhs @ deq(q) with dequantization at use, float32 accumulation.
 
   `q` is a Qwix QArray or a `packing.PackedInt4`; `low_rank` (packed only):
-  (xa, b) added as xa @ b inside the blocked matmul. Returns float32 of
+  (xa, b) added as xa @ b inside the blocked matmul (see
+  `packing.packed_dot_general` for their shapes). Returns float32 of
   dot_general's output shape.
   """
   (lhs_c, _), (lhs_b, _) = dimension_numbers
@@ -62,11 +65,28 @@ def weight_only_dot_general(lhs, q, dimension_numbers, compute_dtype='auto',
   dtype = compute_dtype_for(compute_dtype, lhs.size // max(contracted, 1),
                             qtype_bits(q))
   if isinstance(q, packing.PackedInt4):
-    return packing.packed_dot_general(lhs, q, dimension_numbers, dtype,
-                                      low_rank)
+    # With a branch (an LQER weight, whose layout has its batch axes) a
+    # misfit is an error, raised there.
+    if low_rank is not None or packing.fits(q, dimension_numbers):
+      return packing.packed_dot_general(lhs, q, dimension_numbers, dtype,
+                                        low_rank)
+    q = _unpacked(q, dimension_numbers)
   # Tied to the layer's input, the dequantization is not hoisted.
   zero = packing.unfoldable_zero(lhs, dtype)
   q = q.replace(scale=q.scale.astype(dtype) + zero, zero_point=q.zero_point)
   w = qarray.dequantize(q)
   return jax.lax.dot_general(lhs.astype(dtype), w, dimension_numbers,
                              preferred_element_type=jnp.float32)
+
+
+def _unpacked(p: packing.PackedInt4, dimension_numbers) -> qarray.QArray:
+  """`p` as a QArray, with a warning: a plain Qwix weight of an einsum with
+  batch axes was packed as if they were output axes (its channelwise axes
+  cannot tell them apart), so this call takes the generic path."""
+  warnings.warn(
+      f'lqer: packed int4 kernel {p.shape} is used with einsum batch axes'
+      f' {tuple(dimension_numbers[1][1])} its packed layout lacks (a plain'
+      ' Qwix weight records none); it is dequantized whole, the generic path'
+      ' (an LqerRule with a rank records them and keeps it packed).',
+      stacklevel=3)
+  return packing.unpack(p)

@@ -106,9 +106,8 @@ class LqerProvider(ptq.PtqProvider):
     low_rank = None
     if (isinstance(rhs.array, packing.PackedInt4) and isinstance(rhs, WithLqer)
         and rhs.rank > 0):
-      xa = _branch_input(lhs, rhs, dimension_numbers)
-      low_rank = (xa.reshape(-1, rhs.rank),
-                  rhs.b.reshape(rhs.rank, -1).astype(jnp.float32))
+      low_rank = (_branch_input(lhs, rhs, dimension_numbers),
+                  rhs.b.astype(jnp.float32))
     out = matmul.weight_only_dot_general(x, rhs.array, dimension_numbers,
                                          self._compute_dtype, low_rank)
     if output_perm is not None:

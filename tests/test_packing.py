@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
+from qwix._src.core import einsum_info
 from qwix._src.core import qarray
+from qwix._src.providers import ptq
 
 import lqer
 from lqer import LqerProvider, LqerRule, lqer_quantize_params, matmul, packing
@@ -63,22 +65,27 @@ def test_packed_bytes_follow_the_documented_layout():
   np.testing.assert_array_equal(np.asarray(packing.pack(arr).packed), want)
 
 
-def test_packed_matmul_two_contracting_axes():
-  """An attention output kernel (heads, head_dim, d), tiled along heads."""
+@pytest.mark.parametrize('scale_shape', [(2, 1, 6), (1, 2, 6), (4, 2, 6),
+                                         (2, 8, 6)])
+def test_packed_matmul_two_contracting_axes(scale_shape):
+  """An attention output kernel (heads, head_dim, d), its scale tiled along
+  one contracting axis (the rows reordered so groups are consecutive)."""
   rng = np.random.default_rng(1)
-  arr, w = _int4_qarray(rng, (4, 8, 6), 2)  # scale (2, 8, 6): not contiguous
+  q = rng.integers(-8, 8, size=(4, 8, 6)).astype(np.int8)
+  scale = rng.uniform(0.5, 2.0, size=scale_shape).astype(np.float32)
+  arr = qarray.QArray(qvalue=jnp.asarray(q).astype(jnp.int4),
+                      scale=jnp.asarray(scale))
+  w = np.asarray(qarray.dequantize(arr))
   layout = lqer.layout.KernelLayout((4, 8, 6), (0, 1), ())
-  assert 'contiguous' in packing.unpackable_reason(arr, layout)
-  arr = arr.replace(scale=arr.scale[:, :1])  # scale (2, 1, 6): groups of rows
-  w = (np.asarray(arr.qvalue.astype(jnp.float32)).reshape(2, 2, 8, 6)
-       * np.asarray(arr.scale)[:, None]).reshape(4, 8, 6)
   assert packing.unpackable_reason(arr, layout) is None
-  p = packing.pack(arr, 2)
+  p = packing.pack(arr, layout)
   x = rng.normal(size=(3, 8, 4)).astype(np.float32)  # contract axes 2, 1
   dims = (((2, 1), (0, 1)), ((), ()))
-  y = packing.packed_dot_general(x, p, dims, jnp.float32)
-  np.testing.assert_allclose(y, np.einsum('bjh,hjo->bo', x, w), rtol=1e-5,
-                             atol=1e-4)
+  for xx in (x, x[:1]):
+    y = packing.packed_dot_general(xx, p, dims, jnp.float32)
+    np.testing.assert_allclose(y, np.einsum('bjh,hjo->bo', xx, w),
+                               rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(packing.unpack(p).scale, scale)
 
 
 def test_unpackable_weights_are_named_and_left_alone():
@@ -86,9 +93,16 @@ def test_unpackable_weights_are_named_and_left_alone():
   arr, _ = _int4_qarray(rng, (16, 9), 1)
   assert 'odd output' in packing.unpackable_reason(
       arr, lqer.layout.KernelLayout((16, 9), (0,), ()))
-  arr, _ = _int4_qarray(rng, (4, 16, 8), 1)
-  assert 'leading axes' in packing.unpackable_reason(
-      arr, lqer.layout.KernelLayout((4, 16, 8), (1,), (0,)))
+  arr, _ = _int4_qarray(rng, (16, 8), 2)
+  layout = lqer.layout.KernelLayout((16, 8), (0,), ())
+  assert 'zero point' in packing.unpackable_reason(
+      arr.replace(zero_point=jnp.zeros_like(arr.scale)), layout)
+  tiled = arr.replace(scale=jnp.ones((2, 2)))  # 2-D tiles: 8 x 4
+  assert 'kernel axis 1' in packing.unpackable_reason(tiled, layout)
+  arr = qarray.QArray(qvalue=jnp.zeros((4, 8, 6), jnp.int4),
+                      scale=jnp.ones((2, 4, 6)))  # tiles of 2 x 2 rows
+  assert 'several contracting' in packing.unpackable_reason(
+      arr, lqer.layout.KernelLayout((4, 8, 6), (0, 1), ()))
   int8 = qarray.QArray(qvalue=jnp.zeros((16, 8), jnp.int8),
                        scale=jnp.ones((1, 8)))
   assert 'int4' in packing.unpackable_reason(
@@ -183,3 +197,243 @@ def test_auto_keeps_int8_weights_in_float32():
     params = qmodel.init(KEY, x)['params']
     outs[str(cd)] = jax.jit(qmodel.apply)({'params': params}, x)
   np.testing.assert_array_equal(outs['auto'], outs[str(jnp.float32)])
+
+
+# Kernel layouts: Google's gemma library (q, kv, gated MLP, attention out),
+# nn.Einsum pairing contracting axes in reverse order, an einsum batch axis.
+# name: (einsum, kernel shape, tile size, input shape for `tokens` tokens).
+# Qwix tiles the last contracting kernel axis: in 'out' and 'pairs' the
+# scale is shared along the other one, so the rows are packed tiled-first.
+LAYOUTS = {
+    'q': ('BTD,NDH->BTNH', (2, 256, 128), 128, lambda t: (1, t, 256)),
+    'kv': ('BSD,CKDH->CBSKH', (2, 1, 256, 128), 128, lambda t: (1, t, 256)),
+    'gating': ('...D,NFD->...NF', (2, 256, 256), 128, lambda t: (1, t, 256)),
+    'out': ('BTNH,NHD->BTD', (2, 256, 256), 128, lambda t: (1, t, 2, 256)),
+    'pairs': ('xtab,bao->xto', (6, 4, 8), 2, lambda t: (1, t, 4, 6)),
+    'batch': ('BNH,NHD->BND', (2, 128, 64), 128, lambda t: (t, 2, 128)),
+}
+
+
+def _rules(tile):
+  return [LqerRule(weight_qtype=jnp.int4, tile_size=tile, rank=8,
+                   method='svd', solver='exact')]
+
+
+def _rel(y, ref):
+  return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+  """Several column blocks (>1 token) and row blocks (1 token) per kernel;
+  96-row blocks straddle the 128-row scale groups."""
+  monkeypatch.setattr(packing, 'BLOCK_BYTES', 128 << 10)
+  monkeypatch.setattr(packing, 'MATVEC_BLOCK_ROWS', 96)
+
+
+def _packed_arrays(tree):
+  return [w.array for w in jax.tree.leaves(
+      tree, is_leaf=lambda v: isinstance(v, ptq.WithAux))
+          if isinstance(w, ptq.WithAux)]
+
+
+@pytest.mark.parametrize('name', LAYOUTS)
+def test_pack_unpack_is_bit_exact_and_matmul_matches_dot_general(name):
+  """unpack(pack(q)) == q; the packed matmul == dot_general on deq(q),
+  with a branch (xa, b) as the provider passes it, flattened."""
+  eq, shape, tile, x_shape = LAYOUTS[name]
+  info = einsum_info.EinsumInfo.parse(
+      eq, ndims=(len(x_shape(1)), len(shape)))
+  (_, rhs_c), (_, rhs_b) = dims = info.dimension_numbers
+  layout = lqer.layout.KernelLayout(shape, tuple(sorted(rhs_c)),
+                                    tuple(sorted(rhs_b)))
+  tiled = {max(rhs_c): tile} if tile else {}
+  q = qwix.quantize(jax.random.normal(KEY, shape), jnp.int4,
+                    channelwise_axes=layout.batch_axes + layout.output_axes,
+                    tiled_axes=tiled)
+  assert packing.unpackable_reason(q, layout) is None
+  p = packing.pack(q, layout)
+  back = packing.unpack(p)
+  assert back.qvalue.dtype == q.qvalue.dtype and back.qtype == q.qtype
+  np.testing.assert_array_equal(back.qvalue.astype(jnp.int8),
+                                q.qvalue.astype(jnp.int8))
+  np.testing.assert_array_equal(back.scale, q.scale)
+  w = np.asarray(qarray.dequantize(q))
+  rng = np.random.default_rng(0)
+  for tokens in (1, 5):
+    x = rng.normal(size=x_shape(tokens)).astype(np.float32)
+    xa = rng.normal(size=(*[x.shape[a] for a in dims[1][0]],
+                          *[x.shape[a] for a in range(x.ndim)
+                            if a not in dims[0][0] + dims[1][0]], 3))
+    b = rng.normal(size=layout.b_shape(3))
+    y = packing.packed_dot_general(
+        x, p, dims, jnp.float32,
+        (jnp.asarray(xa.reshape(-1, 3), jnp.float32),
+         jnp.asarray(b.reshape(3, -1), jnp.float32)))
+    branch_dims = layout.branch_dimension_numbers(x.ndim, dims)[1]
+    ref = (jax.lax.dot_general(x, w, dims, precision='highest')
+           + jax.lax.dot_general(xa, b, branch_dims, precision='highest'))
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_batch_axes_in_another_order_than_the_kernel():
+  """'xyb,yxbd->xyd': the call batches kernel axes (1, 0), in that order."""
+  rng = np.random.default_rng(3)
+  arr, _ = _int4_qarray(rng, (4, 3, 64, 8), 1)
+  layout = lqer.layout.KernelLayout((4, 3, 64, 8), (2,), (0, 1))
+  p = packing.pack(arr, layout)
+  x = rng.normal(size=(3, 4, 64)).astype(np.float32)
+  dims = (((2,), (2,)), ((0, 1), (1, 0)))
+  xa = rng.normal(size=(3, 4, 2)).astype(np.float32)  # (x, y, k): call order
+  b = rng.normal(size=(4, 3, 2, 8)).astype(np.float32)  # (y, x, k, d)
+  y = packing.packed_dot_general(x, p, dims, jnp.float32,
+                                 (xa.reshape(-1, 2), b.reshape(2, -1)))
+  w = np.asarray(qarray.dequantize(arr))
+  ref = np.einsum('xyb,yxbd->xyd', x, w) + np.einsum('xyk,yxkd->xyd', xa, b)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_one_token_prime_rows_take_few_blocks(groups):
+  """1031 rows per group (prime): blocks of 256 rows, a short last one and,
+  with 2 groups, one straddling both, not one block per row."""
+  rows = 1031 * groups
+  rng = np.random.default_rng(groups)
+  arr, w = _int4_qarray(rng, (rows, 16), groups)
+  p = packing.pack(arr)
+  x = rng.normal(size=(1, rows)).astype(np.float32)
+  dims = (((1,), (0,)), ((), ()))
+  f = lambda x, p: packing.packed_dot_general(x, p, dims, jnp.float32)
+  eqns = jax.make_jaxpr(f)(x, p).eqns
+  dots = sum(e.primitive.name == 'dot_general' for e in eqns)
+  assert dots == 2 * -(-rows // packing.MATVEC_BLOCK_ROWS)  # 2 halves
+  np.testing.assert_allclose(jax.jit(f)(x, p), x.astype(np.float64) @ w,
+                             rtol=1e-5, atol=1e-4 * rows / 256)
+
+
+class GemmaLinenBlock(nn.Module):
+  """Gemma's einsums on `self.param` kernels: attention (q, kv, out) and a
+  gated MLP (gate and up in one (2, F, D) kernel, then down)."""
+
+  # Distinct kernel shapes: Qwix finds a param in its module by shape.
+  d: int = 384
+  heads: int = 2
+  head_dim: int = 256
+  ff: int = 512
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.lecun_normal()
+    param = lambda name, *shape: self.param(name, init, shape)
+    q = jnp.einsum('BTD,NDH->BTNH', x,
+                   param('q', self.heads, self.d, self.head_dim))
+    k, v = jnp.einsum('BSD,CKDH->CBSKH', x,
+                      param('kv', 2, 1, self.d, self.head_dim))
+    att = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    x = x + jnp.einsum('BTNH,NHD->BTD', att,
+                       param('out', self.heads, self.head_dim, self.d))
+    gate, up = jnp.moveaxis(jnp.einsum('...D,NFD->...NF', x,
+                                       param('gating', 2, self.ff, self.d)),
+                            -2, 0)
+    return x + jnp.einsum('...F,FD->...D', nn.gelu(gate) * up,
+                          param('down', self.ff, self.d))
+
+
+@pytest.mark.usefixtures('small_blocks')
+def test_pack_params_gemma_block_linen():
+  model = GemmaLinenBlock()
+  x = jax.random.normal(KEY, (1, 5, 384))
+  provider = LqerProvider(_rules(128), compute_dtype=jnp.float32)
+  qmodel = qwix.quantize_model(model, provider)
+  params = lqer_quantize_params(
+      model.init(KEY, x)['params'],
+      jax.eval_shape(qmodel.init, KEY, x)['params'])
+  packed = lqer.pack_params(params)
+  arrays = _packed_arrays(packed)
+  assert len(arrays) == 5
+  assert all(isinstance(a, packing.PackedInt4) for a in arrays)
+  for xx in (x, x[:, :1]):
+    ref = jax.jit(qmodel.apply)({'params': params}, xx)
+    y = jax.jit(qmodel.apply)({'params': packed}, xx)
+    assert _rel(y, ref) < 1e-4
+
+
+@pytest.mark.usefixtures('small_blocks')
+@pytest.mark.parametrize('name', LAYOUTS)
+def test_pack_params_linen_einsum_layouts(name):
+  eq, shape, tile, x_shape = LAYOUTS[name]
+  model = nn.Einsum(shape, eq, use_bias=False)
+  x = jax.random.normal(KEY, x_shape(3))
+  qmodel = qwix.quantize_model(
+      model, LqerProvider(_rules(tile), compute_dtype=jnp.float32))
+  params = lqer_quantize_params(
+      model.init(KEY, x)['params'],
+      jax.eval_shape(qmodel.init, KEY, x)['params'])
+  packed = lqer.pack_params(params)
+  assert isinstance(packed['kernel'].array, packing.PackedInt4)
+  for xx in (x, jax.random.normal(KEY, x_shape(1))):
+    ref = jax.jit(qmodel.apply)({'params': params}, xx)
+    y = jax.jit(qmodel.apply)({'params': packed}, xx)
+    assert _rel(y, ref) < 1e-4
+
+
+@pytest.mark.usefixtures('small_blocks')
+@pytest.mark.parametrize('name', LAYOUTS)
+def test_pack_params_nnx_einsum_layouts(name):
+  eq, shape, tile, x_shape = LAYOUTS[name]
+  model = nnx.Einsum(eq, shape, rngs=nnx.Rngs(0))
+  x = jax.random.normal(KEY, x_shape(3))
+  provider = LqerProvider(_rules(tile), compute_dtype=jnp.float32)
+  fp = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  qmodel = nnx.eval_shape(lambda: qwix.quantize_model(model, provider, x))
+  nnx.update(qmodel, lqer_quantize_params(fp, qmodel))
+  forward = lambda m, x: m(x)
+  xs = (x, jax.random.normal(KEY, x_shape(1)))
+  refs = [nnx.jit(forward)(qmodel, xx) for xx in xs]
+  lqer.pack_params(qmodel)
+  assert isinstance(qmodel.kernel.array, packing.PackedInt4)
+  for xx, ref in zip(xs, refs):
+    assert _rel(nnx.jit(forward)(qmodel, xx), ref) < 1e-4
+
+
+def test_pack_params_warns_once_naming_unpacked_int4_weights():
+  class Two(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(9, use_bias=False, name='odd')(x)
+      return nn.Dense(8, use_bias=False, name='wide')(x)
+
+  model, x = Two(), jnp.ones((2, 16))
+  rules = [qwix.QuantizationRule(module_path='odd', weight_qtype=jnp.int4),
+           qwix.QuantizationRule(module_path='wide', weight_qtype=jnp.int8)]
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  params = qwix.quantize_params(model.init(KEY, x)['params'],
+                                jax.eval_shape(qmodel.init, KEY, x)['params'])
+  with pytest.warns(UserWarning) as record:
+    packed = lqer.pack_params(params)
+  [message] = [str(r.message) for r in record
+               if str(r.message).startswith('lqer.pack_params')]
+  assert '1 int4 weight' in message
+  assert 'odd/kernel: odd output size 9' in message
+  assert 'wide' not in message
+  assert not any(isinstance(a, packing.PackedInt4)
+                 for a in _packed_arrays(packed))
+
+
+def test_plain_ptq_batch_einsum_falls_back_to_generic_path():
+  """A plain Qwix weight does not record its einsum batch axis: it is
+  packed as an output axis, and the call dequantizes it whole (warning)."""
+  eq, shape, _, x_shape = LAYOUTS['batch']
+  model = nn.Einsum(shape, eq, use_bias=False)
+  x = jax.random.normal(KEY, x_shape(3))
+  rules = [qwix.QuantizationRule(weight_qtype=jnp.int4, tile_size=128)]
+  qmodel = qwix.quantize_model(model, LqerProvider(rules,
+                                                   compute_dtype=jnp.float32))
+  params = qwix.quantize_params(model.init(KEY, x)['params'],
+                                jax.eval_shape(qmodel.init, KEY, x)['params'])
+  packed = lqer.pack_params(params)
+  ref = qmodel.apply({'params': params}, x)
+  with pytest.warns(UserWarning, match='batch axes'):
+    y = qmodel.apply({'params': packed}, x)
+  assert _rel(y, ref) < 1e-6
