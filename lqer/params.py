@@ -33,6 +33,7 @@ from lqer import factor
 from lqer import layout as layout_lib
 from lqer import stats as stats_lib
 from lqer.rule import LqerRule
+from lqer.rule import same_qtype
 from lqer.weight import WithLqer
 from lqer.weight import layout_of
 
@@ -217,22 +218,25 @@ def _fitted_weight(path, w, abs_w):
 def _make_job(path, w, abs_w, rule, base):
   """A `_Job` if this weight needs more than plain Qwix PTQ, else None."""
   if isinstance(abs_w, WithLqer):
-    layout, rank = abs_w.layout, abs_w.rank
+    rank = abs_w.rank
   else:
-    layout = layout_of(abs_w)
     rank = rule.rank if isinstance(rule, LqerRule) else None
     if rank is None:
       if isinstance(base, str) and base == 'rtn':
         return None
       rule, rank = LqerRule(weight_qtype=abs_w.how.qtype), 0
-    elif rank > layout.max_rank:
-      # The earlier project's flow clipped silently; keep it running, loudly.
-      warnings.warn(
-          f'{path_str(path)}: rank {rank} is larger than the'
-          f' {layout.in_size} x {layout.out_size} matrix allows; using rank'
-          f' {layout.max_rank} (only with rules + a PtqProvider tree;'
-          ' LqerProvider raises)', stacklevel=4)
-      rank = layout.max_rank
+  try:
+    layout = layout_of(abs_w)
+  except ValueError as e:
+    raise ValueError(f'{path_str(path)}: {e}') from None
+  if rank > layout.max_rank and not isinstance(abs_w, WithLqer):
+    # The earlier project's flow clipped silently; keep it running, loudly.
+    warnings.warn(
+        f'{path_str(path)}: rank {rank} is larger than the'
+        f' {layout.in_size} x {layout.out_size} matrix allows; using rank'
+        f' {layout.max_rank} (only with rules + a PtqProvider tree;'
+        ' LqerProvider raises)', stacklevel=4)
+    rank = layout.max_rank
   if isinstance(base, str):
     fn, kind = bases.BY_NAME[base], base
   else:
@@ -258,8 +262,8 @@ def _stored_base(path, tree, abs_w):
                      f' (found {type(value).__name__}); pass the tree'
                      ' returned by a Qwix quantize_params for the same model')
   q = jax.tree.map(flax_util.unbox, q)
-  if tuple(q.shape) != tuple(abs_w.shape) or str(q.qtype) != str(
-      abs_w.how.qtype):
+  if tuple(q.shape) != tuple(abs_w.shape) or not same_qtype(
+      q.qtype, abs_w.how.qtype):
     raise ValueError(f'{name}: base= tree holds a {q.qtype} weight of shape'
                      f' {tuple(q.shape)}, the model quantizes it to'
                      f' {abs_w.how.qtype} with shape {tuple(abs_w.shape)}')

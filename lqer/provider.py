@@ -45,7 +45,10 @@ class LqerProvider(ptq.PtqProvider):
       use to this dtype and multiplied with float32 accumulation
       (`lqer.matmul`, without XLA holding every dequantized weight at
       once): 'auto' (default; per backend and call shape, see
-      `lqer.matmul`), jnp.float32 (Qwix's numbers exactly) or
+      `lqer.matmul`, for weights with factors or packed; float32 for plain
+      Qwix weights, so a drop-in for PtqProvider keeps Qwix's numbers),
+      jnp.float32 (Qwix's numbers: bit for bit for dot_general, to float32
+      rounding for einsum, which Qwix runs through opt_einsum) or
       jnp.bfloat16. None runs Qwix's own quantized dot_general. Rules with
       `act_qtype` always use Qwix's path. Weights packed by
       `lqer.pack_params` need a compute dtype and a weight-only rule.
@@ -108,8 +111,12 @@ class LqerProvider(ptq.PtqProvider):
         and rhs.rank > 0):
       low_rank = (_branch_input(lhs, rhs, dimension_numbers),
                   rhs.b.astype(jnp.float32))
+    compute_dtype = self._compute_dtype
+    if compute_dtype == 'auto' and not isinstance(
+        rhs, WithLqer) and not isinstance(rhs.array, packing.PackedInt4):
+      compute_dtype = jnp.float32  # a plain Qwix weight: Qwix's numbers
     out = matmul.weight_only_dot_general(x, rhs.array, dimension_numbers,
-                                         self._compute_dtype, low_rank)
+                                         compute_dtype, low_rank)
     if output_perm is not None:
       out = jnp.transpose(out, output_perm)
     dtype = jnp.result_type(x.dtype, rhs.array.scale.dtype)

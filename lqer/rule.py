@@ -109,9 +109,11 @@ def _validate_qtype(rule, field, qtype):
     _fail(rule, field, f'unknown qtype {qtype!r}')
 
 
-def _same_qtype(a, b) -> bool:
+def same_qtype(a, b) -> bool:
+  """Whether two Qwix qtypes are the same: 'int4' == jnp.int4."""
+  name = lambda q: str(getattr(q, '__name__', q))
   if isinstance(a, str) or isinstance(b, str):
-    return str(a) == str(getattr(b, '__name__', b))
+    return name(a) == name(b)
   return np.dtype(a) == np.dtype(b)
 
 
@@ -178,7 +180,7 @@ def _validate(rule: LqerRule):
     _fail(rule, 'weight_calibration_method',
           f'clipping factor must be > 0: {rule.weight_calibration_method!r}')
   if method == 'minmax' and rule.weight_qtype is not None and not any(
-      _same_qtype(rule.weight_qtype, q) for q in (jnp.int8, jnp.int4)):
+      same_qtype(rule.weight_qtype, q) for q in (jnp.int8, jnp.int4)):
     _fail(rule, 'weight_calibration_method',
           f'Qwix quantizes asymmetrically (minmax) only to int8 and int4, not'
           f' {rule.weight_qtype!r}; use absmax')

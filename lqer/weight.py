@@ -115,7 +115,7 @@ def layout_of(weight: ptq.WithAux) -> layout_lib.KernelLayout:
   if isinstance(weight, WithLqer):
     return weight.layout
   return layout_lib.KernelLayout.from_channelwise_axes(
-      tuple(weight.array.shape), weight.how.channelwise_axes)
+      tuple(weight.shape), weight.how.channelwise_axes)
 
 
 def divide_along(x: jax.Array, s: jax.Array, axis: int) -> jax.Array:

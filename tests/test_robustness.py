@@ -221,3 +221,18 @@ def test_checkpoint_refuses_packed_params_and_loads_awq_bases(tmp_path):
   loaded = checkpoint.load(tmp_path / 'plain', abstract, {})
   np.testing.assert_array_equal(qmodel.apply({'params': loaded}, x),
                                 qmodel.apply({'params': params}, x))
+
+
+def test_rank_none_default_provider_is_qwix_at_many_tokens():
+  """'auto' would pick bf16 at >= 64 rows; plain Qwix weights keep f32."""
+  model = SimpleMLP(dhidden=64, dout=32)
+  x = jax.random.normal(KEY, (128, 16))
+  fp = model.init(KEY, x)['params']
+  rules = [LqerRule(weight_qtype=jnp.int4, tile_size=16)]
+  ptq_model, ptq_abstract = _abstract(model, rules, x, qwix.PtqProvider)
+  lqer_model, abstract = _abstract(model, rules, x)
+  params = lqer_quantize_params(fp, abstract)
+  y = jax.jit(lqer_model.apply)({'params': params}, x)
+  y_qwix = jax.jit(ptq_model.apply)(
+      {'params': qwix.quantize_params(fp, ptq_abstract)}, x)
+  np.testing.assert_array_equal(y, y_qwix)
