@@ -984,10 +984,10 @@ class _EinsumModel(nn.Module):
 
 class _NnxDense(nnx.Module):
 
-  def __init__(self, *, rngs=None):
+  def __init__(self, sizes=(32, 128, 64), *, rngs=None):
     rngs = rngs or nnx.Rngs(0)
-    self.dense1 = nnx.Linear(32, 128, rngs=rngs)
-    self.dense2 = nnx.Linear(128, 64, rngs=rngs)
+    self.dense1 = nnx.Linear(sizes[0], sizes[1], rngs=rngs)
+    self.dense2 = nnx.Linear(sizes[1], sizes[2], rngs=rngs)
 
   def __call__(self, x):
     return self.dense2(nn.gelu(self.dense1(x)))
@@ -1416,17 +1416,7 @@ def test_sq_dense_model_linen(rank):
 def test_sq_dense_model_nnx():
   """smooth_quant_test.test_dense_model_nnx, PTQ model from LqerProvider."""
 
-  class Model(nnx.Module):
-
-    def __init__(self, *, rngs=None):
-      rngs = rngs or nnx.Rngs(0)
-      self.dense1 = nnx.Linear(128, 256, rngs=rngs)
-      self.dense2 = nnx.Linear(256, 128, rngs=rngs)
-
-    def __call__(self, x):
-      return self.dense2(nn.gelu(self.dense1(x)))
-
-  model = Model()
+  model = _NnxDense((128, 256, 128))
   x = jax.random.normal(KEY, (10, 128)) * jnp.ones(128).at[0].set(100.0)
   rules = [sq.SqRule(weight_qtype=jnp.int4, act_qtype=jnp.int4, tile_size=64)]
   model_cal = qwix.quantize_model(model, sq.SqCalibrationProvider(rules), x)
