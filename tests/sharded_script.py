@@ -91,14 +91,13 @@ def check_factorization_does_not_gather_weight(w):
   sizes = {}
   how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=[1],
                              tiled_axes={}, calibration_method='absmax')
+  q, _ = lqer.bases.rtn(w, how, layout, None)
+  qs = jax.tree.map(lambda x: jnp.stack([x]), q)
   for solver in ['randomized', 'exact']:
     rule = lqer.LqerRule(weight_qtype=jnp.int4, rank=8, solver=solver)
-    # Quantization, E and the factors, as lqer_quantize_params runs them.
-    fn = lqer.params._factor_fn(layout, 8, rule, how)
-    scale = qarray.compute_scale_zero_point(qarray.calibrate(w, how),
-                                            jnp.int4)
-    base = jax.tree.map(lambda x: jnp.stack([x]), scale)
-    hlo = fn.lower(ws, base, keys).compile().as_text()
+    # E and the factors, as lqer_quantize_params runs them.
+    fn = lqer.factor.factor_fn(layout, 8, rule)
+    hlo = fn.lower(ws, qs, None, keys).compile().as_text()
     sizes[solver] = _largest_all_gather(hlo)
   print('largest all-gather (elements):', sizes, 'weight:', w.size)
   assert sizes['randomized'] <= max(w.shape) * 7 * 24 < w.size // 2, sizes
