@@ -37,13 +37,17 @@ def _quantize_with(w, qtype, scale, zero_point, noise_fn):
                                                noise_fn)
 
 
+def rtn_scale(w, how):
+  """Qwix PTQ's (scale, zero_point) of w. Eager: jitted, XLA may fold e.g.
+  the clipping factor of 'absmax,0.9' into the scale differently (1 ulp)."""
+  return qarray.compute_scale_zero_point(qarray.calibrate(w, how), how.qtype)
+
+
 def rtn(w, how, layout, stats):
-  """Qwix PTQ. Calibration runs eagerly: jitted, XLA may fold e.g. the
-  clipping factor of 'absmax,0.9' into the scale differently (1 ulp)."""
+  """Qwix PTQ, bit for bit (the offline pass fuses the same
+  `quantize_with_scale_zero_point` into its factor call: `lqer.factor`)."""
   del layout, stats
-  scale, zero_point = qarray.compute_scale_zero_point(
-      qarray.calibrate(w, how), how.qtype)
-  return _quantize_with(w, how.qtype, scale, zero_point, how.noise_fn), None
+  return _quantize_with(w, how.qtype, *rtn_scale(w, how), how.noise_fn), None
 
 
 def _normalized(w, how, layout):

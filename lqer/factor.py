@@ -33,26 +33,32 @@ def check_weight(name: str, w, layout: layout_lib.KernelLayout, rank: int):
     raise ValueError(f'{name}: weight holds {bad} NaN/Inf values')
 
 
-def factor_fn(layout: layout_lib.KernelLayout, rank: int, rule):
-  """Jitted, batched (ws, qs, awq_scales, keys, **stats) -> (A, B).
+def factor_fn(layout: layout_lib.KernelLayout, rank: int, rule, how=None):
+  """Jitted, batched (ws, bases, awq_scales, keys, **stats) -> (qs, A, B).
 
   Each E = w - deq(q) [/ awq_scale] is factored in the (*batch, in, out)
   matrix form; A (*, in, k), B (*, k, out) float32. Stats: act_abs_mean
-  (l2qer) or chol (qera). Cached by the settings.
+  (l2qer) or chol (qera). bases: the QArrays q (qs is then None), or, with
+  `how` (the RTN base fused in), Qwix's (scale, zero_point) of each w, and
+  q = quantize_with_scale_zero_point(w) is computed here: one pass over W,
+  no int4 array materialised and read back. Cached by the settings.
   """
   solver_kw = dict(solver=rule.solver, oversample=rule.oversample,
                    power_iters=rule.resolved_power_iters, krylov=rule.krylov)
-  key = (layout, rank, rule.method, tuple(solver_kw.items()))
+  key = (layout, rank, rule.method, tuple(solver_kw.items()), repr(how))
   if key not in _FACTOR_FNS:
 
-    def one(w, q, awq_scale, key, act_abs_mean=None, chol=None):
-      base = qarray.dequantize(q).astype(jnp.float32)
+    def one(w, base, awq_scale, key, act_abs_mean=None, chol=None):
+      q = base if how is None else qarray.quantize_with_scale_zero_point(
+          w, how.qtype, *base, how.noise_fn)
+      deq = qarray.dequantize(q).astype(jnp.float32)
       if awq_scale is not None:
-        base = divide_along(base, awq_scale, layout.contracting_axes[0])
-      error = layout.to_matrix(w.astype(jnp.float32) - base)
-      return decompose.reconstruct(
+        deq = divide_along(deq, awq_scale, layout.contracting_axes[0])
+      error = layout.to_matrix(w.astype(jnp.float32) - deq)
+      a, b = decompose.reconstruct(
           error, rank, rule.method, act_abs_mean=act_abs_mean, chol=chol,
           key=key, **solver_kw)
+      return (None if how is None else q), a, b
 
     _FACTOR_FNS[key] = jax.jit(jax.vmap(one))
   return _FACTOR_FNS[key]
@@ -106,15 +112,17 @@ def build(path: str, w, how, layout, rule) -> WithLqer:
   methods zero until `lqer_quantize_params` runs with statistics."""
   check_weight(path, w, layout, rule.rank)
   check_tiles(path, w.shape, how)
-  q, _ = bases.rtn(w, how, layout, None)
   if rule.needs_calibration:
+    q, _ = bases.rtn(w, how, layout, None)
     zero = jnp.zeros((), rule.factor_dtype)
     a = jnp.broadcast_to(zero, layout.a_shape(rule.rank))
     b = jnp.broadcast_to(zero, layout.b_shape(rule.rank))
   else:
     stack = lambda x: jax.tree.map(lambda v: v[None], x)
-    a, b = factor_fn(layout, rule.rank, rule)(
-        stack(w), stack(q), None, stack(seed_key(rule, path)))
+    q, a, b = factor_fn(layout, rule.rank, rule, how)(
+        stack(w), stack(bases.rtn_scale(w, how)), None,
+        stack(seed_key(rule, path)))
+    q = jax.tree.map(lambda v: v[0], q)
     a, b = layout.split_factors(a[0], b[0])
   return WithLqer.create(array=q, how=how, layout=layout, rule=rule, a=a,
                          b=b, path=path)

@@ -363,32 +363,39 @@ class _CholeskyCache:
 
 def _run_chunk(chunk: list[_Job], factors: _CholeskyCache):
   """Bases of a chunk of same-settings weights, then their factors in one
-  jitted call."""
+  jitted call (an RTN base fused into it)."""
   first = chunk[0]
   rule, layout = first.rule, first.layout
-  based = [job.base(job.weight, job.how, job.layout, job.stats)
-           for job in chunk]
-  if first.rank == 0:
-    return {job.path: _base_only(job, q, s)
-            for job, (q, s) in zip(chunk, based)}
   stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)
+  if first.base_kind == 'rtn':
+    how, awq, based = first.how, [None] * len(chunk), None
+    base = stack([bases.rtn_scale(j.weight, j.how) for j in chunk])
+  else:
+    based = [job.base(job.weight, job.how, job.layout, job.stats)
+             for job in chunk]
+    if first.rank == 0:
+      return {job.path: _base_only(job, q, s)
+              for job, (q, s) in zip(chunk, based)}
+    how, awq = None, [s for _, s in based]
+    base = stack([q for q, _ in based])
   extra = {}
   if rule.method == 'l2qer':
     extra['act_abs_mean'] = jnp.stack(
         [stats_lib.abs_mean(j.stats) for j in chunk])
   elif rule.method == 'qera':
     extra['chol'] = jnp.stack([factors.get(j) for j in chunk])
-  awq = [s for _, s in based]
-  a, b = factor.factor_fn(layout, first.rank, rule)(
-      jnp.stack([j.weight for j in chunk]), stack([q for q, _ in based]),
+  qs, a, b = factor.factor_fn(layout, first.rank, rule, how)(
+      jnp.stack([j.weight for j in chunk]), base,
       None if awq[0] is None else jnp.stack(awq),
       jnp.stack([factor.seed_key(rule, j.name) for j in chunk]), **extra)
   out = {}
   for i, job in enumerate(chunk):
+    q = (based[i][0] if qs is None
+         else jax.tree.map(lambda x, i=i: x[i], qs))
     ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
     out[job.path] = WithLqer.create(
-        array=based[i][0], how=job.how, layout=layout, rule=rule, a=ai,
-        b=bi, awq_scale=awq[i], path=job.name)
+        array=q, how=job.how, layout=layout, rule=rule, a=ai, b=bi,
+        awq_scale=awq[i], path=job.name)
   return out
 
 
