@@ -72,23 +72,6 @@ class LqerProvider(ptq.PtqProvider):
               ' params at the parent\'s path)', stacklevel=2)
     return super().process_model_output(method_name, model_output)
 
-  def _check_weight(self, op_name, rhs):
-    """Counts the rule's weights; refuses plain Qwix params under a rule
-    with a rank (they would run as PTQ without a word)."""
-    rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
-    name = flax_util.find_param(rhs, ptq.WithAux) if rule else None
-    if name is None:
-      return
-    self._weights_matched[self._rules.index(rule)] += 1
-    if (isinstance(rule, LqerRule) and rule.rank is not None
-        and isinstance(rhs, ptq.WithAux) and not isinstance(rhs, WithLqer)):
-      raise ValueError(
-          f'{"/".join((*_module_path(), name))}: the rule has rank'
-          f' {rule.rank} but this weight'
-          ' is a plain Qwix PTQ weight without factors (params from'
-          ' qwix.quantize_params or another provider?); build them with'
-          ' lqer.lqer_quantize_params, or use a rule with rank=None')
-
   def _main(self, op_name, x, lhs, rhs, dimension_numbers, output_perm,
             qwix_call):
     """(x deq(Wq), whether (lhs A) B is already added).
@@ -132,17 +115,15 @@ class LqerProvider(ptq.PtqProvider):
       *,
       out_sharding=None,
   ):
-    self._check_weight('dot_general', rhs)
-    if not isinstance(rhs, ptq.WithAux):
-      rhs = self._maybe_create(
-          rhs, 'dot_general', dimension_numbers[0][1], dimension_numbers[1][1],
-          lambda rule: qwix_dot_general.get_how_to_quantize(
-              dimension_numbers=dimension_numbers,
-              ndims=(lhs.ndim, rhs.ndim), for_lhs=False,
-              tile_size=rule.tile_size, qtype=rule.weight_qtype,
-              calibration_method=rule.weight_calibration_method,
-          ),
-      )
+    rhs = self._weight(
+        rhs, 'dot_general', dimension_numbers[0][1], dimension_numbers[1][1],
+        lambda rule: qwix_dot_general.get_how_to_quantize(
+            dimension_numbers=dimension_numbers,
+            ndims=(lhs.ndim, rhs.ndim), for_lhs=False,
+            tile_size=rule.tile_size, qtype=rule.weight_qtype,
+            calibration_method=rule.weight_calibration_method,
+        ),
+    )
     if not isinstance(rhs, ptq.WithAux):
       return super().dot_general(
           lhs, rhs, dimension_numbers, precision, preferred_element_type,
@@ -174,17 +155,15 @@ class LqerProvider(ptq.PtqProvider):
     lhs, rhs = operands
     info = einsum_info.EinsumInfo.parse(einsum_str, ndims=(lhs.ndim, rhs.ndim))
     dims = info.dimension_numbers
-    self._check_weight('einsum', rhs)
-    if not isinstance(rhs, ptq.WithAux):
-      rhs = self._maybe_create(
-          rhs, 'einsum', dims[0][1], dims[1][1],
-          lambda rule: qwix_einsum.get_how_to_quantize(
-              einsum_str=einsum_str, ndims=(lhs.ndim, rhs.ndim),
-              for_lhs=False, tile_size=rule.tile_size,
-              qtype=rule.weight_qtype,
-              calibration_method=rule.weight_calibration_method,
-          ),
-      )
+    rhs = self._weight(
+        rhs, 'einsum', dims[0][1], dims[1][1],
+        lambda rule: qwix_einsum.get_how_to_quantize(
+            einsum_str=einsum_str, ndims=(lhs.ndim, rhs.ndim),
+            for_lhs=False, tile_size=rule.tile_size,
+            qtype=rule.weight_qtype,
+            calibration_method=rule.weight_calibration_method,
+        ),
+    )
     if not isinstance(rhs, ptq.WithAux):
       return super().einsum(einsum_str, lhs, rhs, **kwargs)
     x = _awq_scaled(lhs, rhs, dims)
@@ -195,17 +174,36 @@ class LqerProvider(ptq.PtqProvider):
     return main if done else _add_branch(main, lhs, rhs, dims,
                                          info.output_perm)
 
-  def _maybe_create(self, rhs, op_name, contracting, batch, get_how):
-    """Replaces a matched float weight by a `WithLqer` (init / first call)."""
+  def _weight(self, rhs, op_name, contracting, batch, get_how):
+    """The op's right operand, checked once per op (at trace time).
+
+    A param matched by a rule counts as one of the rule's weights. A plain
+    Qwix weight under a rule with a rank is refused (it would run as PTQ
+    without a word); a matched float weight is checked against the param
+    as stored and, under a rule with a rank, replaced by a `WithLqer`
+    (init / first NNX call).
+    """
     rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
-    if rule is None or rule.weight_qtype is None:
-      return rhs
-    name = flax_util.find_param(rhs)
+    quantized = isinstance(rhs, ptq.WithAux)
+    name = None if rule is None else flax_util.find_param(
+        rhs, ptq.WithAux if quantized else None)
     if name is None:
       return rhs
+    self._weights_matched[self._rules.index(rule)] += 1
     path = '/'.join((*_module_path(), name))
+    has_rank = isinstance(rule, LqerRule) and rule.rank is not None
+    if quantized:
+      if has_rank and not isinstance(rhs, WithLqer):
+        raise ValueError(
+            f'{path}: the rule has rank {rule.rank} but this weight is a'
+            ' plain Qwix PTQ weight without factors (params from'
+            ' qwix.quantize_params or another provider?); build them with'
+            ' lqer.lqer_quantize_params, or use a rule with rank=None')
+      return rhs
+    if rule.weight_qtype is None:
+      return rhs
     factor.check_shape(path, _stored_param(name).shape, rhs.shape)
-    if not isinstance(rule, LqerRule) or rule.rank is None:
+    if not has_rank:
       return rhs
     try:
       layout = layout_lib.KernelLayout(

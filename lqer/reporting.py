@@ -25,6 +25,7 @@ from lqer import metrics
 from lqer import packing
 from lqer import stats as stats_lib
 from lqer.rule import qtype_bits
+from lqer.rule import qtype_name
 from lqer.weight import WithLqer
 from lqer.weight import divide_along
 from lqer.weight import layout_of
@@ -179,7 +180,7 @@ def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
   tiles = list(q.how.tiled_axes.values())
   return LayerReport(
       path='/'.join(map(str, path)), shape=tuple(w.shape),
-      qtype=str(getattr(q.how.qtype, '__name__', q.how.qtype)),
+      qtype=qtype_name(q.how.qtype),
       group_size=int(tiles[0]) if tiles else None, rank=rank, method=method,
       weight_error_base=float(metrics.relative_weight_error(w_f, base_f)),
       weight_error=float(metrics.relative_weight_error(w_f, hat_f)),

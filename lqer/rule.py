@@ -21,11 +21,16 @@ _CALIBRATIONS = ('absmax', 'minmax', 'rms', 'fixed')
 _STRING_QTYPE_BITS = {'nf4': 4, 'mxfp4': 4, 'nvfp4': 4, 'mxfp8': 8}
 
 
+def qtype_name(qtype) -> str:
+  """A Qwix qtype by name: jnp.int4 and 'int4' -> 'int4'."""
+  return str(getattr(qtype, '__name__', qtype))
+
+
 def qtype_bits(qtype) -> int:
   """Logical bits per value of a Qwix qtype: jnp.int4 / 'int4' -> 4,
   'int3' -> 3 (Qwix stores it in an int4 container), 'nf4' / 'mxfp4' /
   'nvfp4' -> 4, 'mxfp8' / jnp.float8_e4m3fn -> 8."""
-  name = str(getattr(qtype, '__name__', qtype))
+  name = qtype_name(qtype)
   if name in _STRING_QTYPE_BITS:
     return _STRING_QTYPE_BITS[name]
   if name in _INT_QTYPES:
@@ -111,9 +116,8 @@ def _validate_qtype(rule, field, qtype):
 
 def same_qtype(a, b) -> bool:
   """Whether two Qwix qtypes are the same: 'int4' == jnp.int4."""
-  name = lambda q: str(getattr(q, '__name__', q))
   if isinstance(a, str) or isinstance(b, str):
-    return name(a) == name(b)
+    return qtype_name(a) == qtype_name(b)
   return np.dtype(a) == np.dtype(b)
 
 
