@@ -6,6 +6,7 @@ for the calibration distribution) on top of any Qwix weight quantizer.
 
 from lqer.calibration import LqerCalibrationProvider
 from lqer.decompose import METHODS, SOLVERS
+from lqer.lora import from_lora, lora_rules, to_lora
 from lqer.packing import PackedInt4, pack_params
 from lqer.params import lqer_quantize_params
 from lqer.provider import LqerProvider
@@ -24,7 +25,10 @@ __all__ = [
     'PackedInt4',
     'SOLVERS',
     'WithLqer',
+    'from_lora',
+    'lora_rules',
     'lqer_quantize_params',
     'pack_params',
+    'to_lora',
 ]
 __version__ = '0.1.0'

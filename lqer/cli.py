@@ -1,10 +1,16 @@
-"""The `lqer` command line: `lqer eval` quantizes a bundled real model.
+"""The `lqer` command line.
 
     lqer eval --model smollm2 --bits 4 --tile-size 128 --ranks 32 \\
         --methods svd l2qer qera
 
 prints FP, plain Qwix PTQ and each method x rank with the quality metric,
-bits per weight and offline seconds. Also `python -m lqer eval ...`.
+bits per weight and offline seconds.
+
+    lqer finetune --bits 4 --tile-size 128 --rank 32 --init zero qera
+
+fine-tunes SmolLM2's Qwix QLoRA adapters from zero or from the
+reconstruction and prints held-out perplexity per init and step count.
+Also `python -m lqer ...`.
 """
 
 import argparse
@@ -15,6 +21,7 @@ import sys
 import jax.numpy as jnp
 
 from lqer import evaluation
+from lqer import finetuning
 
 DEFAULTS = {
     'smollm2': dict(bits=[4], tile_size=128, ranks=[32]),
@@ -67,6 +74,38 @@ def _parser():
   e.add_argument('--save', help='write each quantized params tree under DIR')
   e.add_argument('--load', help='evaluate checkpoints saved with --save'
                  ' instead of quantizing')
+  f = sub.add_parser('finetune', help='QLoRA from zero vs from the'
+                     ' reconstruction on SmolLM2, print a table')
+  f.add_argument('--model', choices=['smollm2'], default='smollm2',
+                 help='smollm2 only (MiniLM has no training objective here)')
+  f.add_argument('--bits', type=int, default=4, choices=[2, 3, 4, 8])
+  f.add_argument('--tile-size', type=int, default=128,
+                 help='as for lqer eval (0 = per-channel)')
+  f.add_argument('--rank', type=int, default=32)
+  f.add_argument('--base', choices=['rtn', 'gptq'], default='rtn',
+                 help='AWQ bases carry scales Qwix LoRA cannot apply')
+  f.add_argument('--init', nargs='+', default=['zero', 'qera'],
+                 choices=list(finetuning.INIT_LABELS))
+  f.add_argument('--steps', type=int, default=finetuning.DEFAULT_STEPS)
+  f.add_argument('--batch-tokens', type=int,
+                 default=finetuning.DEFAULT_BATCH_TOKENS,
+                 help='tokens per step (windows of 512)')
+  f.add_argument('--lr', type=float, default=finetuning.DEFAULT_LR,
+                 help='optax.adamw learning rate')
+  f.add_argument('--alpha', type=float, default=None,
+                 help='LoRA alpha (default: the rank, so alpha / rank = 1)')
+  f.add_argument('--seed', type=int, default=0)
+  f.add_argument('--train-text', help='UTF-8 text file to train on (default:'
+                 ' the bundled prose that calibration and evaluation do not'
+                 ' read)')
+  f.add_argument('--calib-text', help='UTF-8 text file for calibration')
+  f.add_argument('--eval-text', help='UTF-8 text file for evaluation')
+  f.add_argument('--eval-tokens', type=int,
+                 default=finetuning.DEFAULT_EVAL_TOKENS,
+                 help='held-out tokens (windows of 512)')
+  f.add_argument('--json', help='write one record per row to this file')
+  f.add_argument('--save', help='write each reconstruction init\'s tuned'
+                 ' params under DIR, for lqer eval --load DIR')
   return p
 
 
@@ -141,10 +180,46 @@ def eval_command(args) -> list:
   return rows
 
 
+def finetune_command(args) -> list:
+  if args.rank < 1 or args.steps < 1 or args.batch_tokens < 1:
+    raise SystemExit('--rank, --steps and --batch-tokens must be positive')
+  task = evaluation.smollm2_task(_read(args.calib_text),
+                                 _read(args.eval_text),
+                                 n_eval=args.eval_tokens)
+  train_ids = (task.encode(_read(args.train_text)) if args.train_text
+               else task.train_ids)
+  alpha = float(args.rank if args.alpha is None else args.alpha)
+  print(f'# lqer finetune: {" ".join(sys.argv[1:])}', flush=True)
+  rows = []
+  for row in finetuning.run(
+      task, args.bits, args.tile_size or None, args.rank, args.init,
+      base=args.base, steps=args.steps, batch_tokens=args.batch_tokens,
+      lr=args.lr, alpha=alpha, train_ids=train_ids, seed=args.seed,
+      save_dir=args.save):
+    rows.append(row)
+    print(f'  {row.init:12s} steps={row.steps} perplexity={row.perplexity:.4f}',
+          file=sys.stderr, flush=True)
+  print(finetuning.format_table(rows))
+  first = next(r for r in rows if r.trainable_params)
+  speed = finetuning.tokens_per_second(rows, args.batch_tokens)
+  print(f'\nW{args.bits} g{args.tile_size} rank {args.rank}, alpha {alpha:g},'
+        f' optax.adamw lr {args.lr:g}, {args.batch_tokens} tokens/step,'
+        f' {len(train_ids)} training tokens available.'
+        f'\nTrainable params {first.trainable_params:,}; training step'
+        f' {speed:.0f} tokens/s; compiled step temp memory'
+        f' {first.step_temp_vs_fp32:.2f}x the float32 weights.')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+  return rows
+
+
 def main(argv=None):
   args = _parser().parse_args(argv)
   if args.command == 'eval':
     eval_command(args)
+  else:
+    finetune_command(args)
 
 
 if __name__ == '__main__':

@@ -64,6 +64,10 @@ class Task:
   metric: str
   score: Callable[[Any, Any], dict[str, float]]  # (module, params) -> metrics
   module_path: str  # regex of the weights to quantize
+  # smollm2: text -> token ids, and the default training tokens (the part of
+  # the bundled prose that neither calibration nor evaluation reads).
+  encode: Callable[[str], np.ndarray] | None = None
+  train_ids: np.ndarray | None = None
 
 
 def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
@@ -72,12 +76,14 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
   from models import smollm2, text  # pylint: disable=g-import-not-at-top
   module, params, tokenizer = smollm2.load_smollm2()
   encode = lambda t: np.asarray(tokenizer.encode(t).ids, np.int32)
+  prose = encode(text.prose_text())
   if calib_text is None and eval_text is None:
-    calib, evals = text.split_tokens(encode(text.prose_text()), n_calib,
-                                     n_eval)
+    calib, evals = text.split_tokens(prose, n_calib, n_eval)
   else:
-    calib = encode(calib_text or text.prose_text())[:n_calib]
-    evals = encode(eval_text or text.prose_text())[-n_eval:]
+    calib = (prose if calib_text is None else encode(calib_text))[:n_calib]
+    evals = (prose if eval_text is None else encode(eval_text))[-n_eval:]
+  train = prose[len(calib) if calib_text is None else 0:
+                len(prose) - (len(evals) if eval_text is None else 0)]
   if len(evals) < window:
     raise ValueError(f'evaluation text has {len(evals)} tokens; need at least'
                      f' one window of {window}')
@@ -90,6 +96,7 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
       score=lambda m, p: {'perplexity': smollm2.perplexity(
           m, p, evals, window, progress=True)},
       module_path=r'layers_\d+/(attn|mlp)/.*',
+      encode=encode, train_ids=train,
   )
 
 
@@ -226,18 +233,18 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
         abstract = jax.eval_shape(model.init, jax.random.key(0),
                                   *task.example)['params']
         params = checkpoint.load(
-            _subdir(load_dir, bits, tile_size, method, rank), abstract, fp)
+            subdir(load_dir, bits, tile_size, method, rank), abstract, fp)
         secs = None
       else:
         model, params, secs = quantize(task, rules, stats, base,
                                           compute_dtype)
       if save_dir is not None:
-        checkpoint.save(_subdir(save_dir, bits, tile_size, method, rank),
+        checkpoint.save(subdir(save_dir, bits, tile_size, method, rank),
                         params, fp)
       bpw = make_report(task.params, params).total()['bits_per_weight']
       yield row(METHOD_LABELS[method], rank,
                 task.score(model, maybe_pack(params)), bpw, secs)
 
 
-def _subdir(root, bits, tile_size, method, rank):
+def subdir(root, bits, tile_size, method, rank):
   return f'{root}/w{bits}_g{tile_size or 0}_{method}_r{rank}'

@@ -186,6 +186,56 @@ class SmolLM2(nn.Module):
     return logits.astype(jnp.float32)
 
 
+class SingleBlock(nn.Module):
+  """One decoder block, named ``layers_0`` so that rules written for
+  SmolLM2's param paths apply to it: the block that ``scanned_hidden``
+  runs over the stacked layers."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return DecoderBlock(self.config, name="layers_0")(x)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """``params`` with ``layers_0 .. layers_{n-1}`` replaced by one entry,
+  ``layers``, whose leaves are stacked on a new leading axis (every block
+  must have the same param structure, quantization included)."""
+  rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  blocks = [params[f"layers_{i}"] for i in range(num_layers)]
+  return rest | {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """The inverse of ``stack_layers``."""
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  return rest | {f"layers_{i}": jax.tree.map(lambda x: x[i], params["layers"])
+                 for i in range(num_layers)}
+
+
+def scanned_hidden(block_apply, config: LlamaConfig, params: dict,
+                   input_ids: jax.Array) -> jax.Array:
+  """SmolLM2's final normed hidden states, with the blocks run by
+  ``lax.scan`` over ``stack_layers`` params, each block rematerialised, so
+  that a backward pass holds one block's activations at a time (XLA:CPU
+  does not keep unrolled ``remat`` blocks apart). ``block_apply`` is
+  ``SingleBlock(config).apply``, or that of a Qwix-wrapped SingleBlock."""
+  x = jnp.take(params["embed"]["embedding"], input_ids, axis=0)
+  body = jax.checkpoint(
+      lambda x, layer: (block_apply({"params": {"layers_0": layer}}, x), None))
+  x, _ = jax.lax.scan(body, x, params["layers"])
+  return nn.RMSNorm(config.rms_eps).apply({"params": params["norm"]}, x)
+
+
+def output_logits(params, hidden: jax.Array) -> jax.Array:
+  """Logits of final hidden states, as ``SmolLM2.__call__`` computes them,
+  without a transposed copy of a tied embedding."""
+  if "lm_head" in params:
+    return hidden @ params["lm_head"]["kernel"]
+  return jnp.einsum("...d,vd->...v", hidden, params["embed"]["embedding"])
+
+
 # ---------------------------------------------------------------------------
 # GGUF loading
 # ---------------------------------------------------------------------------

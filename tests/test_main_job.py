@@ -2,10 +2,12 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
+import qwix
 
-from lqer import checkpoint, cli, evaluation
+from lqer import LqerProvider, checkpoint, cli, evaluation
 
 
 def _by_method(rows):
@@ -114,3 +116,48 @@ def test_checkpoint_roundtrip_atomic_and_checked(tmp_path):
     checkpoint.st_numpy.save_file = orig
   assert path.read_bytes() == good
   assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]
+
+
+@pytest.mark.slow
+def test_finetune_cli_small(tmp_path, monkeypatch, capsys):
+  from lqer import finetuning  # pylint: disable=g-import-not-at-top
+  task = evaluation.smollm2_task(n_calib=1024, n_eval=512)
+  monkeypatch.setattr(evaluation, 'smollm2_task', lambda *a, **k: task)
+  out = tmp_path / 'ft.json'
+  cli.main(['finetune', '--steps', '4', '--init', 'zero', 'qera',
+            '--json', str(out), '--save', str(tmp_path / 'ck')])
+  records = json.loads(out.read_text())
+  table = capsys.readouterr().out
+  assert '| QERA | 4 |' in table and 'tokens/s' in table
+  assert [(r['init'], r['steps']) for r in records] == [
+      ('FP', None), ('PTQ', None)] + [
+          (init, n) for init in ('zero (QLoRA)', 'QERA')
+          for n in finetuning.step_counts(4)]
+  by = {(r['init'], r['steps']): r for r in records}
+  # Step 0: QLoRA from zero is the PTQ model; from QERA, the QERA model.
+  assert by[('zero (QLoRA)', 0)]['perplexity'] == pytest.approx(
+      by[('PTQ', None)]['perplexity'], rel=1e-4)
+  assert by[('QERA', 0)]['perplexity'] < by[('PTQ', None)]['perplexity']
+  kernels = [w for path, w in jax.tree_util.tree_flatten_with_path(
+      task.params)[0] if 'layers_' in str(path[0])
+              and str(path[-1].key) == 'kernel']
+  for init in ('zero (QLoRA)', 'QERA'):
+    first = by[(init, 0)]
+    # a (in, 32) and b (32, out) per quantized kernel.
+    assert first['trainable_params'] == sum(32 * sum(w.shape)
+                                            for w in kernels)
+    # The compiled step holds no float copy of the base (425 MB in float32).
+    assert first['step_temp_vs_fp32'] <= 0.5
+    assert by[(init, 4)]['train_loss'] > 0
+  # The saved QERA-init params load as `lqer eval --load` reads them and
+  # score what the tuned LoRA model scored (bf16 factors).
+  rules, _ = evaluation.build_rules(task.params, task.module_path, 4, 128,
+                                    32, 'qera')
+  model = qwix.quantize_model(task.module, LqerProvider(rules))
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            *task.example)['params']
+  params = checkpoint.load(evaluation.subdir(tmp_path / 'ck', 4, 128, 'qera',
+                                             32), abstract,
+                           evaluation.fingerprint('smollm2', rules, 'rtn'))
+  assert task.score(model, params)['perplexity'] == pytest.approx(
+      by[('QERA', 4)]['perplexity'], rel=5e-3)

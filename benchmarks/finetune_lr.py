@@ -1,0 +1,41 @@
+"""Learning-rate sweep for zero-init QLoRA on SmolLM2 (how the default
+`lqer finetune --lr` was chosen): the same base, data, steps and seed as
+`lqer finetune`, one row per learning rate.
+
+    python benchmarks/finetune_lr.py --steps 64 --lrs 3e-4 1e-3 3e-3
+"""
+
+import argparse
+
+from lqer import evaluation
+from lqer import finetuning
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument('--bits', type=int, default=4)
+  p.add_argument('--tile-size', type=int, default=128)
+  p.add_argument('--rank', type=int, default=32)
+  p.add_argument('--init', default='zero',
+                 choices=list(finetuning.INIT_LABELS))
+  p.add_argument('--steps', type=int, default=finetuning.DEFAULT_STEPS)
+  p.add_argument('--batch-tokens', type=int,
+                 default=finetuning.DEFAULT_BATCH_TOKENS)
+  p.add_argument('--lrs', type=float, nargs='+', default=[3e-4, 1e-3, 3e-3])
+  args = p.parse_args()
+  task = evaluation.smollm2_task(n_eval=finetuning.DEFAULT_EVAL_TOKENS)
+  print(f'| {args.init} init, lr | ' + ' | '.join(
+      f'step {n}' for n in finetuning.step_counts(args.steps)) + ' |')
+  print('|---|' + '---|' * len(finetuning.step_counts(args.steps)))
+  for lr in args.lrs:
+    rows = list(finetuning.run(
+        task, args.bits, args.tile_size, args.rank, [args.init],
+        steps=args.steps, batch_tokens=args.batch_tokens, lr=lr,
+        alpha=float(args.rank), train_ids=task.train_ids,
+        with_reference=False))
+    print(f'| {lr:g} | ' + ' | '.join(f'{r.perplexity:.3f}' for r in rows)
+          + ' |', flush=True)
+
+
+if __name__ == '__main__':
+  main()

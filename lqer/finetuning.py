@@ -1,0 +1,202 @@
+"""`lqer finetune`: QLoRA on SmolLM2 from zero adapters or from the
+reconstruction, held-out perplexity along the way.
+
+Every init trains the same quantized base (the base lqer built: RTN or
+GPTQ) on the same token windows in the same order, with the same optimizer,
+learning rate, alpha and seed. 'zero' is Qwix's own LoRA init (lora_a
+he_uniform, lora_b zeros); 'svd' / 'l2qer' / 'qera' start the adapters at
+the LQER / L2QER / QERA factors (`lqer.to_lora`).
+"""
+
+import dataclasses
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import qwix
+from tqdm.auto import tqdm
+
+from lqer import checkpoint
+from lqer import evaluation
+from lqer import lora
+from lqer import training
+from models import smollm2
+
+INIT_LABELS = {'zero': 'zero (QLoRA)', 'svd': 'LQER', 'l2qer': 'L2QER',
+               'qera': 'QERA'}
+WINDOW = 512
+# Defaults of `lqer finetune`, the same for every init (see README).
+DEFAULT_STEPS = 64
+DEFAULT_BATCH_TOKENS = 512
+DEFAULT_LR = 1e-3
+DEFAULT_EVAL_TOKENS = 8192
+
+
+@dataclasses.dataclass
+class Row:
+  """One line of the table and one --json record."""
+
+  init: str
+  steps: int | None
+  perplexity: float
+  train_loss: float | None = None  # mean over the last quarter of steps
+  step_seconds: float | None = None  # median, compile excluded
+  # On each init's step-0 row: trainable params, and the compiled step's
+  # temp bytes over the model's float32 weight bytes.
+  trainable_params: int | None = None
+  step_temp_vs_fp32: float | None = None
+
+
+def step_counts(n: int) -> list[int]:
+  """0, N/4, N/2, N (rounded down, without repeats)."""
+  return sorted({0, n // 4, n // 2, n})
+
+
+def windows_for_steps(train_ids: np.ndarray, steps: int,
+                      batch_tokens: int) -> np.ndarray:
+  """(steps, batch, WINDOW) token windows, in order, cycling over the text."""
+  per_step = max(1, batch_tokens // WINDOW)
+  n = len(train_ids) // WINDOW
+  if n == 0:
+    raise ValueError(f'training text has {len(train_ids)} tokens; need at'
+                     f' least one window of {WINDOW}')
+  windows = np.asarray(train_ids[:n * WINDOW]).reshape(n, WINDOW)
+  order = np.arange(steps * per_step) % n
+  return windows[order].reshape(steps, per_step, WINDOW)
+
+
+def next_token_loss(hidden: jax.Array, logits_of, windows: jax.Array,
+                    chunk: int = 128) -> jax.Array:
+  """Mean NLL of tokens 1..W-1 given the earlier tokens of each window:
+  mean(logsumexp(z) - z[target]), z = logits_of(h), computed for `chunk`
+  positions at a time and recomputed in the backward pass, so the full
+  (batch, W, vocab) logits never exist."""
+  h, targets = hidden[:, :-1], windows[:, 1:]
+  n = h.shape[1]
+  pad = -n % chunk
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  mask = jnp.arange(n + pad) < n
+  split = lambda x: jnp.moveaxis(
+      x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_nll(args):
+    h_c, t_c, m_c = args
+    logits = logits_of(h_c).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m_c)
+
+  masks = jnp.broadcast_to(mask, targets.shape)
+  total = jnp.sum(jax.lax.map(chunk_nll, (split(h), split(targets),
+                                          split(masks))))
+  return total / (h.shape[0] * n)
+
+
+def run(task, bits: int, tile_size, rank: int, inits: Sequence[str], *,
+        base: str = 'rtn', steps: int, batch_tokens: int, lr: float,
+        alpha: float, train_ids: np.ndarray, seed: int = 0,
+        save_dir=None, with_reference=True) -> Iterator[Row]:
+  """Yields the FP and PTQ rows (if with_reference), then for each init one
+  row per step count in `step_counts(steps)`."""
+  stats = None
+  if base != 'rtn' or set(inits) & {'l2qer', 'qera'}:
+    stats = evaluation.calibrate(task, evaluation.build_rules(
+        task.params, task.module_path, bits, tile_size, 1, 'qera')[0])
+  if with_reference:
+    yield Row('FP', None, task.score(task.module, task.params)['perplexity'])
+    ptq_rules, _ = evaluation.build_rules(task.params, task.module_path,
+                                          bits, tile_size, None, 'svd')
+    ptq_model, ptq_params, _ = evaluation.quantize(task, ptq_rules, stats,
+                                                   base)
+    yield Row('PTQ' if base == 'rtn' else base.upper(), None,
+              task.score(ptq_model, ptq_params)['perplexity'])
+
+  batches = windows_for_steps(train_ids, steps, batch_tokens)
+  optimizer = optax.adamw(lr)
+  counts = step_counts(steps)
+  n_layers = task.module.config.num_layers
+  first_lqer = None
+  for init in inits:
+    rules, _ = evaluation.build_rules(task.params, task.module_path, bits,
+                                      tile_size, rank,
+                                      'svd' if init == 'zero' else init)
+    if init != 'zero' or first_lqer is None:
+      lqer_model, params, _ = evaluation.quantize(task, rules, stats, base)
+      first_lqer = first_lqer or params
+    lrules = lora.lora_rules(rules, alpha)
+    lora_model = qwix.apply_lora_to_model(task.module,
+                                          qwix.LoraProvider(lrules))
+    key = jax.random.key(seed)
+    lora_abstract = jax.eval_shape(lora_model.init, key,
+                                   *task.example)['params']
+    lora_params = lora.to_lora(first_lqer if init == 'zero' else params,
+                               lora_abstract, lrules)
+    if init == 'zero':  # Qwix's own adapter init on the same base
+      fresh = jax.jit(lora_model.init)(key, *task.example)['params']
+      lora_params = training.merge_adapters(
+          lora_params, training.split_adapters(fresh)[0])
+    adapters, frozen = training.split_adapters(
+        smollm2.stack_layers(lora_params, n_layers))
+    opt_state = optimizer.init(adapters)
+    step = training.train_step(
+        _scanned_loss(task.module.config, lrules), optimizer).lower(
+            adapters, opt_state, frozen, jnp.asarray(batches[0])).compile()
+    score = lambda a: task.score(lora_model, smollm2.unstack_layers(
+        training.merge_adapters(frozen, a), n_layers))['perplexity']
+    yield Row(INIT_LABELS[init], 0, score(adapters),
+              trainable_params=sum(x.size for x in jax.tree.leaves(adapters)),
+              step_temp_vs_fp32=step.memory_analysis().temp_size_in_bytes
+              / sum(x.size * 4 for x in jax.tree.leaves(task.params)))
+    losses, seconds = [], []
+    bar = tqdm(range(steps), desc=f'finetune {init}', leave=False)
+    for i in bar:
+      start = time.perf_counter()
+      adapters, opt_state, loss = step(adapters, opt_state, frozen,
+                                       jnp.asarray(batches[i]))
+      losses.append(float(loss))
+      seconds.append(time.perf_counter() - start)
+      bar.set_postfix(loss=f'{losses[-1]:.3f}')
+      if i + 1 in counts:
+        yield Row(INIT_LABELS[init], i + 1, score(adapters),
+                  float(np.mean(losses[-max(1, steps // 4):])),
+                  float(np.median(seconds)))
+    if save_dir is not None and init != 'zero':
+      abstract = jax.eval_shape(lqer_model.init, key, *task.example)['params']
+      tuned = lora.from_lora(smollm2.unstack_layers(
+          training.merge_adapters(frozen, adapters), n_layers),
+                             abstract, lrules)
+      checkpoint.save(evaluation.subdir(save_dir, bits, tile_size, init,
+                                        rank),
+                      tuned, evaluation.fingerprint(task.name, rules, base))
+
+
+def _scanned_loss(config, lrules):
+  """loss(stacked LoRA params, windows): SmolLM2 with its blocks scanned
+  (one Qwix LoRA block, rules as for the whole model), chunked logits."""
+  block = qwix.apply_lora_to_model(smollm2.SingleBlock(config),
+                                   qwix.LoraProvider(lrules))
+  return lambda params, windows: next_token_loss(
+      smollm2.scanned_hidden(block.apply, config, params, windows),
+      lambda h: smollm2.output_logits(params, h), windows)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+  """Markdown table: init, steps, held-out perplexity, training loss."""
+  fmt = lambda v, f: '-' if v is None else f.format(v)
+  lines = ['| init | steps | perplexity | train loss |', '|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r.init} | {fmt(r.steps, "{}")} |'
+                 f' {r.perplexity:.4f} | {fmt(r.train_loss, "{:.4f}")} |')
+  return '\n'.join(lines)
+
+
+def tokens_per_second(rows: Sequence[Row], batch_tokens: int) -> float | None:
+  """Training throughput: tokens per step over the median step time."""
+  times = [r.step_seconds for r in rows if r.step_seconds]
+  if not times:
+    return None
+  return max(1, batch_tokens // WINDOW) * WINDOW / float(np.median(times))
