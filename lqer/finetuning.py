@@ -142,15 +142,13 @@ def run(task, bits: int, tile_size, rank: int, inits: Sequence[str], *,
     adapters, frozen = training.split_adapters(
         smollm2.stack_layers(lora_params, n_layers))
     opt_state = optimizer.init(adapters)
-    step = training.train_step(
-        _scanned_loss(task.module.config, lrules), optimizer).lower(
-            adapters, opt_state, frozen, jnp.asarray(batches[0])).compile()
+    step = compile_step(task.module.config, lrules, optimizer, adapters,
+                        opt_state, frozen, batches[0])
     score = lambda a: task.score(lora_model, smollm2.unstack_layers(
         training.merge_adapters(frozen, a), n_layers))['perplexity']
     yield Row(INIT_LABELS[init], 0, score(adapters),
               trainable_params=sum(x.size for x in jax.tree.leaves(adapters)),
-              step_temp_vs_fp32=step.memory_analysis().temp_size_in_bytes
-              / sum(x.size * 4 for x in jax.tree.leaves(task.params)))
+              step_temp_vs_fp32=temp_vs_fp32(step, task.params))
     losses, seconds = [], []
     bar = tqdm(range(steps), desc=f'finetune {init}', leave=False)
     for i in bar:
@@ -172,6 +170,21 @@ def run(task, bits: int, tile_size, rank: int, inits: Sequence[str], *,
       checkpoint.save(evaluation.subdir(save_dir, bits, tile_size, init,
                                         rank),
                       tuned, evaluation.fingerprint(task.name, rules, base))
+
+
+def compile_step(config, lrules, optimizer, adapters, opt_state, frozen,
+                 windows):
+  """The compiled training step for stacked (`stack_layers`) LoRA params."""
+  step = training.train_step(_scanned_loss(config, lrules), optimizer)
+  return step.lower(adapters, opt_state, frozen,
+                    jnp.asarray(windows)).compile()
+
+
+def temp_vs_fp32(compiled, fp_params) -> float:
+  """A compiled step's temp bytes (XLA memory_analysis) over the float32
+  bytes of the model's weights."""
+  fp32 = sum(x.size * 4 for x in jax.tree.leaves(fp_params))
+  return compiled.memory_analysis().temp_size_in_bytes / fp32
 
 
 def _scanned_loss(config, lrules):

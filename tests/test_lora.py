@@ -1,7 +1,6 @@
 """QLoRA from the reconstruction: lqer.to_lora / from_lora and training the
 adapters with optax, Linen and NNX."""
 
-from flax import linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
