@@ -101,6 +101,9 @@ def to_lora(params: Any, lora_abstract: Any,
             f'lqer.to_lora: {name} has LQER factors of rank {leaf.rank} but'
             ' no LoraRule matches it; the LoRA rules must match the LQER'
             ' rules (lqer.lora_rules(lqer_rules, alpha)).')
+      if isinstance(leaf, WithLqer):  # rank 0: a GPTQ / stored base only
+        _check_base(leaf, abs_leaf, name)
+        leaf = ptq.WithAux(array=leaf.array, how=abs_leaf.how)
       out[path] = _plain(leaf, abs_leaf, name)
       continue
     if not isinstance(leaf, WithLqer) or not leaf.rank:
@@ -161,6 +164,13 @@ def from_lora(lora_params: Any, abstract: Any,
         raise ValueError(
             f'lqer.from_lora: {name} has a LoRA adapter but the LQER model'
             ' gives it no factors; the LQER rules must match the LoRA rules.')
+      if isinstance(abs_leaf, WithLqer):  # rank 0: the base only
+        _check_base(leaf, abs_leaf, name)
+        lay = abs_leaf.layout
+        leaf = WithLqer.create(
+            array=leaf.array, how=abs_leaf.how, layout=lay,
+            rule=abs_leaf.rule, a=jnp.zeros(lay.a_shape(0)),
+            b=jnp.zeros(lay.b_shape(0)), path=name)
       out[path] = _plain(leaf, abs_leaf, name)
       continue
     if a_path not in source:
@@ -177,16 +187,15 @@ def from_lora(lora_params: Any, abstract: Any,
                        f' params (found {type(leaf).__name__})')
     _check_base(leaf, abs_leaf, name)
     layout = abs_leaf.layout
+    _check_adapter_shapes(layout, rule.rank, source[a_path].shape,
+                          source[b_path].shape, name)
     a = jnp.reshape(source[a_path], layout.a_shape(rule.rank))
     b = jnp.reshape(source[b_path] * (rule.alpha / rule.rank),
                     layout.b_shape(rule.rank))
     out[path] = WithLqer.create(array=leaf.array, how=abs_leaf.how,
                                 layout=layout, rule=abs_leaf.rule, a=a, b=b,
                                 path=name)
-  lora_only = [p for p in source if not is_adapter(p) and p not in target]
-  if lora_only:
-    raise ValueError('lqer.from_lora: params not in the LQER model: '
-                     + ', '.join(path_str(p) for p in lora_only))
+  _check_all_read(source, target, 'from_lora')
   return _write(abstract, out)
 
 
@@ -217,28 +226,32 @@ def _check_base(leaf, abs_leaf, name):
         ' (weight_qtype, tile_size).')
 
 
+def _check_adapter_shapes(layout, rank, a_shape, b_shape, name):
+  """Adapters must be in one of Qwix's layouts of this kernel: dot_general's
+  (*batch, in, k), (*batch, k, out), or einsum's (*contracting, k),
+  (k, *output) (no batch axes: Qwix's einsum LoRA shares lora_b across
+  them, which per-batch factors cannot be written as)."""
+  forms = [((*layout.batch_shape, layout.in_size, rank),
+            (*layout.batch_shape, rank, layout.out_size))]
+  if not layout.batch_axes:
+    forms.append(((*layout.contracting_shape, rank),
+                  (rank, *layout.output_shape)))
+  if (tuple(a_shape), tuple(b_shape)) not in forms:
+    raise ValueError(
+        f'{name}: LoRA adapters of shapes {(tuple(a_shape), tuple(b_shape))}'
+        f' do not fit LQER factors of kernel {layout.shape} (contracting axes'
+        f' {layout.contracting_axes}, batch axes {layout.batch_axes}, rank'
+        f' {rank}); expected one of {forms}. Qwix\'s einsum LoRA shares'
+        ' lora_b across einsum batch axes; per-batch factors cannot be'
+        ' written that way.')
+
+
 def _adapter_factors(leaf: WithLqer, abs_a, abs_b, name):
   """A, B reshaped to Qwix's adapter shapes, in the adapters' dtype."""
-  layout, rank = leaf.layout, leaf.rank
-  nb = len(layout.batch_axes)
-  forms = {  # Qwix's dot_general layout; its einsum layout (no batch axes)
-      'dot_general': ((*layout.batch_shape, layout.in_size, rank),
-                      (*layout.batch_shape, rank, layout.out_size)),
-  }
-  if not nb:
-    forms['einsum'] = ((*layout.contracting_shape, rank),
-                       (rank, *layout.output_shape))
-  shapes = (tuple(abs_a.shape), tuple(abs_b.shape))
-  if shapes not in forms.values():
-    hint = (' Qwix\'s einsum LoRA shares lora_b across einsum batch axes,'
-            ' which per-batch factors cannot be written as.' if nb else '')
-    raise ValueError(
-        f'{name}: LoRA adapters of shapes {shapes} do not fit LQER factors of'
-        f' kernel {layout.shape} (contracting axes {layout.contracting_axes},'
-        f' batch axes {layout.batch_axes}, rank {rank}); expected one of'
-        f' {list(forms.values())}.{hint}')
-  a = jnp.reshape(flax_util.unbox(leaf.a), shapes[0]).astype(abs_a.dtype)
-  b = jnp.reshape(flax_util.unbox(leaf.b), shapes[1]).astype(abs_b.dtype)
+  _check_adapter_shapes(leaf.layout, leaf.rank, abs_a.shape, abs_b.shape,
+                        name)
+  a = jnp.reshape(flax_util.unbox(leaf.a), abs_a.shape).astype(abs_a.dtype)
+  b = jnp.reshape(flax_util.unbox(leaf.b), abs_b.shape).astype(abs_b.dtype)
   return a, b
 
 
@@ -274,7 +287,7 @@ def _plain(leaf, abs_leaf, name):
 
 
 def _check_all_read(source, target, fn):
-  extra = [p for p in source if p not in target]
+  extra = [p for p in source if not is_adapter(p) and p not in target]
   if extra:
     raise ValueError(f'lqer.{fn}: params not in the target model: '
                      + ', '.join(path_str(p) for p in extra))

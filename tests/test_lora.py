@@ -309,3 +309,22 @@ def test_chunked_next_token_loss_matches_full_log_softmax():
   got = finetuning.next_token_loss(hidden, lambda h: h @ proj, windows,
                                    chunk=8)
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_mixed_rules_plain_ptq_weights_pass_through_both_ways():
+  rules = [lqer.LqerRule(module_path='Dense_1', weight_qtype='int4',
+                         tile_size=16)] + _rules()  # Dense_1: plain PTQ
+  _, params, abstract, lora_model, lora_params, lrules = _linen(
+      SimpleMLP(dhidden=32, dout=16), rules, X[0])
+  assert 'kernel_lora_a' not in lora_params['Dense_1']
+  assert 'kernel_lora_a' in lora_params['Dense_0']
+  back = lqer.from_lora(lora_params, abstract, lrules)
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_einsum_batch_axes_are_refused_naming_the_param():
+  model = nnx.Einsum('btd,tdf->btf', (8, 16, 16), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'kernel: LoRA adapters of shapes'
+                     r'.*shares lora_b across einsum batch axes'):
+    _nnx(model, _rules())
