@@ -63,10 +63,29 @@ def main():
   y = jax.jit(qmodel.apply)({'params': params}, x)
   y_single = qmodel.apply({'params': reference}, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_single), atol=1e-3)
+  check_lora_conversion_keeps_sharding(model, rules, params, x, y)
   w = jax.random.normal(jax.random.key(1), (512, 1024))
   check_factorization_does_not_gather_weight(
       jax.device_put(w, sharded['Dense_0']['kernel'].sharding))
   print('SHARDING OK')
+
+
+def check_lora_conversion_keeps_sharding(model, rules, params, x, y):
+  """lqer.to_lora on sharded params: adapters boxed with the logical names
+  Qwix gives its own, sharded as the factors, same output under jit."""
+  lrules = lqer.lora_rules(rules, 16.0)
+  lora_model = qwix.apply_lora_to_model(model, qwix.LoraProvider(lrules))
+  lora_abstract = jax.eval_shape(lora_model.init, jax.random.key(0),
+                                 x)['params']
+  lora = lqer.to_lora(params, lora_abstract, lrules)
+  a0 = lora['Dense_0']['kernel_lora_a']
+  assert a0.names == lora_abstract['Dense_0']['kernel_lora_a'].names
+  assert a0.names == ('data', None), a0.names
+  lora = nn.unbox(lora)
+  assert lora['Dense_0']['kernel_lora_a'].sharding.spec == P('data', None)
+  assert lora['Dense_1']['kernel_lora_b'].sharding.spec == P(None, 'data')
+  y_lora = jax.jit(lora_model.apply)({'params': lora}, x)
+  np.testing.assert_allclose(np.asarray(y_lora), np.asarray(y), atol=1e-4)
 
 
 def _largest_all_gather(hlo: str) -> int:
