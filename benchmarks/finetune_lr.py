@@ -31,9 +31,9 @@ def main():
     rows = list(finetuning.run(
         task, args.bits, args.tile_size, args.rank, [args.init],
         steps=args.steps, batch_tokens=args.batch_tokens, lr=lr,
-        alpha=float(args.rank), train_ids=task.train_ids,
+        alpha=float(args.rank), train_data=task.train_data,
         with_reference=False))
-    print(f'| {lr:g} | ' + ' | '.join(f'{r.perplexity:.3f}' for r in rows)
+    print(f'| {lr:g} | ' + ' | '.join(f'{r.value:.3f}' for r in rows)
           + ' |', flush=True)
 
 

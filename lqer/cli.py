@@ -75,9 +75,11 @@ def _parser():
   e.add_argument('--load', help='evaluate checkpoints saved with --save'
                  ' instead of quantizing')
   f = sub.add_parser('finetune', help='QLoRA from zero vs from the'
-                     ' reconstruction on SmolLM2, print a table')
-  f.add_argument('--model', choices=['smollm2'], default='smollm2',
-                 help='smollm2 only (MiniLM has no training objective here)')
+                     ' reconstruction, print a table')
+  f.add_argument('--model', choices=sorted(finetuning.OBJECTIVES),
+                 default='smollm2',
+                 help='smollm2: next-token loss, held-out perplexity; minilm:'
+                 ' distillation of the float embeddings, held-out 1-cos')
   f.add_argument('--bits', type=int, default=4, choices=[2, 3, 4, 8])
   f.add_argument('--tile-size', type=int, default=128,
                  help='as for lqer eval (0 = per-channel)')
@@ -89,7 +91,8 @@ def _parser():
   f.add_argument('--steps', type=int, default=finetuning.DEFAULT_STEPS)
   f.add_argument('--batch-tokens', type=int,
                  default=finetuning.DEFAULT_BATCH_TOKENS,
-                 help='tokens per step (windows of 512)')
+                 help='tokens per step (smollm2: windows of 512; minilm:'
+                 ' sentences padded to 64)')
   f.add_argument('--lr', type=float, default=finetuning.DEFAULT_LR,
                  help='optax.adamw learning rate')
   f.add_argument('--alpha', type=float, default=None,
@@ -102,7 +105,9 @@ def _parser():
   f.add_argument('--eval-text', help='UTF-8 text file for evaluation')
   f.add_argument('--eval-tokens', type=int,
                  default=finetuning.DEFAULT_EVAL_TOKENS,
-                 help='held-out tokens (windows of 512)')
+                 help='smollm2 held-out tokens (windows of 512)')
+  f.add_argument('--eval-sentences', type=int, default=512,
+                 help='minilm held-out sentences')
   f.add_argument('--json', help='write one record per row to this file')
   f.add_argument('--save', help='write each reconstruction init\'s tuned'
                  ' params under DIR, for lqer eval --load DIR')
@@ -183,34 +188,37 @@ def eval_command(args) -> list:
 def finetune_command(args) -> list:
   if args.rank < 1 or args.steps < 1 or args.batch_tokens < 1:
     raise SystemExit('--rank, --steps and --batch-tokens must be positive')
-  task = evaluation.smollm2_task(_read(args.calib_text),
-                                 _read(args.eval_text),
-                                 n_eval=args.eval_tokens)
-  train_ids = (task.encode(_read(args.train_text)) if args.train_text
-               else task.train_ids)
+  task = evaluation.TASKS[args.model](
+      _read(args.calib_text), _read(args.eval_text),
+      n_eval=args.eval_tokens if args.model == 'smollm2'
+      else args.eval_sentences)
+  train_data = (task.encode(_read(args.train_text)) if args.train_text
+                else task.train_data)
   alpha = float(args.rank if args.alpha is None else args.alpha)
   print(f'# lqer finetune: {" ".join(sys.argv[1:])}', flush=True)
   rows = []
   for row in finetuning.run(
       task, args.bits, args.tile_size or None, args.rank, args.init,
       base=args.base, steps=args.steps, batch_tokens=args.batch_tokens,
-      lr=args.lr, alpha=alpha, train_ids=train_ids, seed=args.seed,
+      lr=args.lr, alpha=alpha, train_data=train_data, seed=args.seed,
       save_dir=args.save):
     rows.append(row)
-    print(f'  {row.init:12s} steps={row.steps} perplexity={row.perplexity:.4f}',
+    print(f'  {row.init:12s} steps={row.steps} {row.metric}={row.value:.4f}',
           file=sys.stderr, flush=True)
   print(finetuning.format_table(rows))
   first = next(r for r in rows if r.trainable_params)
-  speed = finetuning.tokens_per_second(rows, args.batch_tokens)
-  print(f'\nW{args.bits} g{args.tile_size} rank {args.rank}, alpha {alpha:g},'
-        f' optax.adamw lr {args.lr:g}, {args.batch_tokens} tokens/step,'
-        f' {len(train_ids)} training tokens available.'
+  per_step = finetuning.tokens_per_step(args.model, args.batch_tokens)
+  speed = finetuning.steps_per_second(rows) * per_step
+  print(f'\n{args.model} W{args.bits} g{args.tile_size} rank {args.rank},'
+        f' alpha {alpha:g}, optax.adamw lr {args.lr:g}, {per_step}'
+        f' tokens/step, {len(train_data)} training'
+        f' {"tokens" if args.model == "smollm2" else "sentences"} available.'
         f'\nTrainable params {first.trainable_params:,}; training step'
         f' {speed:.0f} tokens/s; compiled step temp memory'
         f' {first.step_temp_vs_fp32:.2f}x the float32 weights.')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+      json.dump([r.record() for r in rows], f, indent=1)
   return rows
 
 

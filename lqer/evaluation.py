@@ -64,10 +64,11 @@ class Task:
   metric: str
   score: Callable[[Any, Any], dict[str, float]]  # (module, params) -> metrics
   module_path: str  # regex of the weights to quantize
-  # smollm2: text -> token ids, and the default training tokens (the part of
-  # the bundled prose that neither calibration nor evaluation reads).
-  encode: Callable[[str], np.ndarray] | None = None
-  train_ids: np.ndarray | None = None
+  # For `lqer finetune`: text -> training data (smollm2: token ids; minilm:
+  # sentences), and the default training data: the part of the bundled
+  # prose that neither calibration nor evaluation reads.
+  encode: Callable[[str], Any] | None = None
+  train_data: Any = None
 
 
 def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
@@ -96,7 +97,7 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
       score=lambda m, p: {'perplexity': smollm2.perplexity(
           m, p, evals, window, progress=True)},
       module_path=r'layers_\d+/(attn|mlp)/.*',
-      encode=encode, train_ids=train,
+      encode=encode, train_data=train,
   )
 
 
@@ -105,12 +106,15 @@ def minilm_task(calib_text=None, eval_text=None, n_calib=256,
   """MiniLM embedding fidelity on English sentences."""
   from models import minilm, text  # pylint: disable=g-import-not-at-top
   module, params, tokenizer = minilm.load_minilm()
+  prose = text.sentences(text.num_sentences())
   if calib_text is None and eval_text is None:
     calib, evals = text.split_sentences(n_calib, n_eval)
   else:
     calib = list(text.text_sentences(calib_text or text.prose_text()))
     evals = list(text.text_sentences(eval_text or text.prose_text()))
     calib, evals = calib[:n_calib], evals[-n_eval:]
+  train = prose[len(calib) if calib_text is None else 0:
+                len(prose) - (len(evals) if eval_text is None else 0)]
   if len(evals) < 2:
     raise ValueError('evaluation text has fewer than 2 sentences')
   fp = minilm.encode(module, params, tokenizer, evals)
@@ -127,6 +131,7 @@ def minilm_task(calib_text=None, eval_text=None, n_calib=256,
       name='minilm', module=module, params=params,
       example=minilm.tokenize(tokenizer, ['a b']), calib_batches=batches,
       metric='1-cos', score=score, module_path=r'layer_\d+/.*',
+      encode=lambda t: list(text.text_sentences(t)), train_data=train,
   )
 
 

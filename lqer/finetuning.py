@@ -1,16 +1,21 @@
-"""`lqer finetune`: QLoRA on SmolLM2 from zero adapters or from the
-reconstruction, held-out perplexity along the way.
+"""`lqer finetune`: QLoRA from zero adapters or from the reconstruction,
+held-out quality along the way.
 
 Every init trains the same quantized base (the base lqer built: RTN or
-GPTQ) on the same token windows in the same order, with the same optimizer,
+GPTQ) on the same batches in the same order, with the same optimizer,
 learning rate, alpha and seed. 'zero' is Qwix's own LoRA init (lora_a
 he_uniform, lora_b zeros); 'svd' / 'l2qer' / 'qera' start the adapters at
 the LQER / L2QER / QERA factors (`lqer.to_lora`).
+
+Objectives: SmolLM2, next-token loss on windows of 512 tokens (held out:
+perplexity); MiniLM, distillation of the float model's sentence embeddings,
+mean(1 - cos(e, e_fp)) on training sentences padded to 64 tokens (held
+out: the same mean on the evaluation sentences, as `lqer eval` scores it).
 """
 
 import dataclasses
 import time
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +32,8 @@ from models import smollm2
 
 INIT_LABELS = {'zero': 'zero (QLoRA)', 'svd': 'LQER', 'l2qer': 'L2QER',
                'qera': 'QERA'}
-WINDOW = 512
+WINDOW = 512  # smollm2 tokens per window
+SENTENCE_TOKENS = 64  # minilm: each training sentence padded / cut to this
 # Defaults of `lqer finetune`, the same for every init (see README).
 DEFAULT_STEPS = 64
 DEFAULT_BATCH_TOKENS = 512
@@ -41,13 +47,30 @@ class Row:
 
   init: str
   steps: int | None
-  perplexity: float
+  metric: str  # 'perplexity' (smollm2) or '1-cos' (minilm)
+  value: float
   train_loss: float | None = None  # mean over the last quarter of steps
   step_seconds: float | None = None  # median, compile excluded
   # On each init's step-0 row: trainable params, and the compiled step's
   # temp bytes over the model's float32 weight bytes.
   trainable_params: int | None = None
   step_temp_vs_fp32: float | None = None
+
+
+  def record(self) -> dict:
+    """The --json record: every field, and the value under its metric."""
+    return dataclasses.asdict(self) | {self.metric: self.value}
+
+
+@dataclasses.dataclass
+class Objective:
+  """How a task trains: one batch per step, the param layout the step sees
+  (`to_train` / `from_train`), and loss(lora_rules) -> loss(params, batch)."""
+
+  batches: Sequence[Any]
+  loss: Callable[[Sequence[Any]], Callable[[Any, Any], jax.Array]]
+  to_train: Callable[[dict], dict] = lambda p: p
+  from_train: Callable[[dict], dict] = lambda p: p
 
 
 def step_counts(n: int) -> list[int]:
@@ -96,29 +119,75 @@ def next_token_loss(hidden: jax.Array, logits_of, windows: jax.Array,
   return total / (h.shape[0] * n)
 
 
+def smollm2_objective(task, train_ids, steps: int,
+                      batch_tokens: int) -> Objective:
+  """Next-token loss; blocks scanned and rematerialised (`_scanned_loss`)."""
+  n_layers = task.module.config.num_layers
+  return Objective(
+      batches=windows_for_steps(train_ids, steps, batch_tokens),
+      loss=lambda lrules: _scanned_loss(task.module.config, lrules),
+      to_train=lambda p: smollm2.stack_layers(p, n_layers),
+      from_train=lambda p: smollm2.unstack_layers(p, n_layers))
+
+
+def minilm_objective(task, sentences: Sequence[str], steps: int,
+                     batch_tokens: int) -> Objective:
+  """mean(1 - cos(e, e_fp)) against the float model's embeddings."""
+  from models import minilm  # pylint: disable=g-import-not-at-top
+  per_step = max(1, batch_tokens // SENTENCE_TOKENS)
+  if not sentences:
+    raise ValueError('no training sentences')
+  order = np.arange(steps * per_step) % len(sentences)
+  tokenizer = minilm.load_minilm()[2]
+  fp_forward = jax.jit(lambda ids, mask: task.module.apply(
+      {'params': task.params}, ids, mask))
+  batches = []
+  for i in range(steps):
+    ids, mask = minilm.tokenize(
+        tokenizer, [sentences[j] for j in order[i * per_step:
+                                                 (i + 1) * per_step]],
+        max_len=SENTENCE_TOKENS)
+    pad = ((0, 0), (0, SENTENCE_TOKENS - ids.shape[1]))
+    ids, mask = np.pad(ids, pad), np.pad(mask, pad)
+    batches.append((ids, mask, fp_forward(ids, mask)))
+
+  def loss(lrules):
+    lora_model = qwix.apply_lora_to_model(task.module,
+                                          qwix.LoraProvider(lrules))
+    return lambda params, batch: jnp.mean(1.0 - jnp.sum(
+        lora_model.apply({'params': params}, batch[0], batch[1]) * batch[2],
+        axis=-1))
+
+  return Objective(batches=batches, loss=loss)
+
+
+OBJECTIVES = {'smollm2': smollm2_objective, 'minilm': minilm_objective}
+
+
 def run(task, bits: int, tile_size, rank: int, inits: Sequence[str], *,
         base: str = 'rtn', steps: int, batch_tokens: int, lr: float,
-        alpha: float, train_ids: np.ndarray, seed: int = 0,
+        alpha: float, train_data, seed: int = 0,
         save_dir=None, with_reference=True) -> Iterator[Row]:
   """Yields the FP and PTQ rows (if with_reference), then for each init one
   row per step count in `step_counts(steps)`."""
+  metric = task.metric
+  value = lambda module, params: task.score(module, params)[metric]
   stats = None
   if base != 'rtn' or set(inits) & {'l2qer', 'qera'}:
     stats = evaluation.calibrate(task, evaluation.build_rules(
         task.params, task.module_path, bits, tile_size, 1, 'qera')[0])
   if with_reference:
-    yield Row('FP', None, task.score(task.module, task.params)['perplexity'])
+    yield Row('FP', None, metric, value(task.module, task.params))
     ptq_rules, _ = evaluation.build_rules(task.params, task.module_path,
                                           bits, tile_size, None, 'svd')
     ptq_model, ptq_params, _ = evaluation.quantize(task, ptq_rules, stats,
                                                    base)
-    yield Row('PTQ' if base == 'rtn' else base.upper(), None,
-              task.score(ptq_model, ptq_params)['perplexity'])
+    yield Row('PTQ' if base == 'rtn' else base.upper(), None, metric,
+              value(ptq_model, ptq_params))
 
-  batches = windows_for_steps(train_ids, steps, batch_tokens)
+  objective = OBJECTIVES[task.name](task, train_data, steps, batch_tokens)
   optimizer = optax.adamw(lr)
   counts = step_counts(steps)
-  n_layers = task.module.config.num_layers
   first_lqer = None
   for init in inits:
     rules, _ = evaluation.build_rules(task.params, task.module_path, bits,
@@ -140,13 +209,13 @@ def run(task, bits: int, tile_size, rank: int, inits: Sequence[str], *,
       lora_params = training.merge_adapters(
           lora_params, training.split_adapters(fresh)[0])
     adapters, frozen = training.split_adapters(
-        smollm2.stack_layers(lora_params, n_layers))
+        objective.to_train(lora_params))
     opt_state = optimizer.init(adapters)
-    step = compile_step(task.module.config, lrules, optimizer, adapters,
-                        opt_state, frozen, batches[0])
-    score = lambda a: task.score(lora_model, smollm2.unstack_layers(
-        training.merge_adapters(frozen, a), n_layers))['perplexity']
-    yield Row(INIT_LABELS[init], 0, score(adapters),
+    step = compile_step(objective, lrules, optimizer, adapters, opt_state,
+                        frozen)
+    score = lambda a: value(lora_model, objective.from_train(
+        training.merge_adapters(frozen, a)))
+    yield Row(INIT_LABELS[init], 0, metric, score(adapters),
               trainable_params=sum(x.size for x in jax.tree.leaves(adapters)),
               step_temp_vs_fp32=temp_vs_fp32(step, task.params))
     losses, seconds = [], []
@@ -154,30 +223,29 @@ def run(task, bits: int, tile_size, rank: int, inits: Sequence[str], *,
     for i in bar:
       start = time.perf_counter()
       adapters, opt_state, loss = step(adapters, opt_state, frozen,
-                                       jnp.asarray(batches[i]))
+                                       objective.batches[i])
       losses.append(float(loss))
       seconds.append(time.perf_counter() - start)
       bar.set_postfix(loss=f'{losses[-1]:.3f}')
       if i + 1 in counts:
-        yield Row(INIT_LABELS[init], i + 1, score(adapters),
+        yield Row(INIT_LABELS[init], i + 1, metric, score(adapters),
                   float(np.mean(losses[-max(1, steps // 4):])),
                   float(np.median(seconds)))
     if save_dir is not None and init != 'zero':
       abstract = jax.eval_shape(lqer_model.init, key, *task.example)['params']
-      tuned = lora.from_lora(smollm2.unstack_layers(
-          training.merge_adapters(frozen, adapters), n_layers),
-                             abstract, lrules)
+      tuned = lora.from_lora(objective.from_train(
+          training.merge_adapters(frozen, adapters)), abstract, lrules)
       checkpoint.save(evaluation.subdir(save_dir, bits, tile_size, init,
                                         rank),
                       tuned, evaluation.fingerprint(task.name, rules, base))
 
 
-def compile_step(config, lrules, optimizer, adapters, opt_state, frozen,
-                 windows):
-  """The compiled training step for stacked (`stack_layers`) LoRA params."""
-  step = training.train_step(_scanned_loss(config, lrules), optimizer)
+def compile_step(objective: Objective, lrules, optimizer, adapters,
+                 opt_state, frozen):
+  """The objective's training step, compiled for its batches' shape."""
+  step = training.train_step(objective.loss(lrules), optimizer)
   return step.lower(adapters, opt_state, frozen,
-                    jnp.asarray(windows)).compile()
+                    objective.batches[0]).compile()
 
 
 def temp_vs_fp32(compiled, fp_params) -> float:
@@ -198,18 +266,24 @@ def _scanned_loss(config, lrules):
 
 
 def format_table(rows: Sequence[Row]) -> str:
-  """Markdown table: init, steps, held-out perplexity, training loss."""
+  """Markdown table: init, steps, held-out metric, training loss."""
   fmt = lambda v, f: '-' if v is None else f.format(v)
-  lines = ['| init | steps | perplexity | train loss |', '|---|---|---|---|']
+  lines = [f'| init | steps | {rows[0].metric} | train loss |',
+           '|---|---|---|---|']
   for r in rows:
     lines.append(f'| {r.init} | {fmt(r.steps, "{}")} |'
-                 f' {r.perplexity:.4f} | {fmt(r.train_loss, "{:.4f}")} |')
+                 f' {r.value:.4f} | {fmt(r.train_loss, "{:.4f}")} |')
   return '\n'.join(lines)
 
 
-def tokens_per_second(rows: Sequence[Row], batch_tokens: int) -> float | None:
-  """Training throughput: tokens per step over the median step time."""
+def tokens_per_step(task_name: str, batch_tokens: int) -> int:
+  """Tokens in one training batch: whole windows (smollm2) or padded
+  sentences (minilm), at least one."""
+  unit = WINDOW if task_name == 'smollm2' else SENTENCE_TOKENS
+  return max(1, batch_tokens // unit) * unit
+
+
+def steps_per_second(rows: Sequence[Row]) -> float | None:
+  """Training throughput: one over the median step time."""
   times = [r.step_seconds for r in rows if r.step_seconds]
-  if not times:
-    return None
-  return max(1, batch_tokens // WINDOW) * WINDOW / float(np.median(times))
+  return 1.0 / float(np.median(times)) if times else None

@@ -178,7 +178,6 @@ def test_finetune_step_holds_no_float_copy_of_the_base():
   layers alone, so the base is never dequantized whole."""
   import optax  # pylint: disable=g-import-not-at-top
   from lqer import finetuning, lora, training  # pylint: disable=g-import-not-at-top
-  from models import smollm2  # pylint: disable=g-import-not-at-top
   task = evaluation.smollm2_task(n_calib=512, n_eval=512)
   rules, _ = evaluation.build_rules(task.params, task.module_path, 4, 128,
                                     32, 'svd')
@@ -187,14 +186,31 @@ def test_finetune_step_holds_no_float_copy_of_the_base():
   lora_model = qwix.apply_lora_to_model(task.module, qwix.LoraProvider(lrules))
   lora_params = lora.to_lora(params, jax.eval_shape(
       lora_model.init, jax.random.key(0), *task.example)['params'], lrules)
-  adapters, frozen = training.split_adapters(smollm2.stack_layers(
-      lora_params, task.module.config.num_layers))
   optimizer = optax.adamw(1e-3)
-  step = finetuning.compile_step(task.module.config, lrules, optimizer,
-                                 adapters, optimizer.init(adapters), frozen,
-                                 np.zeros((1, 512), np.int32))
+  objective = finetuning.smollm2_objective(task, task.train_data, 1, 512)
+  adapters, frozen = training.split_adapters(objective.to_train(lora_params))
+  step = finetuning.compile_step(objective, lrules, optimizer, adapters,
+                                 optimizer.init(adapters), frozen)
   quantized_fp32 = sum(w.size * 4 for p, w in jax.tree_util.tree_flatten_with_path(
       task.params)[0] if 'layers_' in str(p[0]) and p[-1].key == 'kernel')
   ratio = finetuning.temp_vs_fp32(step, task.params)
   assert ratio <= 0.5, ratio
   assert step.memory_analysis().temp_size_in_bytes < quantized_fp32
+
+
+@pytest.mark.slow
+def test_finetune_minilm_distillation_cli(tmp_path, monkeypatch, capsys):
+  task = evaluation.minilm_task(n_calib=64, n_eval=48)
+  monkeypatch.setattr(evaluation, 'minilm_task', lambda *a, **k: task)
+  monkeypatch.setitem(evaluation.TASKS, 'minilm', lambda *a, **k: task)
+  out = tmp_path / 'ft.json'
+  cli.main(['finetune', '--model', 'minilm', '--steps', '4', '--rank', '16',
+            '--init', 'zero', 'qera', '--json', str(out)])
+  by = {(r['init'], r['steps']): r for r in json.loads(out.read_text())}
+  assert '| init | steps | 1-cos |' in capsys.readouterr().out
+  assert by[('FP', None)]['1-cos'] < 1e-6
+  assert by[('zero (QLoRA)', 0)]['1-cos'] == pytest.approx(
+      by[('PTQ', None)]['1-cos'], rel=1e-3)
+  assert by[('QERA', 0)]['1-cos'] < by[('PTQ', None)]['1-cos']
+  # Distillation toward the float embeddings lowers the held-out distance.
+  assert by[('zero (QLoRA)', 4)]['1-cos'] < by[('zero (QLoRA)', 0)]['1-cos']
