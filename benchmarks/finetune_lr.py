@@ -20,7 +20,7 @@ def main():
                  choices=list(finetuning.INIT_LABELS))
   p.add_argument('--steps', type=int, default=finetuning.DEFAULT_STEPS)
   p.add_argument('--batch-tokens', type=int,
-                 default=finetuning.DEFAULT_BATCH_TOKENS)
+                 default=finetuning.DEFAULTS['smollm2']['batch_tokens'])
   p.add_argument('--lrs', type=float, nargs='+', default=[3e-4, 1e-3, 3e-3])
   args = p.parse_args()
   task = evaluation.smollm2_task(n_eval=finetuning.DEFAULT_EVAL_TOKENS)

@@ -90,11 +90,10 @@ def _parser():
                  choices=list(finetuning.INIT_LABELS))
   f.add_argument('--steps', type=int, default=finetuning.DEFAULT_STEPS)
   f.add_argument('--batch-tokens', type=int,
-                 default=finetuning.DEFAULT_BATCH_TOKENS,
-                 help='tokens per step (smollm2: windows of 512; minilm:'
-                 ' sentences padded to 64)')
-  f.add_argument('--lr', type=float, default=finetuning.DEFAULT_LR,
-                 help='optax.adamw learning rate')
+                 help='tokens per step (smollm2: windows of 512, default'
+                 ' 512; minilm: sentences padded to 64, default 2048)')
+  f.add_argument('--lr', type=float, help='optax.adamw learning rate'
+                 ' (default: smollm2 1e-3, minilm 1e-4)')
   f.add_argument('--alpha', type=float, default=None,
                  help='LoRA alpha (default: the rank, so alpha / rank = 1)')
   f.add_argument('--seed', type=int, default=0)
@@ -186,6 +185,9 @@ def eval_command(args) -> list:
 
 
 def finetune_command(args) -> list:
+  for name, value in finetuning.DEFAULTS[args.model].items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
   if args.rank < 1 or args.steps < 1 or args.batch_tokens < 1:
     raise SystemExit('--rank, --steps and --batch-tokens must be positive')
   task = evaluation.TASKS[args.model](

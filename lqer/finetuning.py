@@ -34,10 +34,12 @@ INIT_LABELS = {'zero': 'zero (QLoRA)', 'svd': 'LQER', 'l2qer': 'L2QER',
                'qera': 'QERA'}
 WINDOW = 512  # smollm2 tokens per window
 SENTENCE_TOKENS = 64  # minilm: each training sentence padded / cut to this
-# Defaults of `lqer finetune`, the same for every init (see README).
+# Defaults of `lqer finetune`, the same for every init (see README): the
+# learning rate and batch at which zero-init QLoRA trained best of those
+# measured (benchmarks/finetune_lr.py for SmolLM2).
 DEFAULT_STEPS = 64
-DEFAULT_BATCH_TOKENS = 512
-DEFAULT_LR = 1e-3
+DEFAULTS = {'smollm2': dict(lr=1e-3, batch_tokens=512),
+            'minilm': dict(lr=1e-4, batch_tokens=2048)}
 DEFAULT_EVAL_TOKENS = 8192
 
 

@@ -24,6 +24,7 @@ import optax
 
 from lqer.lora import is_adapter
 
+
 def split_adapters(params) -> tuple[dict, dict]:
   """(adapters, frozen): the LoRA adapter leaves of a Linen params tree, and
   everything else. `merge_adapters` is the inverse."""

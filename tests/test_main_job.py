@@ -133,7 +133,7 @@ def _first_layers(task, n):
 def test_finetune_cli_small(tmp_path, monkeypatch, capsys):
   from lqer import finetuning  # pylint: disable=g-import-not-at-top
   task = _first_layers(evaluation.smollm2_task(n_calib=1024, n_eval=512), 4)
-  monkeypatch.setattr(evaluation, 'smollm2_task', lambda *a, **k: task)
+  monkeypatch.setitem(evaluation.TASKS, 'smollm2', lambda *a, **k: task)
   out = tmp_path / 'ft.json'
   cli.main(['finetune', '--steps', '4', '--init', 'zero', 'qera',
             '--json', str(out), '--save', str(tmp_path / 'ck')])
@@ -201,7 +201,6 @@ def test_finetune_step_holds_no_float_copy_of_the_base():
 @pytest.mark.slow
 def test_finetune_minilm_distillation_cli(tmp_path, monkeypatch, capsys):
   task = evaluation.minilm_task(n_calib=64, n_eval=48)
-  monkeypatch.setattr(evaluation, 'minilm_task', lambda *a, **k: task)
   monkeypatch.setitem(evaluation.TASKS, 'minilm', lambda *a, **k: task)
   out = tmp_path / 'ft.json'
   cli.main(['finetune', '--model', 'minilm', '--steps', '4', '--rank', '16',
