@@ -60,6 +60,11 @@ def is_adapter(path) -> bool:
   return str(path[-1]).endswith(ADAPTER_SUFFIXES)
 
 
+def adapter_paths(path) -> tuple[tuple, tuple]:
+  """The paths of the weight's Qwix adapters, '{name}_lora_a|b'."""
+  return tuple(path[:-1] + (path[-1] + suffix,) for suffix in ADAPTER_SUFFIXES)
+
+
 def to_lora(params: Any, lora_abstract: Any,
             rules: Sequence[qwix.QuantizationRule]) -> Any:
   """LQER params -> the params of the same model under `qwix.LoraProvider`.
@@ -89,8 +94,7 @@ def to_lora(params: Any, lora_abstract: Any,
       raise ValueError(f'lqer.to_lora: {path_str(path)} is in the LoRA model'
                        ' but not in the LQER params')
     leaf, name = source[path], path_str(path)
-    a_path = path[:-1] + (path[-1] + '_lora_a',)
-    b_path = path[:-1] + (path[-1] + '_lora_b',)
+    a_path, b_path = adapter_paths(path)
     rule = match_rule(rules, path) if isinstance(abs_leaf, ptq.WithAux) else None
     if a_path in target and not isinstance(abs_leaf, ptq.WithAux):
       raise ValueError(f'lqer.to_lora: {name}: the LoRA model adapts it'
@@ -157,8 +161,7 @@ def from_lora(lora_params: Any, abstract: Any,
       raise ValueError(f'lqer.from_lora: {name} is in the LQER model but not'
                        ' in the LoRA params')
     leaf = source[path]
-    a_path = path[:-1] + (path[-1] + '_lora_a',)
-    b_path = path[:-1] + (path[-1] + '_lora_b',)
+    a_path, b_path = adapter_paths(path)
     if not isinstance(abs_leaf, WithLqer) or not abs_leaf.rank:
       if a_path in source:
         raise ValueError(
