@@ -2,11 +2,11 @@
 
 Each is a plain function with one signature,
 
-    base(w, how, layout, stats) -> (QArray, awq_scale or None)
+    base(w, how, layout, stats) -> (QArray, input_scale or None)
 
 w: the float kernel; how: Qwix's `HowToQuantize` for it; layout: its
 `KernelLayout`; stats: its calibration statistics (`lqer.stats`) or None.
-The base weight is deq(QArray), divided by awq_scale along the contracting
+The base weight is deq(QArray), divided by input_scale along the contracting
 axis when there is one (`lqer.weight.divide_along`).
 
 * rtn:  Qwix PTQ's round to nearest, bit for bit (`qwix.quantize_params`).
@@ -76,10 +76,10 @@ def awq(w, how, layout, stats):
   return restore(q), scales.reshape(-1)
 
 
-def stored(q, awq_scale, w, how, layout, stats):
-  """A base quantized elsewhere (bind q, awq_scale with functools.partial)."""
+def stored(q, input_scale, w, how, layout, stats):
+  """A base quantized elsewhere (bind q, input_scale with functools.partial)."""
   del w, how, layout, stats
-  return q, awq_scale
+  return q, input_scale
 
 
 BY_NAME = {'rtn': rtn, 'gptq': gptq, 'awq': awq}

@@ -11,7 +11,7 @@ Usage (Linen):
     stats = variables['quant_stats']
 
 For every weight that an `LqerRule` with a `weight_qtype` matches, the sums of
-|x| and x^T x over all tokens of that op's input are accumulated (see
+|x| and x^T x and the max of |x| over all tokens of that op's input are accumulated (see
 `lqer.stats`), contracting axes flattened in the kernel's axis order, so
 multi-axis DenseGeneral / Einsum kernels are covered. Kernels with einsum
 batch axes get no statistics (their slices see different inputs) and
@@ -36,10 +36,14 @@ class LqerCalibrationProvider(qwix.QuantizationProvider):
   a well-conditioned estimate, and damping covers the rest.
   """
 
-  def __init__(self, rules, *, second_moment: bool = True, **kwargs):
-    """second_moment=False keeps only mean |x| (enough for 'l2qer')."""
+  def __init__(self, rules, *, second_moment: bool = True,
+               sample_tokens: int = 256, **kwargs):
+    """second_moment=False keeps only mean and max |x| (enough for 'l2qer'
+    and for smoothing); rules with an act_qtype also keep `sample_tokens`
+    tokens, for the report's activation-error terms (0: none)."""
     super().__init__(rules, **kwargs)
     self._second_moment = second_moment
+    self._sample_tokens = sample_tokens
 
   def dot_general(self, lhs, rhs, dimension_numbers, *args, **kwargs):
     out = jax.lax.dot_general(lhs, rhs, dimension_numbers, *args, **kwargs)
@@ -64,7 +68,9 @@ class LqerCalibrationProvider(qwix.QuantizationProvider):
     if name is None or lhs_ba:
       return
     x = tokens_by_kernel_order(lhs, lhs_ca, rhs_ca)
-    sums = stats_lib.batch_sums(x, self._second_moment)
+    sums = stats_lib.batch_sums(
+        x, self._second_moment,
+        self._sample_tokens if rule.act_qtype is not None else 0)
     var = flax_util.get_or_create_variable(
         'quant_stats', name + stats_lib.SUFFIX,
         lambda: jax.tree.map(jnp.zeros_like, sums))

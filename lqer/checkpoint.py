@@ -97,7 +97,7 @@ def load(directory, abstract_params, fingerprint: dict):
         f' (saved {[saved.get(k) for k in diff]}, now'
         f' {[fingerprint.get(k) for k in diff]})')
   layout = json.loads(metadata['layout'])
-  abstract_params = _with_stored_awq_scales(abstract_params, layout, path)
+  abstract_params = _with_stored_input_scales(abstract_params, layout, path)
   expected, treedef = _flat(abstract_params)
   _check_factors(expected, layout, path)
   if set(expected) != set(layout):
@@ -118,25 +118,25 @@ def load(directory, abstract_params, fingerprint: dict):
                                                 for x in leaves])
 
 
-def _with_stored_awq_scales(abstract, layout, path):
+def _with_stored_input_scales(abstract, layout, path):
   """abstract with each weight's AWQ scale shaped as stored: an AWQ base
   (lqer_quantize_params(base='awq')) is invisible to the model's template."""
 
   def fill(key_path, leaf):
     key = jax.tree_util.keystr(key_path)
-    if key + '.awq_scale' not in layout:
+    if key + '.input_scale' not in layout:
       return leaf
-    dtype, shape = layout[key + '.awq_scale']
+    dtype, shape = layout[key + '.input_scale']
     scale = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
     if isinstance(leaf, WithLqer):
-      return dataclasses.replace(leaf, awq_scale=scale)
+      return dataclasses.replace(leaf, input_scale=scale)
     if isinstance(leaf, ptq.WithAux) and key + '.a' in layout:
       # base='awq' on a weight without rank: a rank-0 WithLqer keeps s.
       rank0 = lambda k: jax.ShapeDtypeStruct(tuple(layout[k][1]), np.float32)
       return WithLqer.create(
           array=leaf.array, how=leaf.how, layout=layout_of(leaf),
           rule=LqerRule(weight_qtype=leaf.how.qtype), a=rank0(key + '.a'),
-          b=rank0(key + '.b'), awq_scale=scale,
+          b=rank0(key + '.b'), input_scale=scale,
           path='/'.join(str(getattr(k, 'key', k)) for k in key_path))
     raise CheckpointError(f'{path}: {key} has an AWQ scale but the model\'s'
                           ' weight there is not quantized')

@@ -48,7 +48,21 @@ def _parser():
                  ' back to per-channel, listed under the table.')
   e.add_argument('--ranks', type=int, nargs='+', help='default 32')
   e.add_argument('--methods', nargs='+', default=['svd', 'l2qer', 'qera'],
-                 choices=['svd', 'l2qer', 'qera'])
+                 choices=list(evaluation.METHOD_LABELS),
+                 help='svd l2qer qera (default), and with --act-bits:'
+                 ' svdquant, smoothquant (its smoothing at rank 0),'
+                 ' svdquant-qera (rank - E SVD-first + E QERA on the'
+                 ' residual\'s error, E = --error-rank)')
+  e.add_argument('--act-bits', type=int, choices=[4, 8],
+                 help='quantize activations too (dynamic per-token scales,'
+                 ' tiled as the weights), in every row but FP; default:'
+                 ' weight-only')
+  e.add_argument('--smooth-alpha', type=float,
+                 help='SVDQuant / SmoothQuant migration strength (default:'
+                 ' per model, evaluation.DEFAULT_SMOOTH_ALPHA)')
+  e.add_argument('--error-rank', type=int,
+                 help='svdquant-qera: the QERA part of the rank (default'
+                 ' rank // 4)')
   e.add_argument('--base', choices=['rtn', 'gptq', 'awq'], default='rtn')
   e.add_argument('--solver', choices=['randomized', 'exact'],
                  default='randomized')
@@ -116,12 +130,14 @@ def _parser():
 def format_table(rows) -> str:
   """Markdown table of Rows."""
   extra = sorted({k for r in rows for k in r.extra})
-  head = ['method', 'base', 'bits', 'group', 'rank', rows[0].metric, *extra,
-          'bits/weight', 'offline s']
+  act = any(r.act_bits for r in rows)
+  head = ['method', 'base', 'bits', *(['act bits'] if act else []), 'group',
+          'rank', rows[0].metric, *extra, 'bits/weight', 'offline s']
   fmt = lambda v, f='{:.4f}': '-' if v is None else f.format(v)
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in rows:
     cells = [r.method, r.base if r.method != 'FP' else '-', fmt(r.bits, '{}'),
+             *([fmt(r.act_bits, '{}')] if act else []),
              fmt(r.tile_size, '{}'), fmt(r.rank, '{}'), fmt(r.value),
              *[fmt(r.extra.get(k)) for k in extra],
              fmt(r.bits_per_weight, '{:.2f}'),
@@ -152,6 +168,12 @@ def eval_command(args) -> list:
     kwargs['n_eval'] = args.eval_sentences
   task = evaluation.TASKS[args.model](_read(args.calib_text),
                                       _read(args.eval_text), **kwargs)
+  if args.act_bits is None and set(args.methods) & set(
+      evaluation.ACT_METHODS):
+    raise SystemExit(f'--methods {" ".join(args.methods)}: svdquant,'
+                     ' smoothquant and svdquant-qera need --act-bits 4 or 8')
+  if args.smooth_alpha is None:
+    args.smooth_alpha = evaluation.DEFAULT_SMOOTH_ALPHA[args.model]
   print(f'# lqer eval: {" ".join(sys.argv[1:])}', flush=True)
   rows = []
   for bits in bits_list:
@@ -161,10 +183,13 @@ def eval_command(args) -> list:
                               power_iters=args.power_iters,
                               krylov=args.krylov,
                               compute_dtype=COMPUTE_DTYPES[args.compute_dtype],
-                              pack=args.pack,
+                              pack=args.pack, act_bits=args.act_bits,
+                              error_rank=args.error_rank,
+                              smooth_alpha=args.smooth_alpha,
                               with_fp=bits == bits_list[0]):
       rows.append(row)
-      print(f'  {row.method:6s} bits={row.bits} rank={row.rank}'
+      print(f'  {row.method:6s} bits={row.bits} act={row.act_bits}'
+            f' rank={row.rank}'
             f' {row.metric}={row.value:.4f}', file=sys.stderr, flush=True)
   print(format_table(rows))
   if tile:

@@ -15,6 +15,9 @@ back:
 * L2QER (Zhang et al. 2024):    T = diag(s), s from mean |x| per input channel.
 * QERA  (Zhang et al. 2025):    T = L^T with R = E[x^T x] = L L^T; AB minimises
   E_x ||x (E - AB)||^2 exactly, because E_x ||x D||^2 = ||L^T D||_F^2.
+
+SVDQuant (Li et al. 2024) goes the other way: smooth, factor the weight
+itself, quantize what is left (`smoothing_scale`, `svdquant_split`).
 """
 
 import functools
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-METHODS = ('svd', 'l2qer', 'qera')
+METHODS = ('svd', 'l2qer', 'qera', 'svdquant')
 SOLVERS = ('exact', 'randomized')
 
 
@@ -138,6 +141,37 @@ def damped_cholesky(second_moment: jax.Array, damping: float) -> jax.Array:
   return jnp.linalg.cholesky(r + damping * diag_mean[..., None, None] * eye)
 
 
+def smoothing_scale(act_abs_max, weight, alpha):
+  """SmoothQuant's per-input-channel scale lam (..., in) of W (..., in, out):
+
+      lam_j = max|x_j|^alpha / max_o |W_jo|^(1 - alpha),
+
+  both maxima clamped at 1e-5. x' = x / lam and W' = diag(lam) W keep
+  x W = x' W' and move activation outliers into the weight.
+  """
+  x = jnp.maximum(act_abs_max.astype(jnp.float32), 1e-5)
+  w = jnp.maximum(jnp.max(jnp.abs(weight.astype(jnp.float32)), axis=-1), 1e-5)
+  return x ** alpha / w ** (1 - alpha)
+
+
+def svdquant_split(weight, lam, rank, **solver_kw):
+  """SVDQuant: W' = diag(lam) W = L1 L2 + R, L1 L2 the top-k SVD of W'.
+
+  weight: (..., in, out); lam: (..., in). Returns (A, B, R) with
+  A = diag(1/lam) L1 (..., in, k), B = L2 (..., k, out) and the residual
+  R (..., in, out), so that x W = (x / lam) R + (x A) B: the branch reads
+  x A = x' L1. Rank 0: A, B empty, R = W' (smoothing alone).
+  """
+  smoothed = lam[..., :, None] * weight.astype(jnp.float32)
+  if rank == 0:
+    a = jnp.zeros((*smoothed.shape[:-1], 0), jnp.float32)
+    b = jnp.zeros((*smoothed.shape[:-2], 0, smoothed.shape[-1]), jnp.float32)
+    return a, b, smoothed
+  u, sv, vt = top_singular(smoothed, rank, **solver_kw)
+  l1 = u * sv[..., None, :]
+  return l1 / lam[..., :, None], vt, smoothed - _mm(l1, vt)
+
+
 def svd_factors(error, rank, **solver_kw):
   """LQER: A = U_k S_k, B = V_k^T from the SVD of E (..., in, out)."""
   u, s, vt = top_singular(error, rank, **solver_kw)
@@ -198,4 +232,7 @@ def reconstruct(
     return l2qer_factors(error, act_abs_mean, rank, **kw)
   if method == 'qera':
     return qera_factors(error, chol, rank, **kw)
+  if method == 'svdquant':
+    raise ValueError("'svdquant' factors the weight, not an error: use"
+                     ' smoothing_scale and svdquant_split')
   raise ValueError(f'method must be one of {METHODS}, got {method!r}')

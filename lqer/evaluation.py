@@ -32,7 +32,14 @@ from lqer.provider import LqerProvider
 from lqer.reporting import report as make_report
 from lqer.rule import LqerRule
 
-METHOD_LABELS = {'svd': 'LQER', 'l2qer': 'L2QER', 'qera': 'QERA'}
+METHOD_LABELS = {'svd': 'LQER', 'l2qer': 'L2QER', 'qera': 'QERA',
+                 'svdquant': 'SVDQuant', 'smoothquant': 'SmoothQuant',
+                 'svdquant-qera': 'SVDQuant+QERA'}
+# Rows of `lqer eval` that need activation quantization (--act-bits).
+ACT_METHODS = ('svdquant', 'smoothquant', 'svdquant-qera')
+# SVDQuant's smoothing strength, measured per model with
+# benchmarks/smooth_alpha.py (W4A4 g128 rank 32 on the calibration text).
+DEFAULT_SMOOTH_ALPHA = {'smollm2': 0.5, 'minilm': 0.5}
 
 
 @dataclasses.dataclass
@@ -50,6 +57,7 @@ class Row:
   bits_per_weight: float | None
   offline_seconds: float | None
   extra: dict[str, float] = dataclasses.field(default_factory=dict)
+  act_bits: int | None = None
 
 
 @dataclasses.dataclass
@@ -144,15 +152,37 @@ def _nearest(emb):
 TASKS = {'smollm2': smollm2_task, 'minilm': minilm_task}
 
 
+def int_qtype(bits):
+  """Qwix's int qtype of `bits` (None: None)."""
+  if bits is None:
+    return None
+  return jnp.int8 if bits == 8 else jnp.int4 if bits == 4 else f'int{bits}'
+
+
+def method_rule_kw(method: str, rank, error_rank=None) -> dict:
+  """LqerRule fields of an `lqer eval` method at a rank: 'smoothquant' is
+  'svdquant' at rank 0; 'svdquant-qera' splits the rank into an SVD part
+  and a QERA part of `error_rank` (default rank // 4)."""
+  if method == 'smoothquant':
+    return dict(method='svdquant', rank=0)
+  if method == 'svdquant-qera':
+    error_rank = rank // 4 if error_rank is None else error_rank
+    return dict(method='svdquant', rank=rank - error_rank,
+                error_rank=error_rank)
+  return dict(method=method, rank=rank)
+
+
 def build_rules(fp_params, module_path: str, bits: int, tile_size, rank,
-                method: str, **rule_kw) -> tuple[list[LqerRule], dict]:
+                method: str, act_bits=None,
+                **rule_kw) -> tuple[list[LqerRule], dict]:
   """Rules for bits / tile size / rank, with per-channel fallback.
 
   A weight whose contracting size (the kernel's first axis) is not a multiple
   of tile_size gets per-channel scales through an earlier, more specific
-  rule. Returns the rules and {'per-group': [...], 'per-channel': [...]}.
+  rule. act_bits: dynamic activation quantization (None: weight-only).
+  Returns the rules and {'per-group': [...], 'per-channel': [...]}.
   """
-  qtype = jnp.int8 if bits == 8 else jnp.int4 if bits == 4 else f'int{bits}'
+  qtype = int_qtype(bits)
   handled = {'per-group': [], 'per-channel': []}
   for path, w in flax.traverse_util.flatten_dict(fp_params).items():
     name = '/'.join(map(str, path[:-1]))
@@ -160,7 +190,8 @@ def build_rules(fp_params, module_path: str, bits: int, tile_size, rank,
       continue
     fits = tile_size is None or w.shape[0] % tile_size == 0
     handled['per-group' if fits and tile_size else 'per-channel'].append(name)
-  common = dict(weight_qtype=qtype, rank=rank, method=method, **rule_kw)
+  common = dict(weight_qtype=qtype, act_qtype=int_qtype(act_bits),
+                rank=rank, method=method, **rule_kw)
   rules = []
   if tile_size and handled['per-channel']:
     exact = '|'.join(re.escape(n) for n in handled['per-channel'])
@@ -206,50 +237,62 @@ def fingerprint(task_name, rules, base):
 def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
         methods: Sequence[str], base: str = 'rtn', save_dir=None,
         load_dir=None, with_fp=True, compute_dtype=jnp.float32, pack=False,
-        **rule_kw) -> Iterator[Row]:
+        act_bits=None, error_rank=None, **rule_kw) -> Iterator[Row]:
   """Yields FP (if with_fp), PTQ and method x rank rows for one bits / tile
   setting. compute_dtype / pack: the inference matmul (float32 unpacked
-  gives Qwix's numbers)."""
+  gives Qwix's numbers). act_bits: every row but FP quantizes activations
+  dynamically. Methods are `METHOD_LABELS`' keys; 'smoothquant' has no rank
+  and runs once."""
+  if act_bits is None and set(methods) & set(ACT_METHODS):
+    raise ValueError(f'methods {sorted(set(methods) & set(ACT_METHODS))}'
+                     ' smooth activations for their quantization; give'
+                     ' act_bits (lqer eval --act-bits 4 or 8)')
   maybe_pack = pack_params if pack else lambda params: params
   row = lambda method, rank, scores, bpw=None, secs=None: Row(
       task.name, method, base, bits if method != 'FP' else None,
       tile_size if method != 'FP' else None, rank, task.metric,
       scores[task.metric], bpw, secs,
-      {k: v for k, v in scores.items() if k != task.metric})
+      {k: v for k, v in scores.items() if k != task.metric},
+      act_bits if method != 'FP' else None)
   if with_fp:
     yield row('FP', None, task.score(task.module, task.params), 32.0)
-  rules, _ = build_rules(task.params, task.module_path, bits,
-                               tile_size, None, 'svd', **rule_kw)
-  stats = calibrate(task, build_rules(task.params, task.module_path, bits,
-                                      tile_size, 1, 'qera')[0])
+  rules_for = lambda rank, method, **kw: build_rules(
+      task.params, task.module_path, bits, tile_size, rank, method,
+      act_bits=act_bits, **kw)[0]
+  rules = rules_for(None, 'svd', **rule_kw)
+  stats = calibrate(task, rules_for(1, 'qera'))
   ptq_model, ptq_params, secs = quantize(task, rules, stats, base,
                                             compute_dtype)
   bpw = make_report(task.params, ptq_params).total()['bits_per_weight']
   yield row('PTQ' if base == 'rtn' else base.upper(), None,
             task.score(ptq_model, maybe_pack(ptq_params)), bpw, secs)
-  for rank in ranks:
+  for i, rank in enumerate(ranks):
     for method in methods:
-      rules, _ = build_rules(task.params, task.module_path, bits, tile_size,
-                             rank, method, **rule_kw)
+      if method == 'smoothquant' and i:
+        continue
+      kw = method_rule_kw(method, rank, error_rank)
+      label_rank = 0 if method == 'smoothquant' else rank
+      where = lambda root, m=method, r=label_rank: subdir(
+          root, bits, tile_size, m, r, act_bits)
+      rules = rules_for(**kw, **rule_kw)
       fp = fingerprint(task.name, rules, base)
       if load_dir is not None:
         model = qwix.quantize_model(
             task.module, LqerProvider(rules, compute_dtype=compute_dtype))
         abstract = jax.eval_shape(model.init, jax.random.key(0),
                                   *task.example)['params']
-        params = checkpoint.load(
-            subdir(load_dir, bits, tile_size, method, rank), abstract, fp)
+        params = checkpoint.load(where(load_dir), abstract, fp)
         secs = None
       else:
         model, params, secs = quantize(task, rules, stats, base,
                                           compute_dtype)
       if save_dir is not None:
-        checkpoint.save(subdir(save_dir, bits, tile_size, method, rank),
-                        params, fp)
+        checkpoint.save(where(save_dir), params, fp)
       bpw = make_report(task.params, params).total()['bits_per_weight']
-      yield row(METHOD_LABELS[method], rank,
+      yield row(METHOD_LABELS[method], label_rank,
                 task.score(model, maybe_pack(params)), bpw, secs)
 
 
-def subdir(root, bits, tile_size, method, rank):
-  return f'{root}/w{bits}_g{tile_size or 0}_{method}_r{rank}'
+def subdir(root, bits, tile_size, method, rank, act_bits=None):
+  act = '' if act_bits is None else f'a{act_bits}'
+  return f'{root}/w{bits}{act}_g{tile_size or 0}_{method}_r{rank}'

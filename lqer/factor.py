@@ -2,6 +2,7 @@
 provider's init: E = W - base, reshaped to the (*batch, in, out) matrix the
 op multiplies (`lqer.layout`), factored by the rule's method
 (`lqer.decompose`), and the one place a float weight becomes a `WithLqer`.
+SVDQuant factors the smoothed weight before its base exists (`svdquant_fn`).
 """
 
 import math
@@ -34,9 +35,9 @@ def check_weight(name: str, w, layout: layout_lib.KernelLayout, rank: int):
 
 
 def factor_fn(layout: layout_lib.KernelLayout, rank: int, rule, how=None):
-  """Jitted, batched (ws, bases, awq_scales, keys, **stats) -> (qs, A, B).
+  """Jitted, batched (ws, bases, input_scales, keys, **stats) -> (qs, A, B).
 
-  Each E = w - deq(q) [/ awq_scale] is factored in the (*batch, in, out)
+  Each E = w - deq(q) [/ input_scale] is factored in the (*batch, in, out)
   matrix form; A (*, in, k), B (*, k, out) float32. Stats: act_abs_mean
   (l2qer) or chol (qera). bases: the QArrays q (qs is then None), or, with
   `how` (the RTN base fused in), Qwix's (scale, zero_point) of each w, and
@@ -48,17 +49,39 @@ def factor_fn(layout: layout_lib.KernelLayout, rank: int, rule, how=None):
   key = (layout, rank, rule.method, tuple(solver_kw.items()), repr(how))
   if key not in _FACTOR_FNS:
 
-    def one(w, base, awq_scale, key, act_abs_mean=None, chol=None):
+    def one(w, base, input_scale, key, act_abs_mean=None, chol=None):
       q = base if how is None else qarray.quantize_with_scale_zero_point(
           w, how.qtype, *base, how.noise_fn)
       deq = qarray.dequantize(q).astype(jnp.float32)
-      if awq_scale is not None:
-        deq = divide_along(deq, awq_scale, layout.contracting_axes[0])
+      if input_scale is not None:
+        deq = divide_along(deq, input_scale, layout.contracting_axes)
       error = layout.to_matrix(w.astype(jnp.float32) - deq)
       a, b = decompose.reconstruct(
           error, rank, rule.method, act_abs_mean=act_abs_mean, chol=chol,
           key=key, **solver_kw)
       return (None if how is None else q), a, b
+
+    _FACTOR_FNS[key] = jax.jit(jax.vmap(one))
+  return _FACTOR_FNS[key]
+
+
+def svdquant_fn(layout: layout_lib.KernelLayout, rank: int, rule):
+  """Jitted, batched (ws, act_abs_max, keys) -> (A, B, R, lam) of SVDQuant.
+
+  lam = `decompose.smoothing_scale` of each w (matrix form) and max |x|;
+  A (*, in, k), B (*, k, out) from `decompose.svdquant_split`; the residual
+  R = diag(lam) W - L1 L2 in the kernel's layout, for the base quantizer.
+  """
+  solver_kw = dict(solver=rule.solver, oversample=rule.oversample,
+                   power_iters=rule.resolved_power_iters, krylov=rule.krylov)
+  key = ('svdquant', layout, rank, rule.smooth_alpha, tuple(solver_kw.items()))
+  if key not in _FACTOR_FNS:
+
+    def one(w, act_abs_max, key):
+      m = layout.to_matrix(w.astype(jnp.float32))
+      lam = decompose.smoothing_scale(act_abs_max, m, rule.smooth_alpha)
+      a, b, r = decompose.svdquant_split(m, lam, rank, key=key, **solver_kw)
+      return a, b, layout.from_matrix(r), lam
 
     _FACTOR_FNS[key] = jax.jit(jax.vmap(one))
   return _FACTOR_FNS[key]
@@ -110,13 +133,16 @@ def build(path: str, w, how, layout, rule) -> WithLqer:
   """A `WithLqer` from a float weight at the provider's init: Qwix's RTN
   base; 'svd' factors computed (free under eval_shape), activation-aware
   methods zero until `lqer_quantize_params` runs with statistics."""
-  check_weight(path, w, layout, rule.rank)
+  check_weight(path, w, layout, rule.total_rank)
   check_tiles(path, w.shape, how)
+  input_scale = None
   if rule.needs_calibration:
     q, _ = bases.rtn(w, how, layout, None)
     zero = jnp.zeros((), rule.factor_dtype)
-    a = jnp.broadcast_to(zero, layout.a_shape(rule.rank))
-    b = jnp.broadcast_to(zero, layout.b_shape(rule.rank))
+    a = jnp.broadcast_to(zero, layout.a_shape(rule.total_rank))
+    b = jnp.broadcast_to(zero, layout.b_shape(rule.total_rank))
+    if rule.method == 'svdquant':  # no smoothing until calibrated
+      input_scale = jnp.ones((layout.in_size,), jnp.float32)
   else:
     stack = lambda x: jax.tree.map(lambda v: v[None], x)
     q, a, b = factor_fn(layout, rule.rank, rule, how)(
@@ -125,4 +151,4 @@ def build(path: str, w, how, layout, rule) -> WithLqer:
     q = jax.tree.map(lambda v: v[0], q)
     a, b = layout.split_factors(a[0], b[0])
   return WithLqer.create(array=q, how=how, layout=layout, rule=rule, a=a,
-                         b=b, path=path)
+                         b=b, input_scale=input_scale, path=path)

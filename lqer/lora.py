@@ -215,11 +215,12 @@ def _check_base(leaf, abs_leaf, name):
   if isinstance(leaf.array, PackedInt4):
     raise ValueError(f'{name}: packed params cannot be converted; convert the'
                      ' params from before lqer.pack_params.')
-  if getattr(leaf, 'awq_scale', None) is not None:
+  if getattr(leaf, 'input_scale', None) is not None:
     raise ValueError(
-        f'{name}: its AWQ base carries per-input-channel scales'
-        ' (W = deq(Wq) / s) that Qwix\'s LoraProvider cannot apply; use'
-        " base='rtn' or 'gptq' for fine-tuning.")
+        f'{name}: its base carries per-input-channel scales (W = deq(Wq)'
+        ' / s: an AWQ base or SVDQuant smoothing) that Qwix\'s LoraProvider'
+        " cannot apply; use base='rtn' or 'gptq' and method 'svd', 'l2qer'"
+        " or 'qera' for fine-tuning.")
   got = jax.tree.map(lambda x: (x.shape, x.dtype), leaf.array)
   want = jax.tree.map(lambda x: (x.shape, x.dtype), abs_leaf.array)
   if got != want:

@@ -35,6 +35,7 @@ from lqer import stats as stats_lib
 from lqer.rule import LqerRule
 from lqer.rule import same_qtype
 from lqer.weight import WithLqer
+from lqer.weight import divide_along
 from lqer.weight import layout_of
 
 # Ops whose right operand Qwix quantizes as a weight.
@@ -58,6 +59,14 @@ class _Job:
   @property
   def name(self) -> str:
     return path_str(self.path)
+
+  @property
+  def svdquant(self) -> bool:
+    return self.rule.method == 'svdquant'
+
+  @property
+  def method_needs_stats(self) -> bool:
+    return self.svdquant or bool(self.rank and self.rule.needs_calibration)
 
 
 def path_str(path) -> str:
@@ -189,7 +198,7 @@ def _plan(params, abstract_params, rules, calibration, base,
       continue
     factor.check_weight(job.name, job.weight, job.layout, job.rank)
     needs = bases.NEEDS.get(job.base_kind)
-    if job.rank and job.rule.needs_calibration or needs:
+    if job.method_needs_stats or needs:
       job.stats = stats_lib.lookup(calibration, path)
       _check_stats(job, needs)
     jobs.append(job)
@@ -219,6 +228,8 @@ def _make_job(path, w, abs_w, rule, base):
   """A `_Job` if this weight needs more than plain Qwix PTQ, else None."""
   if isinstance(abs_w, WithLqer):
     rank = abs_w.rank
+    if rule.method == 'svdquant':  # abs_w holds rank + error_rank columns
+      rank = rule.rank
   else:
     rank = rule.rank if isinstance(rule, LqerRule) else None
     if rank is None:
@@ -237,26 +248,36 @@ def _make_job(path, w, abs_w, rule, base):
         f' {layout.max_rank} (only with rules + a PtqProvider tree;'
         ' LqerProvider raises)', stacklevel=4)
     rank = layout.max_rank
+  if rule.method == 'svdquant' and (not isinstance(base, str)
+                                    or base == 'awq'):
+    raise ValueError(
+        f"{path_str(path)}: method 'svdquant' quantizes the residual of the"
+        ' smoothed weight, which exists only after smoothing; use base'
+        " 'rtn' or 'gptq' (not 'awq', which rescales channels itself, nor a"
+        ' stored base)')
   if isinstance(base, str):
     fn, kind = bases.BY_NAME[base], base
   else:
-    q, awq_scale = _stored_base(path, base, abs_w)
-    fn = functools.partial(bases.stored, q, awq_scale)
-    kind = 'stored' if awq_scale is None else 'stored-awq'
+    q, input_scale = _stored_base(path, base, abs_w)
+    fn = functools.partial(bases.stored, q, input_scale)
+    kind = 'stored' if input_scale is None else 'stored-awq'
   return _Job(path, w, abs_w.how, layout, rule, rank, fn, kind)
 
 
 def _stored_base(path, tree, abs_w):
-  """(QArray, awq_scale) stored at `path` of a Qwix-quantized tree."""
+  """(QArray, input_scale) stored at `path` of a Qwix-quantized tree."""
   name = path_str(path)
   value = _abstract_at(tree, path)
   if isinstance(value, ptq.WithAux):
-    q, awq_scale = value.array, getattr(value, 'awq_scale', None)
+    # Qwix's AWQ weights carry awq_scale, lqer's their input_scale.
+    q = value.array
+    input_scale = getattr(value, 'awq_scale',
+                          getattr(value, 'input_scale', None))
   elif isinstance(value, Mapping) and 'array' in value:  # NNX pure dict
     arr = value['array']
     q = qarray.QArray(qvalue=arr['qvalue'], scale=arr['scale'],
                       zero_point=arr.get('zero_point'), qtype=abs_w.how.qtype)
-    awq_scale = value.get('awq_scale')
+    input_scale = value.get('awq_scale', value.get('input_scale'))
   else:
     raise ValueError(f'{name}: base= tree holds no quantized weight here'
                      f' (found {type(value).__name__}); pass the tree'
@@ -267,15 +288,15 @@ def _stored_base(path, tree, abs_w):
     raise ValueError(f'{name}: base= tree holds a {q.qtype} weight of shape'
                      f' {tuple(q.shape)}, the model quantizes it to'
                      f' {abs_w.how.qtype} with shape {tuple(abs_w.shape)}')
-  if awq_scale is not None and len(layout_of(abs_w).contracting_axes) != 1:
+  if input_scale is not None and len(layout_of(abs_w).contracting_axes) != 1:
     raise ValueError(f'{name}: an AWQ base needs one contracting axis')
-  return q, None if awq_scale is None else flax_util.unbox(awq_scale)
+  return q, None if input_scale is None else flax_util.unbox(input_scale)
 
 
 def _check_stats(job: _Job, base_needs):
   name = job.name
-  needs = (f"method {job.rule.method!r}" if job.rank
-           and job.rule.needs_calibration else f'base {job.base_kind!r}')
+  needs = (f"method {job.rule.method!r}" if job.method_needs_stats
+           else f'base {job.base_kind!r}')
   if job.stats is None:
     raise ValueError(
         f'{name}: {needs} needs calibration statistics, but none were found'
@@ -284,7 +305,12 @@ def _check_stats(job: _Job, base_needs):
     )
   stats_lib.check(job.stats, job.layout, name)
   wants_xtx = (job.rank and job.rule.method == 'qera') or (
-      base_needs == 'sum_of_xtx')
+      base_needs == 'sum_of_xtx') or (job.svdquant and job.rule.error_rank)
+  if job.svdquant and 'max_of_abs' not in job.stats:
+    raise ValueError(
+        f"{name}: method 'svdquant' needs max |x| per input channel"
+        ' (max_of_abs), which these statistics lack; calibrate with this'
+        ' version of LqerCalibrationProvider')
   if wants_xtx and 'sum_of_xtx' not in job.stats:
     raise ValueError(
         f'{name}: {needs} needs E[x^T x] (sum_of_xtx), but these statistics'
@@ -301,6 +327,7 @@ def _group_key(job: _Job):
       job.weight.shape, str(job.weight.dtype), job.layout, job.rank,
       job.base_kind, rule.method, rule.solver, rule.oversample,
       rule.resolved_power_iters, rule.krylov, rule.qera_damping,
+      rule.smooth_alpha, rule.error_rank,
       str(how.qtype), tuple(how.channelwise_axes),
       tuple(sorted(how.tiled_axes.items())), how.calibration_method,
   )
@@ -313,8 +340,10 @@ def _chunks(jobs, max_group_bytes):
     groups.setdefault(_group_key(job), []).append(job)
   for group in groups.values():
     per = 4 * math.prod(group[0].weight.shape)
-    if group[0].rule.method == 'qera':  # plus its Cholesky factor
-      per += 4 * group[0].layout.in_size ** 2
+    if group[0].rule.method == 'qera' or group[0].rule.error_rank:
+      per += 4 * group[0].layout.in_size ** 2  # plus its Cholesky factor
+    if group[0].svdquant:  # plus the residual
+      per *= 2
     size = max(1, max_group_bytes // max(per, 1))
     for i in range(0, len(group), size):
       yield group[i:i + size]
@@ -366,10 +395,11 @@ def _run_chunk(chunk: list[_Job], factors: _CholeskyCache):
   jitted call (an RTN base fused into it)."""
   first = chunk[0]
   rule, layout = first.rule, first.layout
-  stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)
+  if first.svdquant:
+    return _run_svdquant(chunk, factors)
   if first.base_kind == 'rtn':
     how, awq, based = first.how, [None] * len(chunk), None
-    base = stack([bases.rtn_scale(j.weight, j.how) for j in chunk])
+    base = _stack([bases.rtn_scale(j.weight, j.how) for j in chunk])
   else:
     based = [job.base(job.weight, job.how, job.layout, job.stats)
              for job in chunk]
@@ -377,7 +407,7 @@ def _run_chunk(chunk: list[_Job], factors: _CholeskyCache):
       return {job.path: _base_only(job, q, s)
               for job, (q, s) in zip(chunk, based)}
     how, awq = None, [s for _, s in based]
-    base = stack([q for q, _ in based])
+    base = _stack([q for q, _ in based])
   extra = {}
   if rule.method == 'l2qer':
     extra['act_abs_mean'] = jnp.stack(
@@ -395,7 +425,45 @@ def _run_chunk(chunk: list[_Job], factors: _CholeskyCache):
     ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
     out[job.path] = WithLqer.create(
         array=q, how=job.how, layout=layout, rule=rule, a=ai, b=bi,
-        awq_scale=awq[i], path=job.name)
+        input_scale=awq[i], path=job.name)
+  return out
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def _run_svdquant(chunk: list[_Job], factors: _CholeskyCache):
+  """SVDQuant of a chunk: smoothing scales and SVD branch in one jitted
+  call, the residual quantized by the base (on the smoothed statistics),
+  and with error_rank, QERA of what is left, E = (R - deq(Q(R))) / lam,
+  appended to the branch."""
+  first = chunk[0]
+  rule, layout = first.rule, first.layout
+  keys = jnp.stack([factor.seed_key(rule, j.name) for j in chunk])
+  a, b, residual, lam = factor.svdquant_fn(layout, first.rank, rule)(
+      jnp.stack([j.weight for j in chunk]),
+      jnp.stack([stats_lib.abs_max(j.stats) for j in chunk]), keys)
+  qs = [job.base(residual[i], job.how, layout,
+                 stats_lib.scaled(job.stats, lam[i]))[0]
+        for i, job in enumerate(chunk)]
+  if rule.error_rank:
+    qera = dataclasses.replace(rule, method='qera', rank=rule.error_rank,
+                               error_rank=0)
+    keys2 = jax.vmap(jax.random.fold_in)(keys, jnp.ones(len(chunk),
+                                                        jnp.uint32))
+    _, a2, b2 = factor.factor_fn(layout, rule.error_rank, qera)(
+        jax.vmap(lambda r, s: divide_along(r, s, layout.contracting_axes))(
+            residual, lam),
+        _stack(qs), lam, keys2,
+        chol=jnp.stack([factors.get(j) for j in chunk]))
+    a, b = jnp.concatenate([a, a2], -1), jnp.concatenate([b, b2], -2)
+  out = {}
+  for i, job in enumerate(chunk):
+    ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
+    out[job.path] = WithLqer.create(
+        array=qs[i], how=job.how, layout=layout, rule=rule, a=ai, b=bi,
+        input_scale=lam[i], path=job.name)
   return out
 
 
@@ -416,15 +484,15 @@ def _place_factors(job: _Job, a, b):
           jax.device_put(b, named(b_spec)))
 
 
-def _base_only(job: _Job, q, awq_scale):
+def _base_only(job: _Job, q, input_scale):
   """A base without factors: a plain WithAux, or a rank-0 WithLqer that
   keeps an AWQ scale."""
-  if awq_scale is None:
+  if input_scale is None:
     return ptq.WithAux(q, job.how)
   layout = job.layout
   zeros = jnp.zeros((), jnp.float32)
   return WithLqer.create(
       array=q, how=job.how, layout=layout, rule=job.rule,
       a=jnp.broadcast_to(zeros, layout.a_shape(0)),
-      b=jnp.broadcast_to(zeros, layout.b_shape(0)), awq_scale=awq_scale,
+      b=jnp.broadcast_to(zeros, layout.b_shape(0)), input_scale=input_scale,
       path=job.name)

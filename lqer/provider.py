@@ -1,10 +1,10 @@
 """`LqerProvider`: Qwix PTQ inference plus the low-rank branch.
 
-    y = x deq(Wq) + (x A) B
+    y = (x / s) deq(Wq) + (x A) B     (s: `WithLqer.input_scale`, else 1)
 
 The first term is Qwix's own quantized `dot_general` / `einsum` (activation
-quantization included when the rule sets `act_qtype`); the branch runs on the
-float activation, accumulates in float32 and is added before casting to the
+quantization of x / s included when the rule sets `act_qtype`); the branch
+runs on the float activation, accumulates in float32 and is added before casting to the
 output dtype. Weights of rules without a rank behave exactly as under
 `qwix.PtqProvider`.
 
@@ -22,6 +22,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 from qwix._src.core import dot_general as qwix_dot_general
+from qwix._src.core import qarray
 from qwix._src.core import einsum as qwix_einsum
 from qwix._src.core import einsum_info
 from qwix._src.providers import ptq
@@ -50,8 +51,10 @@ class LqerProvider(ptq.PtqProvider):
       jnp.float32 (Qwix's numbers: bit for bit for dot_general, to float32
       rounding for einsum, which Qwix runs through opt_einsum) or
       jnp.bfloat16. None runs Qwix's own quantized dot_general. Rules with
-      `act_qtype` always use Qwix's path. Weights packed by
-      `lqer.pack_params` need a compute dtype and a weight-only rule.
+      `act_qtype` use Qwix's path, except for weights packed by
+      `lqer.pack_params`, which need a compute dtype and, with an act_qtype,
+      multiply the input quantized and dequantized as Qwix quantizes it
+      (dynamic scales).
   """
 
   def __init__(self, rules, *, compute_dtype='auto', **kwargs):
@@ -73,22 +76,32 @@ class LqerProvider(ptq.PtqProvider):
     return super().process_model_output(method_name, model_output)
 
   def _main(self, op_name, x, lhs, rhs, dimension_numbers, output_perm,
-            qwix_call):
+            qwix_call, act_how):
     """(x deq(Wq), whether (lhs A) B is already added).
 
     lqer's weight-only matmul or Qwix's own call; a packed weight takes the
     branch into its blocked matmul, so no full-size branch output is live.
+    With an act_qtype, Qwix's call quantizes x; a packed weight instead
+    multiplies deq(Q(x)), x quantized as Qwix would (`act_how(rule)`).
     """
     rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
+    packed = isinstance(rhs.array, packing.PackedInt4)
     if (self._compute_dtype is None or rule is None
-        or rule.act_qtype is not None):
-      if isinstance(rhs.array, packing.PackedInt4):
+        or (rule.act_qtype is not None and not packed)):
+      if packed:
         raise ValueError(
             f'{flax_util.get_current_module_path()}: a packed int4 weight'
             ' (lqer.pack_params) needs LqerProvider(compute_dtype=...) not'
-            ' None and a weight-only rule (no act_qtype)')
+            ' None')
       return qwix_call(), False
     self._get_current_rule_and_op_id(op_name)  # keep Qwix's op counting
+    if rule.act_qtype is not None:
+      if rule.act_static_scale:
+        raise ValueError(
+            f'{flax_util.get_current_module_path()}: a packed int4 weight'
+            ' takes dynamic activation scales only; set'
+            ' act_static_scale=False or do not pack this weight')
+      x = qarray.dequantize(qarray.quantize(x, act_how(rule))).astype(x.dtype)
     low_rank = None
     if (isinstance(rhs.array, packing.PackedInt4) and isinstance(rhs, WithLqer)
         and rhs.rank > 0):
@@ -129,12 +142,17 @@ class LqerProvider(ptq.PtqProvider):
           lhs, rhs, dimension_numbers, precision, preferred_element_type,
           out_sharding=out_sharding,
       )
-    x = _awq_scaled(lhs, rhs, dimension_numbers)
+    x = _input_scaled(lhs, rhs, dimension_numbers)
     main, done = self._main(
         'dot_general', x, lhs, rhs, dimension_numbers, None,
         lambda: super(LqerProvider, self).dot_general(
             x, rhs, dimension_numbers, precision, preferred_element_type,
-            out_sharding=out_sharding))
+            out_sharding=out_sharding),
+        lambda rule: qwix_dot_general.get_how_to_quantize(
+            dimension_numbers=dimension_numbers,
+            ndims=(lhs.ndim, rhs.ndim), for_lhs=True,
+            tile_size=rule.tile_size, qtype=rule.act_qtype,
+            calibration_method=rule.act_calibration_method))
     return main if done else _add_branch(main, lhs, rhs, dimension_numbers,
                                          None)
 
@@ -166,11 +184,15 @@ class LqerProvider(ptq.PtqProvider):
     )
     if not isinstance(rhs, ptq.WithAux):
       return super().einsum(einsum_str, lhs, rhs, **kwargs)
-    x = _awq_scaled(lhs, rhs, dims)
+    x = _input_scaled(lhs, rhs, dims)
     main, done = self._main(
         'einsum', x, lhs, rhs, dims, info.output_perm,
         lambda: super(LqerProvider, self).einsum(einsum_str, x, rhs,
-                                                 **kwargs))
+                                                 **kwargs),
+        lambda rule: qwix_einsum.get_how_to_quantize(
+            einsum_str=einsum_str, ndims=(lhs.ndim, rhs.ndim),
+            for_lhs=True, tile_size=rule.tile_size, qtype=rule.act_qtype,
+            calibration_method=rule.act_calibration_method))
     return main if done else _add_branch(main, lhs, rhs, dims,
                                          info.output_perm)
 
@@ -227,12 +249,13 @@ def _stored_param(name):
   return flax_util.unbox(getattr(module, name))
 
 
-def _awq_scaled(lhs, rhs, dimension_numbers):
-  """x / s along the contracting axis, so x deq(Wq) = x (deq(Wq) / s)."""
-  if getattr(rhs, 'awq_scale', None) is None:
+def _input_scaled(lhs, rhs, dimension_numbers):
+  """x / s along the contracting axes, so x deq(Wq) = x (deq(Wq) / s)."""
+  if getattr(rhs, 'input_scale', None) is None:
     return lhs
-  (lhs_ca, _), _ = dimension_numbers
-  return divide_along(lhs, rhs.awq_scale, lhs_ca[0])
+  (lhs_ca, rhs_ca), _ = dimension_numbers
+  by_kernel_axis = [l for _, l in sorted(zip(rhs_ca, lhs_ca))]
+  return divide_along(lhs, rhs.input_scale, by_kernel_axis)
 
 
 def _branch_input(lhs, rhs: WithLqer, dimension_numbers):

@@ -119,7 +119,7 @@ def bits_per_weight(w: ptq.WithAux) -> float:
   bits = qtype_bits(q.qtype) * n + _array_bits(q.scale) + _array_bits(
       q.zero_point)
   if isinstance(w, WithLqer):
-    bits += _array_bits(w.a) + _array_bits(w.b) + _array_bits(w.awq_scale)
+    bits += _array_bits(w.a) + _array_bits(w.b) + _array_bits(w.input_scale)
   return bits / n
 
 
@@ -160,8 +160,8 @@ def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
   a = b = None
   rank, method = 0, 'ptq'
   if isinstance(q, WithLqer):
-    if q.awq_scale is not None:
-      base = divide_along(base, q.awq_scale, layout.contracting_axes[0])
+    if q.input_scale is not None:
+      base = divide_along(base, q.input_scale, layout.contracting_axes)
     if q.rank:
       a, b = layout.merge_factors(q.a.astype(jnp.float32),
                                   q.b.astype(jnp.float32))

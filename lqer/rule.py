@@ -12,7 +12,7 @@ from lqer import decompose
 FACTOR_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Block-Krylov power iterations per method (benchmarks/offline_pass.py
 # and `lqer eval --solver exact` / `--power-iters` measure the trade-off).
-DEFAULT_POWER_ITERS = {'svd': 6, 'l2qer': 4, 'qera': 4}
+DEFAULT_POWER_ITERS = {'svd': 6, 'l2qer': 4, 'qera': 4, 'svdquant': 4}
 _INT_QTYPES = ('int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8')
 _STRING_QTYPES = ('nf4', 'mxfp4', 'mxfp8', 'nvfp4', *_INT_QTYPES)
 _CALIBRATIONS = ('absmax', 'minmax', 'rms', 'fixed')
@@ -50,8 +50,15 @@ class LqerRule(qwix.QuantizationRule):
 
   Attributes:
     rank: rank k of the reconstruction; None means plain PTQ for this match.
+      0 only with 'svdquant' (smoothing alone: SmoothQuant).
     method: 'svd' (LQER, data-free), 'l2qer' (needs mean |x| per input
-      channel) or 'qera' (needs E[x^T x]); see `lqer.decompose`.
+      channel) or 'qera' (needs E[x^T x]); see `lqer.decompose`. Or
+      'svdquant' (needs max |x| and an act_qtype): smooth W by
+      `smooth_alpha`, keep the top-k SVD of the smoothed weight in the
+      branch, quantize the rest (`decompose.svdquant_split`).
+    smooth_alpha: SVDQuant's smoothing migration strength in [0, 1].
+    error_rank: 'svdquant' only: a further QERA rank on the residual's
+      quantization error (stored in the same A, B: rank + error_rank).
     factor_dtype: dtype of the stored A and B (bfloat16, float16 or float32).
     solver: 'randomized' (Halko et al., the default) or 'exact' (full SVD).
     oversample: extra sketch columns of the randomized solver.
@@ -76,6 +83,8 @@ class LqerRule(qwix.QuantizationRule):
   krylov: bool = True
   qera_damping: float = 0.01
   seed: int = 0
+  smooth_alpha: float = 0.5
+  error_rank: int = 0
 
   def __post_init__(self):
     _validate(self)
@@ -90,6 +99,11 @@ class LqerRule(qwix.QuantizationRule):
   @property
   def needs_calibration(self) -> bool:
     return self.rank is not None and self.method != 'svd'
+
+  @property
+  def total_rank(self) -> int | None:
+    """Columns of the stored A: rank, plus error_rank for 'svdquant'."""
+    return None if self.rank is None else self.rank + self.error_rank
 
 
 def _fail(rule, field, message):
@@ -121,6 +135,30 @@ def same_qtype(a, b) -> bool:
   return np.dtype(a) == np.dtype(b)
 
 
+def _validate_svdquant(rule: LqerRule):
+  """smooth_alpha, error_rank and act_qtype for method 'svdquant'."""
+  alpha = rule.smooth_alpha
+  if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+      or not 0 <= alpha <= 1):
+    _fail(rule, 'smooth_alpha', f'must be a number in [0, 1], got {alpha!r}')
+  if (isinstance(rule.error_rank, bool) or not isinstance(rule.error_rank, int)
+      or rule.error_rank < 0):
+    _fail(rule, 'error_rank', f'must be an int >= 0, got {rule.error_rank!r}')
+  if rule.error_rank and rule.method != 'svdquant':
+    _fail(rule, 'error_rank', "applies to method='svdquant' only (other"
+          ' methods reconstruct the error with their rank)')
+  if rule.method != 'svdquant' or rule.rank is None:
+    return
+  if rule.act_qtype is None:
+    _fail(rule, 'act_qtype', "method='svdquant' smooths activations for"
+          ' their quantization; set act_qtype (e.g. jnp.int8 or jnp.int4),'
+          " or use method='qera' for weight-only quantization")
+  if rule.act_static_scale:
+    _fail(rule, 'act_static_scale', "method='svdquant' quantizes the"
+          ' smoothed input x / lam with dynamic scales; Qwix calibrates static'
+          ' scales on the unsmoothed input, so set act_static_scale=False')
+
+
 def _validate(rule: LqerRule):
   """Raises ValueError naming the field for any invalid setting."""
   _validate_qtype(rule, 'weight_qtype', rule.weight_qtype)
@@ -128,14 +166,15 @@ def _validate(rule: LqerRule):
   if rule.rank is not None:
     if isinstance(rule.rank, bool) or not isinstance(rule.rank, int):
       _fail(rule, 'rank', f'must be a positive int or None, got {rule.rank!r}')
-    if rule.rank < 1:
-      _fail(rule, 'rank', f'must be >= 1 (or None for plain PTQ), got'
-            f' {rule.rank}')
+    if rule.rank < (0 if rule.method == 'svdquant' else 1):
+      _fail(rule, 'rank', f'must be >= 1 (or None for plain PTQ; 0 only with'
+            f" method='svdquant'), got {rule.rank}")
     if rule.weight_qtype is None:
       _fail(rule, 'rank', 'a reconstruction needs weight_qtype to be set')
   if rule.method not in decompose.METHODS:
     _fail(rule, 'method', f'must be one of {decompose.METHODS}, got'
           f' {rule.method!r}')
+  _validate_svdquant(rule)
   if rule.solver not in decompose.SOLVERS:
     _fail(rule, 'solver', f'must be one of {decompose.SOLVERS}, got'
           f' {rule.solver!r}')

@@ -6,7 +6,11 @@ a token count, the format of Qwix's `SimpleMovingAverage` (so its
 
     count        number of tokens seen (int32)
     sum_of_abs   sum_t |x_t|        (in,)
+    max_of_abs   max_t |x_t|        (in,)  (SmoothQuant / SVDQuant smoothing)
     sum_of_xtx   sum_t x_t^T x_t    (in, in)
+    sample       (n, in) tokens, `sample_rows` written so far: evenly spaced
+                 tokens of the latest batches, kept when the rule quantizes
+                 activations (the report's activation-error bound terms)
 
 Dividing by the token count, not the number of batches, makes the mean exact
 when batches differ in size. Memory: sum_of_xtx is 4 in^2 bytes in float32,
@@ -15,28 +19,48 @@ e.g. 485 MB for in = 11008.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from qwix._src.utils import flax_util
 
 SUFFIX = '_lqer'
 
 
-def batch_sums(x: jax.Array, with_second_moment: bool = True):
-  """Sums over tokens of x (tokens, in): count, sum |x|, sum x^T x."""
+def batch_sums(x: jax.Array, with_second_moment: bool = True,
+               sample_tokens: int = 0):
+  """Statistics of x (tokens, in): count, sum |x|, max |x|, sum x^T x, and
+  `sample_tokens` evenly spaced tokens (none if 0)."""
   x = x.astype(jnp.float32)
   sums = {'count': jnp.asarray(x.shape[0], jnp.int32),
-          'sum_of_abs': jnp.sum(jnp.abs(x), axis=0)}
+          'sum_of_abs': jnp.sum(jnp.abs(x), axis=0),
+          'max_of_abs': jnp.max(jnp.abs(x), axis=0)}
   if with_second_moment:
     sums['sum_of_xtx'] = jnp.matmul(
         x.T, x, precision=jax.lax.Precision.HIGHEST)
+  if sample_tokens:
+    rows = np.linspace(0, x.shape[0] - 1, min(sample_tokens, x.shape[0]))
+    picked = x[np.round(rows).astype(int)]
+    sums['sample'] = jnp.zeros((sample_tokens, x.shape[1]), jnp.float32).at[
+        :len(rows)].set(picked)
+    sums['sample_rows'] = jnp.asarray(len(rows), jnp.int32)
   return sums
 
 
 def accumulate(total, batch):
-  """Adds the sums of one batch to the running sums."""
+  """The running statistics with one batch's added: sums add, maxima take
+  the max, a batch's sample rows overwrite the oldest ones (cyclically)."""
   if total.keys() != batch.keys():
     raise ValueError(f'statistics keys differ: {sorted(total)} vs'
                      f' {sorted(batch)}')
-  return jax.tree.map(jnp.add, total, batch)
+  out = {k: jnp.add(total[k], batch[k]) for k in total
+         if k not in ('max_of_abs', 'sample')}
+  out['max_of_abs'] = jnp.maximum(total['max_of_abs'], batch['max_of_abs'])
+  if 'sample' in total:
+    n = total['sample'].shape[0]
+    slots = (total['sample_rows'] + jnp.arange(n)) % n
+    keep = jnp.arange(n) < batch['sample_rows']
+    out['sample'] = total['sample'].at[jnp.where(keep, slots, n)].set(
+        batch['sample'], mode='drop')
+  return out
 
 
 def lookup(calibration, path):
@@ -71,6 +95,30 @@ def check(stats, layout, name):
 def abs_mean(stats):
   """E|x_i| per input channel (in,)."""
   return stats['sum_of_abs'] / stats['count']
+
+
+def abs_max(stats):
+  """max |x_i| per input channel (in,)."""
+  return stats['max_of_abs']
+
+
+def sample(stats):
+  """The sampled tokens (rows, in) (only rows written so far)."""
+  return stats['sample'][:min(int(stats['sample_rows']),
+                              stats['sample'].shape[0])]
+
+
+def scaled(stats, s):
+  """The statistics of x / s (s per input channel, (in,)): what a layer
+  whose input is smoothed by s sees."""
+  out = dict(stats)
+  for key in ('sum_of_abs', 'max_of_abs'):
+    out[key] = stats[key] / s
+  if 'sum_of_xtx' in stats:
+    out['sum_of_xtx'] = stats['sum_of_xtx'] / s[:, None] / s[None, :]
+  if 'sample' in stats:
+    out['sample'] = stats['sample'] / s
+  return out
 
 
 def second_moment(stats):

@@ -17,13 +17,14 @@ from lqer import layout as layout_lib
 
 @flax.struct.dataclass(kw_only=True)
 class WithLqer(ptq.WithAux[qarray.QArray]):
-  """W ~= deq(array) [/ awq_scale] + A B, in the kernel's own axes.
+  """W ~= deq(array) [/ input_scale] + A B, in the kernel's own axes.
 
   Build one with `WithLqer.create`. Attributes:
     a: (*batch, *contracting, k) left factor, `LqerRule.factor_dtype`.
     b: (*batch, k, *output) right factor.
-    awq_scale: per-input-channel AWQ scale s of an AWQ base (the base weight
-      is deq(array) / s along the contracting axis), or None.
+    input_scale: per-input-channel scale s (in,): the base weight is
+      deq(array) / s along the contracting axes and the op divides its input
+      by s. AWQ's searched scale, or SVDQuant's smoothing lam; else None.
     contracting_axes: kernel axes summed with the input.
     batch_axes: kernel axes shared with input and output (einsum batch).
     rule: the `LqerRule` that produced it (rank, method, qtype, ...).
@@ -32,7 +33,7 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
 
   a: jax.Array
   b: jax.Array
-  awq_scale: jax.Array | None = None
+  input_scale: jax.Array | None = None
   contracting_axes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   batch_axes: tuple[int, ...] = flax.struct.field(
       pytree_node=False, default=()
@@ -42,14 +43,14 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
 
   @classmethod
   def create(cls, *, array, how, layout: layout_lib.KernelLayout, rule, a, b,
-             awq_scale=None, path: str = '') -> 'WithLqer':
+             input_scale=None, path: str = '') -> 'WithLqer':
     """The one constructor: A, B cast to `rule.factor_dtype` (abstract
     factors, `jax.ShapeDtypeStruct`s, take that dtype too)."""
     cast = lambda f: (jax.ShapeDtypeStruct(f.shape, rule.factor_dtype)
                       if isinstance(f, jax.ShapeDtypeStruct)
                       else f.astype(rule.factor_dtype))
     return cls(array=array, how=how, a=cast(a), b=cast(b),
-               awq_scale=awq_scale,
+               input_scale=input_scale,
                contracting_axes=layout.contracting_axes,
                batch_axes=layout.batch_axes, rule=rule, path=path)
 
@@ -118,10 +119,16 @@ def layout_of(weight: ptq.WithAux) -> layout_lib.KernelLayout:
       tuple(weight.shape), weight.how.channelwise_axes)
 
 
-def divide_along(x: jax.Array, s: jax.Array, axis: int) -> jax.Array:
-  """x / s along `axis`: how an AWQ scale s (in,) applies, to the base
-  weight (deq(Wq) / s on its contracting axis) or to the input (x / s on the
-  axis it contracts), so x (deq(Wq) / s) = (x / s) deq(Wq)."""
-  shape = [1] * x.ndim
-  shape[axis] = s.shape[0]
-  return x / s.reshape(shape).astype(x.dtype)
+def divide_along(x: jax.Array, s: jax.Array, axes) -> jax.Array:
+  """x / s along `axes`: how a per-input-channel scale s (in,) applies, to
+  the base weight (deq(Wq) / s on its contracting axes) or to the input
+  (x / s on the axes it contracts), so x (deq(Wq) / s) = (x / s) deq(Wq).
+
+  axes: an int, or the axes of x that s flattens, in the kernel's order of
+  its contracting axes (`KernelLayout.to_matrix` flattens them that way).
+  """
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  s_nd = s.reshape([x.shape[a] for a in axes])
+  s_nd = jnp.transpose(s_nd, np.argsort(axes))
+  shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+  return x / s_nd.reshape(shape).astype(x.dtype)

@@ -278,7 +278,7 @@ def test_single_dense_matches_numpy(method, qtype, tile):
   params = lqer_quantize_params(fp, abstract, calibration=stats)
   k = params['kernel']
   assert isinstance(k, lqer.WithLqer) and k.rank == 8
-  assert k.a.dtype == jnp.float32 and k.awq_scale is None
+  assert k.a.dtype == jnp.float32 and k.input_scale is None
   deq = np.asarray(qwix.dequantize(k.array), np.float64)
   # The base is Qwix PTQ's RTN, bit for bit.
   ptq_abs = jax.eval_shape(qwix.quantize_model(
@@ -508,8 +508,8 @@ def test_awq_base_inference_matches_numpy_and_qera_beats_awq(dense_setup):
   w = np.asarray(fp['kernel'], np.float64)
   params = lqer_quantize_params(fp, abstract, calibration=stats, base='awq')
   k = params['kernel']
-  assert isinstance(k, lqer.WithLqer) and k.awq_scale is not None
-  s = np.asarray(k.awq_scale, np.float64)
+  assert isinstance(k, lqer.WithLqer) and k.input_scale is not None
+  s = np.asarray(k.input_scale, np.float64)
   assert s.shape == (32,) and np.all(s > 0)
   assert not np.allclose(s, s[0])  # the outlier channels got their own scale
   base = np.asarray(qwix.dequantize(k.array), np.float64) / s[:, None]

@@ -1276,7 +1276,7 @@ def test_awq_dense_model_linen_and_lqer_refit_on_awq_base():
   assert isinstance(kernel, lqer.WithLqer)
   assert kernel.rank == RANK
   assert_base_equal(kernel, awq_params['Dense_0']['kernel'])
-  np.testing.assert_array_equal(kernel.awq_scale,
+  np.testing.assert_array_equal(kernel.input_scale,
                                 awq_params['Dense_0']['kernel'].awq_scale)
   assert_trees_equal(refit['Dense_1'], awq_params['Dense_1'])
   y = rank_model.apply({'params': refit}, x)

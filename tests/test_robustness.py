@@ -201,7 +201,7 @@ def test_checkpoint_refuses_packed_params_and_loads_awq_bases(tmp_path):
   qmodel, abstract = _abstract(model, rules, x)
   params = lqer_quantize_params(fp, abstract, calibration=new['quant_stats'],
                                 base='awq')
-  assert params['Dense_0']['kernel'].awq_scale is not None
+  assert params['Dense_0']['kernel'].input_scale is not None
   with pytest.raises(checkpoint.CheckpointError, match='packed by'
                      ' lqer.pack_params; save the params before packing'):
     checkpoint.save(tmp_path, lqer.pack_params(params), {})
