@@ -38,3 +38,16 @@ def relative_output_error(w, w_hat, second_moment):
   num = expected_output_energy(w - w_hat, second_moment)
   den = expected_output_energy(w, second_moment)
   return jnp.sqrt(jnp.maximum(num, 0.0) / den)
+
+
+def error_bound_terms(x, x_q, w, w_q):
+  """The two terms of SVDQuant's bound on ||X W - Q(X) Q(W)||_F:
+
+      ||X|| ||W - Q(W)||   and   ||X - Q(X)|| (||W|| + ||W - Q(W)||)
+
+  (Frobenius norms; x, x_q: (tokens, in), w, w_q: (in, out)). The first is
+  the weight's error, the second the activation's.
+  """
+  norm = lambda m: jnp.sqrt(_sq(m))
+  w_err = norm(w - w_q)
+  return norm(x) * w_err, norm(x - x_q) * (norm(w) + w_err)

@@ -6,7 +6,9 @@ sqrt(tr(D^T R D) / tr(W^T R W)) on the calibration distribution (R = E[x^T x],
 no second pass over data), before (base quantizer alone) and after the
 low-rank reconstruction; plus bits per weight counting the quantized values
 (logical qtype width: Qwix stores int2/int3 in int4 containers), scales, zero
-points and the factors A, B.
+points and the factors A, B. With activation quantization and a token
+sample in the statistics, the two terms of SVDQuant's error bound (weight
+error vs activation error), before (PTQ) and as stored.
 """
 
 import dataclasses
@@ -21,8 +23,10 @@ from qwix._src.core import qarray
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
+from lqer import bases
 from lqer import metrics
 from lqer import packing
+from lqer import params as params_lib
 from lqer import stats as stats_lib
 from lqer.rule import qtype_bits
 from lqer.rule import qtype_name
@@ -49,6 +53,19 @@ class LayerReport:
   output_error: float | None
   bits_per_weight: float
   num_weights: int
+  # SVDQuant's bound terms (`metrics.error_bound_terms`) on the calibration
+  # sample, over ||X|| ||W||: plain PTQ of W (base) and the quantized matmul
+  # as stored, (X / s) and diag(s) (W - A B) against Q(X / s) and deq(Wq).
+  # None without an act_qtype or a sample.
+  bound_weight_base: float | None = None
+  bound_act_base: float | None = None
+  bound_weight: float | None = None
+  bound_act: float | None = None
+
+
+# LayerReport's bound-term fields and their table headings.
+BOUND_FIELDS = {'bound_weight_base': 'W-term base', 'bound_act_base':
+                'X-term base', 'bound_weight': 'W-term', 'bound_act': 'X-term'}
 
 
 @dataclasses.dataclass
@@ -76,25 +93,30 @@ class Report:
         'weight_error': avg('weight_error'),
         'output_error_base': avg('output_error_base'),
         'output_error': avg('output_error'),
+        **{f: avg(f) for f in BOUND_FIELDS},
     }
 
   def to_dicts(self) -> list[dict[str, Any]]:
     return [dataclasses.asdict(l) for l in self.layers]
 
   def table(self) -> str:
+    bounds = [f for f in BOUND_FIELDS
+              if any(getattr(l, f) is not None for l in self.layers)]
     head = ('path', 'shape', 'qtype', 'group', 'rank', 'method', 'w.err base',
-            'w.err', 'SNR dB', 'out.err base', 'out.err', 'bits/w')
+            'w.err', 'SNR dB', 'out.err base', 'out.err',
+            *[BOUND_FIELDS[f] for f in bounds], 'bits/w')
     fmt = lambda v: '-' if v is None else f'{v:.4f}'
     rows = [(l.path, 'x'.join(map(str, l.shape)), l.qtype,
              str(l.group_size or '-'), str(l.rank), l.method,
              fmt(l.weight_error_base), fmt(l.weight_error), f'{l.snr_db:.1f}',
              fmt(l.output_error_base), fmt(l.output_error),
+             *[fmt(getattr(l, f)) for f in bounds],
              f'{l.bits_per_weight:.2f}') for l in self.layers]
     t = self.total()
     rows.append(('TOTAL', f'{t["num_weights"]} w', '', '', '', '',
                  fmt(t['weight_error_base']), fmt(t['weight_error']), '',
                  fmt(t['output_error_base']), fmt(t['output_error']),
-                 fmt(t['bits_per_weight'])))
+                 *[fmt(t[f]) for f in bounds], fmt(t['bits_per_weight'])))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: '  '.join(c.rjust(w) if i > 0 else c.ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths)))
@@ -130,14 +152,18 @@ def _quantized(array) -> qarray.QArray:
   return array
 
 
-def report(fp_params: Any, quantized: Any, calibration: Any = None) -> Report:
+def report(fp_params: Any, quantized: Any, calibration: Any = None,
+           rules=None) -> Report:
   """Builds the report for every quantized weight of `quantized`.
 
   Args:
     fp_params: the float params (pure dict), as given to lqer_quantize_params.
     quantized: the Linen params tree it returned, or for NNX the quantized
       model (after nnx.update), whose attributes hold the `WithLqer` weights.
-    calibration: the quant_stats tree; enables the output errors.
+    calibration: the quant_stats tree; enables the output errors (and,
+      with a token sample, the bound terms).
+    rules: the rules, for the activation settings of plain Qwix weights
+      (an `LqerRule`'s weights carry their own).
   """
   layers, left_float = [], []
   for path, w in flax.traverse_util.flatten_dict(fp_params).items():
@@ -149,12 +175,13 @@ def report(fp_params: Any, quantized: Any, calibration: Any = None) -> Report:
         left_float.append('/'.join(map(str, path)))
       continue
     q = jax.tree.map(flax_util.unbox, q)
+    rule = None if rules is None else params_lib.match_rule(rules, path)
     layers.append(_layer_report(path, jnp.asarray(w).reshape(q.shape), q,
-                                stats_lib.lookup(calibration, path)))
+                                stats_lib.lookup(calibration, path), rule))
   return Report(layers, left_float)
 
 
-def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
+def _layer_report(path, w, q: ptq.WithAux, stats, rule) -> LayerReport:
   base = qarray.dequantize(_quantized(q.array)).astype(jnp.float32)
   layout = layout_of(q)
   a = b = None
@@ -178,6 +205,12 @@ def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
     out_base = float(metrics.relative_output_error(w_m, base_m, r))
     out = float(metrics.relative_output_error(w_m, hat_m, r))
   tiles = list(q.how.tiled_axes.values())
+  bounds = {}
+  act_rule = getattr(q, 'rule', None) or rule
+  if (stats is not None and 'sample' in stats and not layout.batch_axes
+      and getattr(act_rule, 'act_qtype', None) is not None):
+    bounds = _bound_terms(w, w_m, q, layout, stats_lib.sample(stats),
+                          act_rule, a, b)
   return LayerReport(
       path='/'.join(map(str, path)), shape=tuple(w.shape),
       qtype=qtype_name(q.how.qtype),
@@ -188,4 +221,30 @@ def _layer_report(path, w, q: ptq.WithAux, stats) -> LayerReport:
       snr_db=float(metrics.snr_db(w_f, hat_f)),
       output_error_base=out_base, output_error=out,
       bits_per_weight=bits_per_weight(q), num_weights=int(w.size),
+      **bounds,
   )
+
+
+def _bound_terms(w, w_m, q, layout, x, rule, a, b):
+  """SVDQuant's bound terms of PTQ and of `q` as stored (LayerReport)."""
+  tile = rule.tile_size if isinstance(rule.tile_size, int) else None
+  how = qarray.HowToQuantize(
+      qtype=rule.act_qtype, channelwise_axes=[0],
+      tiled_axes={1: tile} if tile and x.shape[1] % tile == 0 else {},
+      calibration_method=rule.act_calibration_method or 'absmax')
+  quant_x = lambda v: qarray.dequantize(qarray.quantize(v, how))
+  ptq_w = layout.to_matrix(qarray.dequantize(
+      bases.rtn(w, q.how, layout, None)[0]).astype(jnp.float32))
+  scale = getattr(q, 'input_scale', None)
+  s = jnp.ones((layout.in_size,)) if scale is None else scale
+  target = w_m if a is None else w_m - jnp.matmul(
+      a, b, precision=jax.lax.Precision.HIGHEST)
+  target = target * s[:, None]
+  stored = layout.to_matrix(
+      qarray.dequantize(_quantized(q.array)).astype(jnp.float32))
+  x_s = x / s
+  unit = float(jnp.linalg.norm(x) * jnp.linalg.norm(w_m))
+  before = metrics.error_bound_terms(x, quant_x(x), w_m, ptq_w)
+  after = metrics.error_bound_terms(x_s, quant_x(x_s), target, stored)
+  return dict(zip(('bound_weight_base', 'bound_act_base', 'bound_weight',
+                   'bound_act'), (float(t) / unit for t in (*before, *after))))
