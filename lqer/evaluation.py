@@ -179,7 +179,8 @@ def build_rules(fp_params, module_path: str, bits: int, tile_size, rank,
 
   A weight whose contracting size (the kernel's first axis) is not a multiple
   of tile_size gets per-channel scales through an earlier, more specific
-  rule. act_bits: dynamic activation quantization (None: weight-only).
+  rule. act_bits: dynamic activation quantization of the weights' inputs
+  (None: weight-only).
   Returns the rules and {'per-group': [...], 'per-channel': [...]}.
   """
   qtype = int_qtype(bits)
@@ -192,6 +193,10 @@ def build_rules(fp_params, module_path: str, bits: int, tile_size, rank,
     handled['per-group' if fits and tile_size else 'per-channel'].append(name)
   common = dict(weight_qtype=qtype, act_qtype=int_qtype(act_bits),
                 rank=rank, method=method, **rule_kw)
+  if act_bits is not None:
+    # The weights' inputs (both models' Dense layers run dot_general); the
+    # attention's activation x activation einsums stay float.
+    common['op_names'] = ('dot_general',)
   rules = []
   if tile_size and handled['per-channel']:
     exact = '|'.join(re.escape(n) for n in handled['per-channel'])

@@ -283,7 +283,8 @@ def _replace_param(name, weight: WithLqer):
 
   A is laid out along the kernel's batch and contracting axes, B along its
   batch and output axes, so each factor follows the sharding of W on the axes
-  it shares with W and is replicated over the rank axis.
+  it shares with W and is replicated over the rank axis; an input scale
+  follows the contracting axis.
   """
   module = flax_util.get_current_module()
   if isinstance(module, nn.Module):
@@ -298,11 +299,18 @@ def _replace_param(name, weight: WithLqer):
   layout = weight.layout
   a_axes = (*layout.batch_axes, *layout.contracting_axes, None)
   b_axes = (*layout.batch_axes, None, *layout.output_axes)
+  # input_scale (in,) flattens the contracting axes: named after the one
+  # contracting axis, replicated when there are several.
+  s_axes = (layout.contracting_axes if len(layout.contracting_axes) == 1
+            else (None,))
   boxed = dataclasses.replace(
       jax.tree.map(lambda v: flax_util.update_boxed(param, value=v),
-                   dataclasses.replace(weight, a=None, b=None)),
+                   dataclasses.replace(weight, a=None, b=None,
+                                       input_scale=None)),
       a=_box_factor(param, weight.a, a_axes),
       b=_box_factor(param, weight.b, b_axes),
+      input_scale=None if weight.input_scale is None else _box_factor(
+          param, weight.input_scale, s_axes),
   )
   if isinstance(module, nn.Module):
     module.put_variable('params', name, boxed)

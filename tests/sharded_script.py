@@ -64,6 +64,7 @@ def main():
   y_single = qmodel.apply({'params': reference}, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_single), atol=1e-3)
   check_lora_conversion_keeps_sharding(model, rules, params, x, y)
+  check_svdquant_sharded(model, sharded, local, x)
   w = jax.random.normal(jax.random.key(1), (512, 1024))
   check_factorization_does_not_gather_weight(
       jax.device_put(w, sharded['Dense_0']['kernel'].sharding))
@@ -86,6 +87,38 @@ def check_lora_conversion_keeps_sharding(model, rules, params, x, y):
   assert lora['Dense_1']['kernel_lora_b'].sharding.spec == P(None, 'data')
   y_lora = jax.jit(lora_model.apply)({'params': lora}, x)
   np.testing.assert_allclose(np.asarray(y_lora), np.asarray(y), atol=1e-4)
+
+
+def check_svdquant_sharded(model, sharded, local, x):
+  """SVDQuant W4A8 from sharded float params, run under jit: the same
+  smoothing and output error as from unsharded ones, factors sharded as
+  W."""
+  rules = [lqer.LqerRule(weight_qtype=jnp.int4, act_qtype=jnp.int8,
+                         tile_size=32, rank=8, method='svdquant')]
+  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules))
+  _, stats = cal.apply({'params': local, **cal.init(jax.random.key(0), x)},
+                       x, mutable='quant_stats')
+  qmodel = qwix.quantize_model(model, lqer.LqerProvider(rules))
+  abstract = nn.unbox(jax.eval_shape(qmodel.init, jax.random.key(0),
+                                     x)['params'])
+  params = lqer.lqer_quantize_params(sharded, abstract,
+                                     calibration=stats['quant_stats'])
+  single = lqer.lqer_quantize_params(local, abstract,
+                                     calibration=stats['quant_stats'])
+  k0 = params['Dense_0']['kernel']
+  np.testing.assert_allclose(k0.input_scale,
+                             single['Dense_0']['kernel'].input_scale,
+                             rtol=1e-6)
+  assert k0.a.sharding.spec == P('data', None), k0.a.sharding
+  # Random weights have flat spectra, so the top-8 subspace (and with it
+  # the residual's rounding) moves with the summation order: compare each
+  # run's error against the float model.
+  y_fp = model.apply({'params': local}, x)
+  rel = lambda y: float(jnp.linalg.norm(y - y_fp) / jnp.linalg.norm(y_fp))
+  err = rel(jax.jit(qmodel.apply)({'params': params}, x))
+  err_single = rel(qmodel.apply({'params': single}, x))
+  assert 0 < err < 0.2 and abs(err - err_single) < 0.1 * err_single, (
+      err, err_single)
 
 
 def _largest_all_gather(hlo: str) -> int:
