@@ -10,6 +10,10 @@ bits of each dtype, not `nbytes`).
 
     python benchmarks/inference.py [--json FILE] [--layers 4] [--repeats 20]
 
+The MLP table also has W4A8 rows: Qwix PTQ with int8 dynamic activations,
+and SVDQuant (smoothing alpha 0.5, rank 32) on Qwix's matmul and packed
+(x / lam quantized and dequantized, then the packed weight-only matmul).
+
 `--model gemma-block`: one Gemma-3-270M-shaped decoder block (d 640, 4
 query heads of dim 256, 1 KV head, gated MLP ff 2048), its kernels laid out
 as Google's gemma library writes its einsums (q (N, D, H), kv (2, K, D, H),
@@ -20,6 +24,7 @@ PTQ int4 and LQER int4 packed (W4 g128 r32) at 1x1 and 1x128:
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -123,6 +128,32 @@ def mlp_variants(model, fp, x0, ptq_rules, rules):
       'PTQ int4 packed (auto)': (ptq_lqer, lqer.pack_params(ptq)),
       'LQER int4 packed (auto)': (lqer_model('auto'),
                                   lqer.pack_params(params)),
+      **w4a8_variants(model, fp, x0, ptq_rules, rules),
+  }
+
+
+def w4a8_variants(model, fp, x0, ptq_rules, rules):
+  """Qwix PTQ W4A8 and SVDQuant W4A8 (int8 dynamic activations, smoothing
+  calibrated on random inputs), on Qwix's matmul and packed."""
+  act = lambda r, **kw: dataclasses.replace(r, act_qtype=jnp.int8, **kw)
+  a8_ptq = [act(r) for r in ptq_rules]
+  a8_rules = [act(r, method='svdquant') for r in rules]
+  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(
+      a8_rules, second_moment=False))
+  x_cal = jax.random.normal(jax.random.key(2), (8, 128, x0.shape[-1]))
+  _, stats = cal.apply({'params': fp, **cal.init(jax.random.key(0), x0)},
+                       x_cal, mutable='quant_stats')
+  svdquant = lambda cd: qwix.quantize_model(
+      model, lqer.LqerProvider(a8_rules, compute_dtype=cd))
+  abstract = jax.eval_shape(svdquant(None).init, jax.random.key(0),
+                            x0)['params']
+  params = lqer.lqer_quantize_params(fp, abstract,
+                                     calibration=stats['quant_stats'])
+  return {
+      'Qwix PTQ W4A8': ptq_variant(model, fp, x0, a8_ptq),
+      'SVDQuant W4A8 (Qwix matmul)': (svdquant(None), params),
+      'SVDQuant W4A8 packed (auto)': (svdquant('auto'),
+                                      lqer.pack_params(params)),
   }
 
 
@@ -181,7 +212,9 @@ def table_rows(timed, variants, fp_bytes, ptq):
   """One result dict per shape and variant: ratios vs FP32 and Qwix PTQ."""
   # The branch's cost: each LQER variant against PTQ on the same matmul.
   same_path = {'LQER int4 (Qwix matmul)': 'Qwix PTQ int4',
-               'LQER int4 packed (auto)': 'PTQ int4 packed (auto)'}
+               'LQER int4 packed (auto)': 'PTQ int4 packed (auto)',
+               'SVDQuant W4A8 (Qwix matmul)': 'Qwix PTQ W4A8',
+               'SVDQuant W4A8 packed (auto)': 'Qwix PTQ W4A8'}
   results = []
   for (b, t), by_name in timed.items():
     fp_med, ptq_med = by_name['FP32'][0], by_name['Qwix PTQ int4'][0]

@@ -39,7 +39,7 @@ METHOD_LABELS = {'svd': 'LQER', 'l2qer': 'L2QER', 'qera': 'QERA',
 ACT_METHODS = ('svdquant', 'smoothquant', 'svdquant-qera')
 # SVDQuant's smoothing strength, measured per model with
 # benchmarks/smooth_alpha.py (W4A4 g128 rank 32 on the calibration text).
-DEFAULT_SMOOTH_ALPHA = {'smollm2': 0.5, 'minilm': 0.5}
+DEFAULT_SMOOTH_ALPHA = {'smollm2': 0.9, 'minilm': 0.6}
 
 
 @dataclasses.dataclass

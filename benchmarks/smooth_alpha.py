@@ -1,0 +1,72 @@
+"""SVDQuant's smoothing strength alpha, searched on the calibration data.
+
+For each alpha, quantizes a bundled model with SVDQuant (and, with
+--smoothquant, smoothing alone at rank 0) and scores it on the *calibration*
+tokens / sentences, so the choice never sees the evaluation data:
+perplexity (smollm2) or mean 1 - cos to the float embeddings (minilm).
+
+    python benchmarks/smooth_alpha.py --model smollm2 --act-bits 4
+
+`lqer eval` takes the per-model result as its default
+(`evaluation.DEFAULT_SMOOTH_ALPHA`).
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lqer import evaluation
+
+
+def calibration_score(task, module, params) -> float:
+  """The task's metric on its own calibration batches."""
+  if task.name == 'smollm2':
+    from models import smollm2  # pylint: disable=g-import-not-at-top
+    tokens = np.concatenate([b[0] for b in task.calib_batches]).reshape(-1)
+    return smollm2.perplexity(module, params, tokens, 512)
+  forward = jax.jit(lambda p, *b: module.apply({'params': p}, *b))
+  fp = jax.jit(lambda *b: task.module.apply({'params': task.params}, *b))
+  cos = [jnp.sum(forward(params, *b) * fp(*b), axis=-1)
+         for b in task.calib_batches]
+  return float(np.mean(1.0 - np.concatenate(cos)))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument('--model', choices=sorted(evaluation.TASKS),
+                 default='smollm2')
+  p.add_argument('--bits', type=int, default=4)
+  p.add_argument('--act-bits', type=int, default=4, choices=[4, 8])
+  p.add_argument('--tile-size', type=int, default=128)
+  p.add_argument('--rank', type=int, default=32)
+  p.add_argument('--alphas', type=float, nargs='+',
+                 default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+  p.add_argument('--smoothquant', action='store_true',
+                 help='also score smoothing alone (rank 0)')
+  args = p.parse_args()
+  task = evaluation.TASKS[args.model]()
+  build = lambda rank, method, **kw: evaluation.build_rules(
+      task.params, task.module_path, args.bits, args.tile_size, rank, method,
+      act_bits=args.act_bits, **kw)[0]
+  stats = evaluation.calibrate(task, build(1, 'qera'))
+  model, params, _ = evaluation.quantize(task, build(None, 'svd'), stats)
+  print(f'# {args.model} W{args.bits}A{args.act_bits} g{args.tile_size},'
+        f' {task.metric} on the calibration data')
+  print(f'PTQ: {calibration_score(task, model, params):.4f}', flush=True)
+  ranks = [args.rank] + ([0] if args.smoothquant else [])
+  print('| alpha | ' + ' | '.join(f'rank {r}' for r in ranks) + ' |')
+  print('|---|' + '---|' * len(ranks))
+  for alpha in args.alphas:
+    scores = []
+    for rank in ranks:
+      rules = build(rank, 'svdquant', smooth_alpha=alpha)
+      model, params, _ = evaluation.quantize(task, rules, stats)
+      scores.append(calibration_score(task, model, params))
+    print(f'| {alpha:.2f} | ' + ' | '.join(f'{s:.4f}' for s in scores)
+          + ' |', flush=True)
+
+
+if __name__ == '__main__':
+  main()
