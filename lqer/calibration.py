@@ -11,9 +11,9 @@ Usage (Linen):
     stats = variables['quant_stats']
 
 For every weight that an `LqerRule` with a `weight_qtype` matches, the sums of
-|x| and x^T x and the max of |x| over all tokens of that op's input are accumulated (see
-`lqer.stats`), contracting axes flattened in the kernel's axis order, so
-multi-axis DenseGeneral / Einsum kernels are covered. Kernels with einsum
+|x| and x^T x and the max of |x| over all tokens of that op's input are
+accumulated (see `lqer.stats`), contracting axes flattened in the kernel's
+axis order, so multi-axis DenseGeneral / Einsum kernels are covered. Kernels with einsum
 batch axes get no statistics (their slices see different inputs) and
 `lqer_quantize_params` says so if a method needs them.
 """

@@ -1,21 +1,18 @@
 """`lqer_quantize_params`: the offline pass from float params to LQER params.
 
-plan -> group -> factor. The plan pairs every float param with its abstract
-counterpart and decides, with clear errors, what it becomes: a `WithLqer`
-(a rule with a rank), a plain Qwix weight (no rank; `qwix.quantize_params`
-does it, static activation scales included), or itself. Same-shaped weights
-with the same settings are grouped; each group gets its bases
-(`lqer.bases`) and is factored in one jitted call (`lqer.factor`), a bounded
-number of bytes at a time.
+plan -> group -> factor. The plan (here) pairs every float param with its
+abstract counterpart and decides, with clear errors, what it becomes: a
+`WithLqer` (a rule with a rank), a plain Qwix weight (no rank;
+`qwix.quantize_params` does it, static activation scales included), or
+itself. `lqer.jobs` groups same-shaped weights with the same settings and
+gives each group its bases and factors in one jitted call, a bounded number
+of bytes at a time.
 """
 
-import dataclasses
 import functools
-import hashlib
-import math
 import re
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax
 from flax import nnx
@@ -28,49 +25,17 @@ from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
 from lqer import bases
-from lqer import decompose
 from lqer import factor
-from lqer import layout as layout_lib
+from lqer import jobs
+from lqer.jobs import path_str
 from lqer import stats as stats_lib
 from lqer.rule import LqerRule
 from lqer.rule import same_qtype
 from lqer.weight import WithLqer
-from lqer.weight import divide_along
 from lqer.weight import layout_of
 
 # Ops whose right operand Qwix quantizes as a weight.
 WEIGHT_OPS = ('dot_general', 'einsum')
-
-
-@dataclasses.dataclass
-class _Job:
-  """One weight to reconstruct (rank 0: a GPTQ / AWQ / stored base only)."""
-
-  path: tuple[Any, ...]
-  weight: jax.Array
-  how: qarray.HowToQuantize
-  layout: layout_lib.KernelLayout
-  rule: LqerRule
-  rank: int
-  base: Callable[..., Any]
-  base_kind: str
-  stats: dict[str, jax.Array] | None = None
-
-  @property
-  def name(self) -> str:
-    return path_str(self.path)
-
-  @property
-  def svdquant(self) -> bool:
-    return self.rule.method == 'svdquant'
-
-  @property
-  def method_needs_stats(self) -> bool:
-    return self.svdquant or bool(self.rank and self.rule.needs_calibration)
-
-
-def path_str(path) -> str:
-  return '/'.join(map(str, path))
 
 
 def match_rule(rules: Sequence[qwix.QuantizationRule], path):
@@ -139,9 +104,9 @@ def lqer_quantize_params(
   if isinstance(base, str) and base not in bases.NAMES:
     raise ValueError(f'base must be one of {bases.NAMES} or a Qwix-quantized'
                      f' param tree, got {base!r}')
-  jobs, plain = _plan(params, abstract_params, rules, calibration, base,
-                      allow_extra_params)
-  out = _run_jobs(jobs, max_group_bytes, progress)
+  planned, plain = _plan(params, abstract_params, rules, calibration, base,
+                         allow_extra_params)
+  out = jobs.run(planned, max_group_bytes, progress)
   ptq_out = ptq.quantize_params(
       flax.traverse_util.unflatten_dict(plain), abstract_params,
       quant_stats, allow_extra_params=allow_extra_params,
@@ -177,7 +142,7 @@ def _abstract_at(tree, path):
 def _plan(params, abstract_params, rules, calibration, base,
           allow_extra_params):
   """Splits params into LQER jobs and the rest, validating every weight."""
-  jobs, plain = [], {}
+  planned, plain = [], {}
   weight_modules = set()
   flat = flax.traverse_util.flatten_dict(params)
   for path, w in flat.items():
@@ -201,7 +166,7 @@ def _plan(params, abstract_params, rules, calibration, base,
     if job.method_needs_stats or needs:
       job.stats = stats_lib.lookup(calibration, path)
       _check_stats(job, needs)
-    jobs.append(job)
+    planned.append(job)
   for rule in rules or ():
     if rule.weight_qtype is not None and not any(
         re.fullmatch(rule.module_path, m) for m in weight_modules):
@@ -210,7 +175,7 @@ def _plan(params, abstract_params, rules, calibration, base,
           ' module_path is matched against module paths such as'
           f' {", ".join(sorted({path_str(p[:-1]) for p in flat})[:4])}'
           ' ...)', stacklevel=3)
-  return jobs, plain
+  return planned, plain
 
 
 def _fitted_weight(path, w, abs_w):
@@ -225,7 +190,7 @@ def _fitted_weight(path, w, abs_w):
 
 
 def _make_job(path, w, abs_w, rule, base):
-  """A `_Job` if this weight needs more than plain Qwix PTQ, else None."""
+  """A `jobs.Job` if this weight needs more than plain Qwix PTQ, else None."""
   if isinstance(abs_w, WithLqer):
     rank = abs_w.rank
     if rule.method == 'svdquant':  # abs_w holds rank + error_rank columns
@@ -261,7 +226,7 @@ def _make_job(path, w, abs_w, rule, base):
     q, input_scale = _stored_base(path, base, abs_w)
     fn = functools.partial(bases.stored, q, input_scale)
     kind = 'stored' if input_scale is None else 'stored-awq'
-  return _Job(path, w, abs_w.how, layout, rule, rank, fn, kind)
+  return jobs.Job(path, w, abs_w.how, layout, rule, rank, fn, kind)
 
 
 def _stored_base(path, tree, abs_w):
@@ -293,7 +258,7 @@ def _stored_base(path, tree, abs_w):
   return q, None if input_scale is None else flax_util.unbox(input_scale)
 
 
-def _check_stats(job: _Job, base_needs):
+def _check_stats(job: jobs.Job, base_needs):
   name = job.name
   needs = (f"method {job.rule.method!r}" if job.method_needs_stats
            else f'base {job.base_kind!r}')
@@ -319,180 +284,3 @@ def _check_stats(job: _Job, base_needs):
     raise ValueError(f'{name}: base {job.base_kind!r} supports kernels with'
                      ' exactly one contracting axis; this one has layout'
                      f' {job.layout}')
-
-
-def _group_key(job: _Job):
-  how, rule = job.how, job.rule
-  return (
-      job.weight.shape, str(job.weight.dtype), job.layout, job.rank,
-      job.base_kind, rule.method, rule.solver, rule.oversample,
-      rule.resolved_power_iters, rule.krylov, rule.qera_damping,
-      rule.smooth_alpha, rule.error_rank,
-      str(how.qtype), tuple(how.channelwise_axes),
-      tuple(sorted(how.tiled_axes.items())), how.calibration_method,
-  )
-
-
-def _chunks(jobs, max_group_bytes):
-  """Same-settings jobs, grouped and cut so a chunk holds <= max bytes."""
-  groups: dict[Any, list[_Job]] = {}
-  for job in jobs:
-    groups.setdefault(_group_key(job), []).append(job)
-  for group in groups.values():
-    per = 4 * math.prod(group[0].weight.shape)
-    if group[0].rule.method == 'qera' or group[0].rule.error_rank:
-      per += 4 * group[0].layout.in_size ** 2  # plus its Cholesky factor
-    if group[0].svdquant:  # plus the residual
-      per *= 2
-    size = max(1, max_group_bytes // max(per, 1))
-    for i in range(0, len(group), size):
-      yield group[i:i + size]
-
-
-def _run_jobs(jobs, max_group_bytes, progress):
-  out = {}
-  chunks = list(_chunks(jobs, max_group_bytes))
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    chunks = tqdm(chunks, desc='lqer', unit='group')
-  factors = _CholeskyCache(max_group_bytes)
-  for chunk in chunks:
-    out.update(_run_chunk(chunk, factors))
-  return out
-
-
-class _CholeskyCache:
-  """Damped Cholesky factors of E[x^T x], shared by weights that read the
-  same input (q/k/v, gate/up): keyed by the statistics' content, evicted
-  oldest-first beyond `max_bytes`."""
-
-  def __init__(self, max_bytes):
-    self._max_bytes = max_bytes
-    self._factors: dict[bytes, jax.Array] = {}
-
-  def get(self, job: _Job) -> jax.Array:
-    r = stats_lib.second_moment(job.stats)
-    damping = job.rule.qera_damping
-    key = hashlib.blake2b(np.asarray(r).tobytes() + repr(damping).encode(),
-                          digest_size=16).digest()
-    if key not in self._factors:
-      chol = decompose.damped_cholesky(r, damping)
-      if not bool(jnp.all(jnp.isfinite(chol))):
-        raise ValueError(
-            f'{job.name}: the Cholesky factorisation of E[x^T x] failed even'
-            f' with damping {damping} x mean(diag); the statistics are not'
-            ' positive semi-definite. Check the calibration data, or raise'
-            ' LqerRule.qera_damping.')
-      while self._factors and (sum(f.nbytes for f in self._factors.values())
-                               + chol.nbytes > self._max_bytes):
-        self._factors.pop(next(iter(self._factors)))
-      self._factors[key] = chol
-    return self._factors[key]
-
-
-def _run_chunk(chunk: list[_Job], factors: _CholeskyCache):
-  """Bases of a chunk of same-settings weights, then their factors in one
-  jitted call (an RTN base fused into it)."""
-  first = chunk[0]
-  rule, layout = first.rule, first.layout
-  if first.svdquant:
-    return _run_svdquant(chunk, factors)
-  if first.base_kind == 'rtn':
-    how, awq, based = first.how, [None] * len(chunk), None
-    base = _stack([bases.rtn_scale(j.weight, j.how) for j in chunk])
-  else:
-    based = [job.base(job.weight, job.how, job.layout, job.stats)
-             for job in chunk]
-    if first.rank == 0:
-      return {job.path: _base_only(job, q, s)
-              for job, (q, s) in zip(chunk, based)}
-    how, awq = None, [s for _, s in based]
-    base = _stack([q for q, _ in based])
-  extra = {}
-  if rule.method == 'l2qer':
-    extra['act_abs_mean'] = jnp.stack(
-        [stats_lib.abs_mean(j.stats) for j in chunk])
-  elif rule.method == 'qera':
-    extra['chol'] = jnp.stack([factors.get(j) for j in chunk])
-  qs, a, b = factor.factor_fn(layout, first.rank, rule, how)(
-      jnp.stack([j.weight for j in chunk]), base,
-      None if awq[0] is None else jnp.stack(awq),
-      jnp.stack([factor.seed_key(rule, j.name) for j in chunk]), **extra)
-  out = {}
-  for i, job in enumerate(chunk):
-    q = (based[i][0] if qs is None
-         else jax.tree.map(lambda x, i=i: x[i], qs))
-    ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
-    out[job.path] = WithLqer.create(
-        array=q, how=job.how, layout=layout, rule=rule, a=ai, b=bi,
-        input_scale=awq[i], path=job.name)
-  return out
-
-
-def _stack(trees):
-  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
-
-
-def _run_svdquant(chunk: list[_Job], factors: _CholeskyCache):
-  """SVDQuant of a chunk: smoothing scales and SVD branch in one jitted
-  call, the residual quantized by the base (on the smoothed statistics),
-  and with error_rank, QERA of what is left, E = (R - deq(Q(R))) / lam,
-  appended to the branch."""
-  first = chunk[0]
-  rule, layout = first.rule, first.layout
-  keys = jnp.stack([factor.seed_key(rule, j.name) for j in chunk])
-  a, b, residual, lam = factor.svdquant_fn(layout, first.rank, rule)(
-      jnp.stack([j.weight for j in chunk]),
-      jnp.stack([stats_lib.abs_max(j.stats) for j in chunk]), keys)
-  qs = [job.base(residual[i], job.how, layout,
-                 stats_lib.scaled(job.stats, lam[i]))[0]
-        for i, job in enumerate(chunk)]
-  if rule.error_rank:
-    qera = dataclasses.replace(rule, method='qera', rank=rule.error_rank,
-                               error_rank=0)
-    keys2 = jax.vmap(jax.random.fold_in)(keys, jnp.ones(len(chunk),
-                                                        jnp.uint32))
-    _, a2, b2 = factor.factor_fn(layout, rule.error_rank, qera)(
-        jax.vmap(lambda r, s: divide_along(r, s, layout.contracting_axes))(
-            residual, lam),
-        _stack(qs), lam, keys2,
-        chol=jnp.stack([factors.get(j) for j in chunk]))
-    a, b = jnp.concatenate([a, a2], -1), jnp.concatenate([b, b2], -2)
-  out = {}
-  for i, job in enumerate(chunk):
-    ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
-    out[job.path] = WithLqer.create(
-        array=qs[i], how=job.how, layout=layout, rule=rule, a=ai, b=bi,
-        input_scale=lam[i], path=job.name)
-  return out
-
-
-def _place_factors(job: _Job, a, b):
-  """Shards A like W's batch + contracting axes and B like its batch +
-  output axes (the rank axis replicated), when W carries a NamedSharding."""
-  sharding = getattr(job.weight, 'sharding', None)
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    return a, b
-  spec = tuple(sharding.spec) + (None,) * (job.weight.ndim - len(sharding.spec))
-  layout = job.layout
-  a_spec = [spec[x] for x in (*layout.batch_axes, *layout.contracting_axes)]
-  b_spec = [spec[x] for x in layout.batch_axes] + [None] + [
-      spec[x] for x in layout.output_axes]
-  named = lambda s: jax.sharding.NamedSharding(sharding.mesh,
-                                                jax.sharding.PartitionSpec(*s))
-  return (jax.device_put(a, named(a_spec + [None])),
-          jax.device_put(b, named(b_spec)))
-
-
-def _base_only(job: _Job, q, input_scale):
-  """A base without factors: a plain WithAux, or a rank-0 WithLqer that
-  keeps an AWQ scale."""
-  if input_scale is None:
-    return ptq.WithAux(q, job.how)
-  layout = job.layout
-  zeros = jnp.zeros((), jnp.float32)
-  return WithLqer.create(
-      array=q, how=job.how, layout=layout, rule=job.rule,
-      a=jnp.broadcast_to(zeros, layout.a_shape(0)),
-      b=jnp.broadcast_to(zeros, layout.b_shape(0)), input_scale=input_scale,
-      path=job.name)

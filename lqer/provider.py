@@ -4,9 +4,9 @@
 
 The first term is Qwix's own quantized `dot_general` / `einsum` (activation
 quantization of x / s included when the rule sets `act_qtype`); the branch
-runs on the float activation, accumulates in float32 and is added before casting to the
-output dtype. Weights of rules without a rank behave exactly as under
-`qwix.PtqProvider`.
+runs on the float activation, accumulates in float32 and is added before
+casting to the output dtype. Weights of rules without a rank behave exactly
+as under `qwix.PtqProvider`.
 
 During `init` (or the first NNX call) a matched float weight becomes a
 `WithLqer`: 'svd' factors are computed right away (free under
