@@ -161,6 +161,18 @@ def eval_command(args) -> list:
   ranks = args.ranks or defaults['ranks']
   if any(r < 1 for r in ranks):
     raise SystemExit('--ranks must be positive')
+  if args.act_bits is None and set(args.methods) & set(
+      evaluation.ACT_METHODS):
+    raise SystemExit(f'--methods {" ".join(args.methods)}: svdquant,'
+                     ' smoothquant and svdquant-qera need --act-bits 4 or 8')
+  if args.smooth_alpha is None:
+    args.smooth_alpha = evaluation.DEFAULT_SMOOTH_ALPHA[args.model]
+  if not 0 <= args.smooth_alpha <= 1:
+    raise SystemExit(f'--smooth-alpha must be in [0, 1], got'
+                     f' {args.smooth_alpha}')
+  if args.error_rank is not None and not 0 <= args.error_rank <= min(ranks):
+    raise SystemExit(f'--error-rank must be in [0, {min(ranks)}] (a part of'
+                     f' each rank), got {args.error_rank}')
   kwargs = {}
   if args.model == 'smollm2':
     kwargs['n_eval'] = args.eval_tokens
@@ -168,12 +180,6 @@ def eval_command(args) -> list:
     kwargs['n_eval'] = args.eval_sentences
   task = evaluation.TASKS[args.model](_read(args.calib_text),
                                       _read(args.eval_text), **kwargs)
-  if args.act_bits is None and set(args.methods) & set(
-      evaluation.ACT_METHODS):
-    raise SystemExit(f'--methods {" ".join(args.methods)}: svdquant,'
-                     ' smoothquant and svdquant-qera need --act-bits 4 or 8')
-  if args.smooth_alpha is None:
-    args.smooth_alpha = evaluation.DEFAULT_SMOOTH_ALPHA[args.model]
   print(f'# lqer eval: {" ".join(sys.argv[1:])}', flush=True)
   rows = []
   for bits in bits_list:

@@ -14,6 +14,7 @@ from qwix._src.core import qarray
 import lqer
 from lqer import LqerProvider, LqerRule, decompose, lqer_quantize_params
 from lqer import checkpoint
+from lqer import cli
 from lqer import metrics
 from lqer import stats as stats_lib
 from lqer.weight import divide_along
@@ -333,6 +334,16 @@ def test_bad_settings_name_the_field(kw, field):
                   rank=8, method='svdquant') | kw
   with pytest.raises(ValueError, match=rf'\.{field}: '):
     LqerRule(**settings)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--methods', 'qera', 'svdquant'], 'need --act-bits'),
+    (['--act-bits', '4', '--smooth-alpha', '1.2'], 'smooth-alpha'),
+    (['--act-bits', '4', '--ranks', '8', '--error-rank', '9'], 'error-rank'),
+])
+def test_cli_refuses_bad_act_settings_before_loading(argv, message):
+  with pytest.raises(SystemExit, match=message):
+    cli.main(['eval', '--model', 'minilm', *argv])
 
 
 def test_awq_or_stored_base_is_refused(mlp):
