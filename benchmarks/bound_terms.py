@@ -25,10 +25,11 @@ def main():
   p.add_argument('--tile-size', type=int, default=128)
   p.add_argument('--rank', type=int, default=32)
   p.add_argument('--methods', nargs='+',
-                 default=['ptq', 'qera', 'smoothquant', 'svdquant'])
+                 default=['ptq', 'qera', 'smoothquant', 'svdquant',
+                          'svdquant-qera'])
   args = p.parse_args()
   task = evaluation.TASKS[args.model]()
-  alpha = evaluation.DEFAULT_SMOOTH_ALPHA[task.name]
+  alpha = evaluation.DEFAULT_SMOOTH_ALPHA[task.name, args.act_bits]
   build = lambda **kw: evaluation.build_rules(
       task.params, task.module_path, args.bits, args.tile_size,
       act_bits=args.act_bits, smooth_alpha=alpha, **kw)[0]
@@ -41,7 +42,8 @@ def main():
   print('|---|---|---|---|')
   for i, method in enumerate(args.methods):
     kw = (dict(rank=None, method='svd') if method == 'ptq'
-          else evaluation.method_rule_kw(method, args.rank))
+          else evaluation.method_rule_kw(method, args.rank,
+                                         act_bits=args.act_bits))
     rules = build(**kw)
     _, params, _ = evaluation.quantize(task, rules, stats)
     rep = reporting.report(task.params, params, stats, rules)

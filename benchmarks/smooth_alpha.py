@@ -1,7 +1,8 @@
 """SVDQuant's smoothing strength alpha, searched on the calibration data.
 
-For each alpha, quantizes a bundled model with SVDQuant (and, with
---smoothquant, smoothing alone at rank 0) and scores it on the *calibration*
+For each alpha, quantizes a bundled model with SVDQuant (with
+--error-ranks, also with part of the rank spent on QERA of the residual's
+error; with --smoothquant, smoothing alone at rank 0) and scores it on the *calibration*
 tokens / sentences, so the choice never sees the evaluation data:
 perplexity (smollm2) or mean 1 - cos to the float embeddings (minilm).
 
@@ -45,6 +46,11 @@ def main():
                  default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
   p.add_argument('--smoothquant', action='store_true',
                  help='also score smoothing alone (rank 0)')
+  p.add_argument('--qera', action='store_true',
+                 help='also score QERA at the same rank (no smoothing)')
+  p.add_argument('--error-ranks', type=int, nargs='+', default=[0],
+                 help='QERA parts of the rank to score (svdquant-qera;'
+                 ' 0 = SVDQuant alone)')
   args = p.parse_args()
   task = evaluation.TASKS[args.model]()
   build = lambda rank, method, **kw: evaluation.build_rules(
@@ -55,13 +61,21 @@ def main():
   print(f'# {args.model} W{args.bits}A{args.act_bits} g{args.tile_size},'
         f' {task.metric} on the calibration data')
   print(f'PTQ: {calibration_score(task, model, params):.4f}', flush=True)
-  ranks = [args.rank] + ([0] if args.smoothquant else [])
-  print('| alpha | ' + ' | '.join(f'rank {r}' for r in ranks) + ' |')
-  print('|---|' + '---|' * len(ranks))
+  if args.qera:
+    model, params, _ = evaluation.quantize(task, build(args.rank, 'qera'),
+                                           stats)
+    print(f'QERA rank {args.rank}: {calibration_score(task, model, params):.4f}',
+          flush=True)
+  columns = [(args.rank - e, e) for e in args.error_ranks] + (
+      [(0, 0)] if args.smoothquant else [])
+  print('| alpha | ' + ' | '.join(
+      f'rank {r}' + (f' + QERA {e}' if e else '') for r, e in columns) + ' |')
+  print('|---|' + '---|' * len(columns))
   for alpha in args.alphas:
     scores = []
-    for rank in ranks:
-      rules = build(rank, 'svdquant', smooth_alpha=alpha)
+    for rank, error_rank in columns:
+      rules = build(rank, 'svdquant', smooth_alpha=alpha,
+                    error_rank=error_rank)
       model, params, _ = evaluation.quantize(task, rules, stats)
       scores.append(calibration_score(task, model, params))
     print(f'| {alpha:.2f} | ' + ' | '.join(f'{s:.4f}' for s in scores)

@@ -59,10 +59,11 @@ def _parser():
                  ' weight-only')
   e.add_argument('--smooth-alpha', type=float,
                  help='SVDQuant / SmoothQuant migration strength (default:'
-                 ' per model, evaluation.DEFAULT_SMOOTH_ALPHA)')
+                 ' per model and --act-bits, measured:'
+                 ' evaluation.DEFAULT_SMOOTH_ALPHA)')
   e.add_argument('--error-rank', type=int,
-                 help='svdquant-qera: the QERA part of the rank (default'
-                 ' rank // 4)')
+                 help='svdquant-qera: the QERA part of the rank (default: a'
+                 ' quarter at --act-bits 4, half at 8)')
   e.add_argument('--base', choices=['rtn', 'gptq', 'awq'], default='rtn')
   e.add_argument('--solver', choices=['randomized', 'exact'],
                  default='randomized')
@@ -166,7 +167,8 @@ def eval_command(args) -> list:
     raise SystemExit(f'--methods {" ".join(args.methods)}: svdquant,'
                      ' smoothquant and svdquant-qera need --act-bits 4 or 8')
   if args.smooth_alpha is None:
-    args.smooth_alpha = evaluation.DEFAULT_SMOOTH_ALPHA[args.model]
+    args.smooth_alpha = evaluation.DEFAULT_SMOOTH_ALPHA.get(
+        (args.model, args.act_bits), 0.5)
   if not 0 <= args.smooth_alpha <= 1:
     raise SystemExit(f'--smooth-alpha must be in [0, 1], got'
                      f' {args.smooth_alpha}')

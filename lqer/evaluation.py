@@ -37,9 +37,14 @@ METHOD_LABELS = {'svd': 'LQER', 'l2qer': 'L2QER', 'qera': 'QERA',
                  'svdquant-qera': 'SVDQuant+QERA'}
 # Rows of `lqer eval` that need activation quantization (--act-bits).
 ACT_METHODS = ('svdquant', 'smoothquant', 'svdquant-qera')
-# SVDQuant's smoothing strength, measured per model with
-# benchmarks/smooth_alpha.py (W4A4 g128 rank 32 on the calibration text).
-DEFAULT_SMOOTH_ALPHA = {'smollm2': 0.9, 'minilm': 0.6}
+# SVDQuant's smoothing strength per (model, activation bits), searched with
+# benchmarks/smooth_alpha.py on the calibration data (W4 g128 rank 32;
+# 4-bit: SVDQuant alone, 8-bit: half the rank on QERA of the residual).
+DEFAULT_SMOOTH_ALPHA = {('smollm2', 4): 0.9, ('smollm2', 8): 0.3,
+                        ('minilm', 4): 0.6, ('minilm', 8): 0.3}
+# svdquant-qera's QERA part of the rank, per activation bits: at 8 bits the
+# weight's error dominates and half the rank on it scored best (same search).
+DEFAULT_ERROR_RANK_SHARE = {4: 0.25, 8: 0.5}
 
 
 @dataclasses.dataclass
@@ -159,14 +164,15 @@ def int_qtype(bits):
   return jnp.int8 if bits == 8 else jnp.int4 if bits == 4 else f'int{bits}'
 
 
-def method_rule_kw(method: str, rank, error_rank=None) -> dict:
+def method_rule_kw(method: str, rank, error_rank=None, act_bits=4) -> dict:
   """LqerRule fields of an `lqer eval` method at a rank: 'smoothquant' is
   'svdquant' at rank 0; 'svdquant-qera' splits the rank into an SVD part
-  and a QERA part of `error_rank` (default rank // 4)."""
+  and a QERA part of `error_rank` (default: `DEFAULT_ERROR_RANK_SHARE`)."""
   if method == 'smoothquant':
     return dict(method='svdquant', rank=0)
   if method == 'svdquant-qera':
-    error_rank = rank // 4 if error_rank is None else error_rank
+    if error_rank is None:
+      error_rank = int(rank * DEFAULT_ERROR_RANK_SHARE[act_bits])
     return dict(method='svdquant', rank=rank - error_rank,
                 error_rank=error_rank)
   return dict(method=method, rank=rank)
@@ -275,7 +281,7 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
     for method in methods:
       if method == 'smoothquant' and i:
         continue
-      kw = method_rule_kw(method, rank, error_rank)
+      kw = method_rule_kw(method, rank, error_rank, act_bits)
       label_rank = 0 if method == 'smoothquant' else rank
       where = lambda root, m=method, r=label_rank: subdir(
           root, bits, tile_size, m, r, act_bits)
