@@ -10,20 +10,14 @@ the larger.
     python benchmarks/bound_terms.py --model smollm2 --act-bits 4
 """
 
-import argparse
-
 from lqer import evaluation
 from lqer import reporting
 
+import smooth_alpha  # benchmarks/ (the script's directory)
+
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument('--model', choices=sorted(evaluation.TASKS),
-                 default='smollm2')
-  p.add_argument('--bits', type=int, default=4)
-  p.add_argument('--act-bits', type=int, default=4, choices=[4, 8])
-  p.add_argument('--tile-size', type=int, default=128)
-  p.add_argument('--rank', type=int, default=32)
+  p = smooth_alpha.parser(__doc__)
   p.add_argument('--methods', nargs='+',
                  default=['ptq', 'qera', 'smoothquant', 'svdquant',
                           'svdquant-qera'])

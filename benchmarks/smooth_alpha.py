@@ -34,14 +34,20 @@ def calibration_score(task, module, params) -> float:
   return float(np.mean(1.0 - np.concatenate(cos)))
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__)
+def parser(description) -> argparse.ArgumentParser:
+  """--model, --bits, --act-bits, --tile-size, --rank (W4A4 g128 r32)."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument('--model', choices=sorted(evaluation.TASKS),
                  default='smollm2')
   p.add_argument('--bits', type=int, default=4)
   p.add_argument('--act-bits', type=int, default=4, choices=[4, 8])
   p.add_argument('--tile-size', type=int, default=128)
   p.add_argument('--rank', type=int, default=32)
+  return p
+
+
+def main():
+  p = parser(__doc__)
   p.add_argument('--alphas', type=float, nargs='+',
                  default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
   p.add_argument('--smoothquant', action='store_true',
