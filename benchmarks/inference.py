@@ -10,8 +10,8 @@ bits of each dtype, not `nbytes`).
 
     python benchmarks/inference.py [--json FILE] [--layers 4] [--repeats 20]
 
-The MLP table also has W4A8 rows: Qwix PTQ with int8 dynamic activations,
-and SVDQuant (smoothing alpha 0.5, rank 32) on Qwix's matmul and packed
+The MLP table also has W4A8 rows: PTQ with int8 dynamic activations and
+SVDQuant (smoothing alpha 0.5, rank 32), each on Qwix's matmul and packed
 (x / lam quantized and dequantized, then the packed weight-only matmul).
 
 `--model gemma-block`: one Gemma-3-270M-shaped decoder block (d 640, 4
@@ -133,8 +133,8 @@ def mlp_variants(model, fp, x0, ptq_rules, rules):
 
 
 def w4a8_variants(model, fp, x0, ptq_rules, rules):
-  """Qwix PTQ W4A8 and SVDQuant W4A8 (int8 dynamic activations, smoothing
-  calibrated on random inputs), on Qwix's matmul and packed."""
+  """PTQ W4A8 and SVDQuant W4A8 (int8 dynamic activations, smoothing
+  calibrated on random inputs), each on Qwix's matmul and packed."""
   act = lambda r, **kw: dataclasses.replace(r, act_qtype=jnp.int8, **kw)
   a8_ptq = [act(r) for r in ptq_rules]
   a8_rules = [act(r, method='svdquant') for r in rules]
@@ -149,8 +149,12 @@ def w4a8_variants(model, fp, x0, ptq_rules, rules):
                             x0)['params']
   params = lqer.lqer_quantize_params(fp, abstract,
                                      calibration=stats['quant_stats'])
+  ptq_model, ptq = ptq_variant(model, fp, x0, a8_ptq)
   return {
-      'Qwix PTQ W4A8': ptq_variant(model, fp, x0, a8_ptq),
+      'Qwix PTQ W4A8': (ptq_model, ptq),
+      'PTQ W4A8 packed (auto)': (
+          qwix.quantize_model(model, lqer.LqerProvider(a8_ptq)),
+          lqer.pack_params(ptq)),
       'SVDQuant W4A8 (Qwix matmul)': (svdquant(None), params),
       'SVDQuant W4A8 packed (auto)': (svdquant('auto'),
                                       lqer.pack_params(params)),
@@ -214,7 +218,7 @@ def table_rows(timed, variants, fp_bytes, ptq):
   same_path = {'LQER int4 (Qwix matmul)': 'Qwix PTQ int4',
                'LQER int4 packed (auto)': 'PTQ int4 packed (auto)',
                'SVDQuant W4A8 (Qwix matmul)': 'Qwix PTQ W4A8',
-               'SVDQuant W4A8 packed (auto)': 'Qwix PTQ W4A8'}
+               'SVDQuant W4A8 packed (auto)': 'PTQ W4A8 packed (auto)'}
   results = []
   for (b, t), by_name in timed.items():
     fp_med, ptq_med = by_name['FP32'][0], by_name['Qwix PTQ int4'][0]

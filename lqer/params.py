@@ -50,7 +50,10 @@ def match_rule(rules: Sequence[qwix.QuantizationRule], path):
     return None
   first = matches[0]
   if first.op_names and not set(WEIGHT_OPS) <= set(first.op_names):
-    later = [r for r in matches[1:] if r != first]
+    # A later rule decides only for the weight ops `first` leaves out.
+    left = set(WEIGHT_OPS) - set(first.op_names)
+    later = [r for r in matches[1:] if r != first
+             and (not r.op_names or set(r.op_names) & left)]
     if later:
       raise ValueError(
           f'{path_str(path)}: rule {first} applies only to ops'

@@ -169,6 +169,11 @@ def test_rule_op_names_are_honoured_or_ambiguity_is_an_error():
                       op_names=('dot_general',))
   params = lqer_quantize_params(fp, ptq_abstract, [only_dot])
   assert params['Dense_0']['kernel'].rank == 4
+  # Two rules for the same ops: the first decides for every op, no doubt.
+  first_dot = LqerRule(module_path='Dense_0', weight_qtype=jnp.int4, rank=2,
+                       op_names=('dot_general',))
+  params = lqer_quantize_params(fp, ptq_abstract, [first_dot, only_dot])
+  assert params['Dense_0']['kernel'].rank == 2
 
 
 def test_report_reads_packed_params_and_mxfp8():
