@@ -45,17 +45,16 @@ def test_minilm_small_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_small_w4a4_svdquant_rows():
-  task = evaluation.minilm_task(n_calib=64, n_eval=48)
+  task = evaluation.minilm_task(n_calib=32, n_eval=32)
   rows = list(evaluation.run(
-      task, 4, 128, [16], ['qera', 'svdquant', 'smoothquant',
-                           'svdquant-qera'], act_bits=4, smooth_alpha=0.6))
+      task, 4, 128, [16], ['qera', 'svdquant', 'smoothquant'], act_bits=4,
+      smooth_alpha=0.6))
   by = _by_method(rows)
-  assert [r.act_bits for r in rows] == [None] + [4] * 5
+  assert [r.act_bits for r in rows] == [None] + [4] * 4
   assert by['SmoothQuant'].rank == 0 and by['SVDQuant'].rank == 16
   svdquant = by['SVDQuant'].value
   assert svdquant < by['SmoothQuant'].value < by['PTQ'].value
   assert svdquant < by['QERA'].value < by['PTQ'].value
-  assert by['SVDQuant+QERA'].value < by['PTQ'].value
   assert '| act bits |' in cli.format_table(rows)
 
 

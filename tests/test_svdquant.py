@@ -140,9 +140,13 @@ def test_svd_first_split_matches_numpy(mlp):
 
 
 def _w4a4_errors(model, x, fp, ref, methods):
+  stats = _calibrate(model, _rules(), fp, x)  # the same for every method
   out = {}
   for name, (method, rank) in methods.items():
-    qmodel, params, _ = _quantize(model, _rules(method, rank), fp, x)
+    rules = _rules(method, rank)
+    qmodel = qwix.quantize_model(model, LqerProvider(rules))
+    abstract = jax.eval_shape(qmodel.init, KEY, x)['params']
+    params = lqer_quantize_params(fp, abstract, calibration=stats)
     out[name] = _rel(qmodel.apply({'params': params}, x), ref)
   return out
 
