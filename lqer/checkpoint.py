@@ -97,7 +97,7 @@ def load(directory, abstract_params, fingerprint: dict):
         f' (saved {[saved.get(k) for k in diff]}, now'
         f' {[fingerprint.get(k) for k in diff]})')
   layout = json.loads(metadata['layout'])
-  abstract_params = _with_stored_input_scales(abstract_params, layout, path)
+  abstract_params = _with_stored_shapes(abstract_params, layout, path)
   expected, treedef = _flat(abstract_params)
   _check_factors(expected, layout, path)
   if set(expected) != set(layout):
@@ -118,16 +118,24 @@ def load(directory, abstract_params, fingerprint: dict):
                                                 for x in leaves])
 
 
-def _with_stored_input_scales(abstract, layout, path):
-  """abstract with each weight's AWQ scale shaped as stored: an AWQ base
-  (lqer_quantize_params(base='awq')) is invisible to the model's template."""
+def _with_stored_shapes(abstract, layout, path):
+  """abstract with what the model's template cannot know taken from the
+  file: an AWQ base's input scale (lqer_quantize_params(base='awq')) and the
+  factors' shapes of rules with rank 'auto' (their allocated ranks)."""
+
+  def stored(key):
+    dtype, shape = layout[key]
+    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
 
   def fill(key_path, leaf):
     key = jax.tree_util.keystr(key_path)
+    if isinstance(leaf, WithLqer) and getattr(leaf.rule, 'auto_rank', False):
+      leaf = dataclasses.replace(leaf, **{
+          f: stored(f'{key}.{f}') for f in ('a', 'b', 'a_scale', 'b_scale')
+          if f'{key}.{f}' in layout})
     if key + '.input_scale' not in layout:
       return leaf
-    dtype, shape = layout[key + '.input_scale']
-    scale = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+    scale = stored(key + '.input_scale')
     if isinstance(leaf, WithLqer):
       return dataclasses.replace(leaf, input_scale=scale)
     if isinstance(leaf, ptq.WithAux) and key + '.a' in layout:

@@ -31,6 +31,7 @@ DEFAULTS = {
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
                   'auto': 'auto'}
+FACTOR_QTYPES = {16: None, 8: 'int8', 4: 'int4'}
 
 
 def _parser():
@@ -64,6 +65,23 @@ def _parser():
   e.add_argument('--error-rank', type=int,
                  help='svdquant-qera: the QERA part of the rank (default: a'
                  ' quarter at --act-bits 4, half at 8)')
+  e.add_argument('--factor-bits', type=int, choices=[16, 8, 4], default=16,
+                 help='store A, B in bfloat16 (16, default) or int8 / int4'
+                 ' with a scale per rank component, B refitted after A is'
+                 ' rounded')
+  e.add_argument('--budget', type=float,
+                 help='extra bits per weight: per method, one row with'
+                 ' ranks allocated under it (rank "auto") and one with the'
+                 ' uniform rank spending the same bits; --ranks optional')
+  e.add_argument('--refine-iters', type=int, default=0,
+                 help='LoftQ-style alternations of base and factors (kept'
+                 ' per weight only where the objective drops)')
+  e.add_argument('--calib-tokens', type=int, nargs='+',
+                 help='calibration size(s): smollm2 tokens (default 8192),'
+                 ' minilm sentences (default 256); several: a sweep, with'
+                 ' a quality-per-size table')
+  e.add_argument('--plot', help='with a --calib-tokens sweep: save quality'
+                 ' per calibration size as a PNG here (matplotlib)')
   e.add_argument('--base', choices=['rtn', 'gptq', 'awq'], default='rtn')
   e.add_argument('--solver', choices=['randomized', 'exact'],
                  default='randomized')
@@ -132,19 +150,68 @@ def format_table(rows) -> str:
   """Markdown table of Rows."""
   extra = sorted({k for r in rows for k in r.extra})
   act = any(r.act_bits for r in rows)
+  calib = len({r.calib for r in rows}) > 1
   head = ['method', 'base', 'bits', *(['act bits'] if act else []), 'group',
-          'rank', rows[0].metric, *extra, 'bits/weight', 'offline s']
+          'rank', *(['calib'] if calib else []), rows[0].metric, *extra,
+          'bits/weight', 'extra bits', 'offline s']
   fmt = lambda v, f='{:.4f}': '-' if v is None else f.format(v)
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in rows:
     cells = [r.method, r.base if r.method != 'FP' else '-', fmt(r.bits, '{}'),
              *([fmt(r.act_bits, '{}')] if act else []),
-             fmt(r.tile_size, '{}'), fmt(r.rank, '{}'), fmt(r.value),
+             fmt(r.tile_size, '{}'), fmt(r.rank, '{}'),
+             *([fmt(r.calib, '{}')] if calib else []), fmt(r.value),
              *[fmt(r.extra.get(k)) for k in extra],
-             fmt(r.bits_per_weight, '{:.2f}'),
+             fmt(r.bits_per_weight, '{:.2f}'), fmt(r.extra_bits, '{:.3f}'),
              fmt(r.offline_seconds, '{:.1f}')]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+def _series(rows):
+  """{(method, bits, rank): {calib: value}} of a calibration sweep's rows
+  (FP has no calibration)."""
+  series = {}
+  for r in rows:
+    if r.method != 'FP':
+      series.setdefault((r.method, r.bits, r.rank), {})[r.calib] = r.value
+  return series
+
+
+def calib_table(rows) -> str:
+  """Markdown: quality per calibration size, a row per configuration."""
+  sizes = sorted({r.calib for r in rows if r.calib is not None})
+  lines = ['| ' + ' | '.join(['method', 'bits', 'rank', *map(str, sizes)])
+           + ' |', '|' + '---|' * (3 + len(sizes))]
+  for (method, bits, rank), values in _series(rows).items():
+    cells = [f'{values[n]:.4f}' if n in values else '-' for n in sizes]
+    lines.append(f'| {method} | {bits} | {rank or "-"} | '
+                 + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def plot_calibration(rows, path):
+  """Quality against calibration size (log x), one line per configuration,
+  FP as a horizontal line."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for (method, bits, rank), values in _series(rows).items():
+    sizes = sorted(values)
+    label = f'{method} W{bits}' + (f' r{rank}' if rank else '')
+    ax.plot(sizes, [values[n] for n in sizes], marker='o', label=label)
+  fp = [r.value for r in rows if r.method == 'FP']
+  if fp:
+    ax.axhline(fp[0], color='k', linestyle='--', label='FP')
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel(f'calibration {"tokens" if rows[0].model == "smollm2" else "sentences"}')
+  ax.set_ylabel(rows[0].metric)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f'saved {path}')
 
 
 def _read(path):
@@ -159,9 +226,22 @@ def eval_command(args) -> list:
   bits_list = args.bits or defaults['bits']
   tile = defaults['tile_size'] if args.tile_size is None else (
       args.tile_size or None)
-  ranks = args.ranks or defaults['ranks']
+  ranks = args.ranks or ([] if args.budget is not None
+                         else defaults['ranks'])
   if any(r < 1 for r in ranks):
     raise SystemExit('--ranks must be positive')
+  if args.budget is not None and not args.budget > 0:
+    raise SystemExit(f'--budget must be > 0 extra bits per weight, got'
+                     f' {args.budget}')
+  if args.budget is not None and set(args.methods) & set(
+      evaluation.ACT_METHODS):
+    raise SystemExit('--budget allocates the ranks of svd, l2qer and qera;'
+                     ' svdquant rows take --ranks')
+  if args.refine_iters < 0 or any(n < 1 for n in args.calib_tokens or [1]):
+    raise SystemExit('--refine-iters must be >= 0 and --calib-tokens > 0')
+  if args.plot and len(args.calib_tokens or []) < 2:
+    raise SystemExit('--plot draws a --calib-tokens sweep; give two or more'
+                     ' sizes')
   if args.act_bits is None and set(args.methods) & set(
       evaluation.ACT_METHODS):
     raise SystemExit(f'--methods {" ".join(args.methods)}: svdquant,'
@@ -180,26 +260,34 @@ def eval_command(args) -> list:
     kwargs['n_eval'] = args.eval_tokens
   else:
     kwargs['n_eval'] = args.eval_sentences
-  task = evaluation.TASKS[args.model](_read(args.calib_text),
-                                      _read(args.eval_text), **kwargs)
   print(f'# lqer eval: {" ".join(sys.argv[1:])}', flush=True)
   rows = []
-  for bits in bits_list:
-    for row in evaluation.run(task, bits, tile, ranks, args.methods,
-                              base=args.base, save_dir=args.save,
-                              load_dir=args.load, solver=args.solver,
-                              power_iters=args.power_iters,
-                              krylov=args.krylov,
-                              compute_dtype=COMPUTE_DTYPES[args.compute_dtype],
-                              pack=args.pack, act_bits=args.act_bits,
-                              error_rank=args.error_rank,
-                              smooth_alpha=args.smooth_alpha,
-                              with_fp=bits == bits_list[0]):
-      rows.append(row)
-      print(f'  {row.method:6s} bits={row.bits} act={row.act_bits}'
-            f' rank={row.rank}'
-            f' {row.metric}={row.value:.4f}', file=sys.stderr, flush=True)
+  sweep = args.calib_tokens or [None]
+  for n_calib in sweep:
+    if n_calib is not None:
+      kwargs['n_calib'] = n_calib
+    task = evaluation.TASKS[args.model](_read(args.calib_text),
+                                        _read(args.eval_text), **kwargs)
+    for bits in bits_list:
+      for row in evaluation.run(
+          task, bits, tile, ranks, args.methods, base=args.base,
+          save_dir=args.save, load_dir=args.load, solver=args.solver,
+          power_iters=args.power_iters, krylov=args.krylov,
+          compute_dtype=COMPUTE_DTYPES[args.compute_dtype], pack=args.pack,
+          act_bits=args.act_bits, error_rank=args.error_rank,
+          smooth_alpha=args.smooth_alpha, budget=args.budget,
+          calib=n_calib, refine_iters=args.refine_iters,
+          factor_qtype=FACTOR_QTYPES[args.factor_bits],
+          with_fp=bits == bits_list[0] and n_calib == sweep[0]):
+        rows.append(row)
+        print(f'  {row.method:6s} bits={row.bits} act={row.act_bits}'
+              f' rank={row.rank} calib={n_calib}'
+              f' {row.metric}={row.value:.4f}', file=sys.stderr, flush=True)
   print(format_table(rows))
+  if len(sweep) > 1:
+    print('\n' + calib_table(rows))
+  if args.plot:
+    plot_calibration(rows, args.plot)
   if tile:
     _, handled = evaluation.build_rules(task.params, task.module_path, 4,
                                         tile, None, 'svd')

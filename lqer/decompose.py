@@ -18,6 +18,10 @@ back:
 
 SVDQuant (Li et al. 2024) goes the other way: smooth, factor the weight
 itself, quantize what is left (`smoothing_scale`, `svdquant_split`).
+
+Quantized factors (`quantize_factors`): A rounded per column, then B refitted
+by least squares on the same objective, min_B ||T (E - Â B)||_F, so the
+branch absorbs A's rounding, then rounded per row.
 """
 
 import functools
@@ -198,6 +202,67 @@ def qera_factors(error, chol, rank, **solver_kw):
       _t(chol), u * sv[..., None, :], lower=False
   )
   return a, vt
+
+
+def weigh(m, method, *, act_abs_mean=None, chol=None, lam=None):
+  """T m for the method's left transform T (m: (..., in, n)): I for 'svd',
+  diag(s) for 'l2qer', L^T for 'qera', diag(lam) for 'svdquant' (its branch
+  approximates the smoothed weight); ||T D||_F^2 is the method's objective
+  of a residual D."""
+  if method == 'svdquant':
+    return lam[..., :, None] * m
+  if method == 'svd':
+    return m
+  if method == 'l2qer':
+    return l2qer_scale(act_abs_mean)[..., :, None] * m
+  if method == 'qera':
+    return _mm(_t(chol), m)
+  raise ValueError(f'no error objective for method {method!r}')
+
+
+def quantize_symmetric(m, bits, axis):
+  """(q, scale): m ~= q * scale, one absmax scale per slice along `axis`
+  (the axis reduced), q = round(m / scale) in [-(2^(b-1) - 1), 2^(b-1) - 1].
+  """
+  qmax = 2 ** (bits - 1) - 1
+  amax = jnp.max(jnp.abs(m), axis=axis, keepdims=True)
+  scale = jnp.where(amax > 0, amax / qmax, 1.0)
+  return jnp.clip(jnp.round(m / scale), -qmax, qmax), scale
+
+
+def refit_right(weighted_error, weighted_a):
+  """B = argmin ||T E - (T Â) B||_F (..., k, out), by normal equations on
+  unit-norm columns of T Â (near orthogonal: well conditioned); zero columns
+  (cut or empty components) give zero rows."""
+  norms = jnp.linalg.norm(weighted_a, axis=-2)
+  safe = jnp.where(norms > 0, norms, 1.0)
+  m = weighted_a / safe[..., None, :]
+  gram = _mm(_t(m), m) + jnp.vectorize(jnp.diag, signature='(k)->(k,k)')(
+      (norms == 0).astype(m.dtype))
+  rhs = _mm(_t(m), weighted_error)
+  chol = jnp.linalg.cholesky(gram)
+  b = jax.scipy.linalg.cho_solve((chol, True), rhs)
+  return b / safe[..., :, None]
+
+
+def quantize_factors(error, a, bits, method, **stats):
+  """Quantized factors of E ~= A B: (qa, sa, qb, sb), A ~= qa * sa with sa
+  (..., 1, k), B ~= qb * sb with sb (..., k, 1).
+
+  A is rounded per column; B is refitted to min ||T (E - Â B)||_F
+  (`weigh`, `refit_right`) with Â = qa * sa, then rounded per row.
+  """
+  qa, sa = quantize_symmetric(a, bits, axis=-2)
+  b = refit_right(weigh(error, method, **stats), weigh(qa * sa, method,
+                                                       **stats))
+  qb, sb = quantize_symmetric(b, bits, axis=-1)
+  return qa, sa, qb, sb
+
+
+def component_energy(a, method, **stats):
+  """||T A_j||^2 per column (..., k): for A = T^{-1} U S the squared
+  singular values, each what its rank-1 term removes from ||T E||_F^2."""
+  return jnp.sum(jnp.square(weigh(a, method, **stats)), axis=-2)
 
 
 @functools.partial(

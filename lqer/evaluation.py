@@ -24,6 +24,7 @@ import numpy as np
 import qwix
 from tqdm.auto import tqdm
 
+from lqer import allocation
 from lqer import checkpoint
 from lqer.calibration import LqerCalibrationProvider
 from lqer.packing import pack_params
@@ -31,6 +32,7 @@ from lqer.params import lqer_quantize_params
 from lqer.provider import LqerProvider
 from lqer.reporting import report as make_report
 from lqer.rule import LqerRule
+from lqer.weight import WithLqer
 
 METHOD_LABELS = {'svd': 'LQER', 'l2qer': 'L2QER', 'qera': 'QERA',
                  'svdquant': 'SVDQuant', 'smoothquant': 'SmoothQuant',
@@ -56,13 +58,16 @@ class Row:
   base: str
   bits: int | None
   tile_size: int | None
-  rank: int | None
+  rank: int | str | None  # 'auto': allocated under --budget
   metric: str
   value: float
   bits_per_weight: float | None
   offline_seconds: float | None
   extra: dict[str, float] = dataclasses.field(default_factory=dict)
   act_bits: int | None = None
+  # Bits per weight minus the PTQ row's at the same base settings.
+  extra_bits: float | None = None
+  calib: int | None = None  # calibration tokens (smollm2) / sentences
 
 
 @dataclasses.dataclass
@@ -228,7 +233,8 @@ def calibrate(task: Task, rules) -> Any:
   return stats
 
 
-def quantize(task: Task, rules, stats, base='rtn', compute_dtype=jnp.float32):
+def quantize(task: Task, rules, stats, base='rtn', compute_dtype=jnp.float32,
+             budget_bits=None):
   """(LQER model, params, offline seconds) for the rules."""
   model = qwix.quantize_model(
       task.module, LqerProvider(rules, compute_dtype=compute_dtype))
@@ -236,7 +242,8 @@ def quantize(task: Task, rules, stats, base='rtn', compute_dtype=jnp.float32):
                             *task.example)['params']
   start = time.perf_counter()
   params = lqer_quantize_params(task.params, abstract, calibration=stats,
-                                base=base, progress=True)
+                                base=base, budget_bits=budget_bits,
+                                progress=True)
   jax.block_until_ready(params)
   return model, params, time.perf_counter() - start
 
@@ -245,26 +252,41 @@ def fingerprint(task_name, rules, base):
   return {'model': task_name, 'base': base, 'rules': repr(rules)}
 
 
+def uniform_rank_for(params, num_weights, extra_bits) -> int:
+  """The uniform rank whose factors spend `extra_bits` per weight on the
+  weights of `params` that carry factors (nearest, at least 1)."""
+  per_rank = sum(
+      allocation.component_bits(w.layout, w.rule) for w in jax.tree.leaves(
+          params, is_leaf=lambda x: isinstance(x, WithLqer))
+      if isinstance(w, WithLqer)) / num_weights
+  return max(1, round(extra_bits / per_rank))
+
+
 def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
         methods: Sequence[str], base: str = 'rtn', save_dir=None,
         load_dir=None, with_fp=True, compute_dtype=jnp.float32, pack=False,
-        act_bits=None, error_rank=None, **rule_kw) -> Iterator[Row]:
+        act_bits=None, error_rank=None, budget=None, calib=None,
+        **rule_kw) -> Iterator[Row]:
   """Yields FP (if with_fp), PTQ and method x rank rows for one bits / tile
   setting. compute_dtype / pack: the inference matmul (float32 unpacked
   gives Qwix's numbers). act_bits: every row but FP quantizes activations
   dynamically. Methods are `METHOD_LABELS`' keys; 'smoothquant' has no rank
-  and runs once."""
+  and runs once. budget: per method, a row with ranks allocated under that
+  many extra bits per weight, then the uniform rank spending the same bits.
+  rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
   if act_bits is None and set(methods) & set(ACT_METHODS):
     raise ValueError(f'methods {sorted(set(methods) & set(ACT_METHODS))}'
                      ' smooth activations for their quantization; give'
                      ' act_bits (lqer eval --act-bits 4 or 8)')
   maybe_pack = pack_params if pack else lambda params: params
+  ptq_bpw = None
   row = lambda method, rank, scores, bpw=None, secs=None: Row(
       task.name, method, base, bits if method != 'FP' else None,
       tile_size if method != 'FP' else None, rank, task.metric,
       scores[task.metric], bpw, secs,
       {k: v for k, v in scores.items() if k != task.metric},
-      act_bits if method != 'FP' else None)
+      act_bits if method != 'FP' else None,
+      None if method == 'FP' or ptq_bpw is None else bpw - ptq_bpw, calib)
   if with_fp:
     yield row('FP', None, task.score(task.module, task.params), 32.0)
   rules_for = lambda rank, method, **kw: build_rules(
@@ -274,9 +296,23 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   stats = calibrate(task, rules_for(1, 'qera'))
   ptq_model, ptq_params, secs = quantize(task, rules, stats, base,
                                             compute_dtype)
-  bpw = make_report(task.params, ptq_params).total()['bits_per_weight']
+  ptq_total = make_report(task.params, ptq_params).total()
+  bpw = ptq_bpw = ptq_total['bits_per_weight']
   yield row('PTQ' if base == 'rtn' else base.upper(), None,
             task.score(ptq_model, maybe_pack(ptq_params)), bpw, secs)
+  num_weights = ptq_total['num_weights']
+  for method in methods if budget is not None else ():
+    model, params, secs = quantize(task, rules_for('auto', method, **rule_kw),
+                                   stats, base, compute_dtype, budget)
+    bpw = make_report(task.params, params).total()['bits_per_weight']
+    yield row(METHOD_LABELS[method], 'auto',
+              task.score(model, maybe_pack(params)), bpw, secs)
+    uniform = uniform_rank_for(params, num_weights, bpw - ptq_bpw)
+    model, params, secs = quantize(task, rules_for(uniform, method, **rule_kw),
+                                   stats, base, compute_dtype)
+    bpw = make_report(task.params, params).total()['bits_per_weight']
+    yield row(METHOD_LABELS[method], uniform,
+              task.score(model, maybe_pack(params)), bpw, secs)
   for i, rank in enumerate(ranks):
     for method in methods:
       if method == 'smoothquant' and i:

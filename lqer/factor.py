@@ -34,6 +34,30 @@ def check_weight(name: str, w, layout: layout_lib.KernelLayout, rank: int):
     raise ValueError(f'{name}: weight holds {bad} NaN/Inf values')
 
 
+def _solver_kw(rule) -> dict[str, Any]:
+  return dict(solver=rule.solver, oversample=rule.oversample,
+              power_iters=rule.resolved_power_iters, krylov=rule.krylov)
+
+
+def _cached(key, make):
+  """jax.jit(jax.vmap(make())), built once per settings `key`."""
+  if key not in _FACTOR_FNS:
+    _FACTOR_FNS[key] = jax.jit(jax.vmap(make()))
+  return _FACTOR_FNS[key]
+
+
+def _mm(a, b):
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def _error(layout, w, q, input_scale):
+  """E = w - deq(q) [/ input_scale] in the (*batch, in, out) matrix form."""
+  deq = qarray.dequantize(q).astype(jnp.float32)
+  if input_scale is not None:
+    deq = divide_along(deq, input_scale, layout.contracting_axes)
+  return layout.to_matrix(w.astype(jnp.float32) - deq)
+
+
 def factor_fn(layout: layout_lib.KernelLayout, rank: int, rule, how=None):
   """Jitted, batched (ws, bases, input_scales, keys, **stats) -> (qs, A, B).
 
@@ -44,47 +68,102 @@ def factor_fn(layout: layout_lib.KernelLayout, rank: int, rule, how=None):
   q = quantize_with_scale_zero_point(w) is computed here: one pass over W,
   no int4 array materialised and read back. Cached by the settings.
   """
-  solver_kw = dict(solver=rule.solver, oversample=rule.oversample,
-                   power_iters=rule.resolved_power_iters, krylov=rule.krylov)
+  solver_kw = _solver_kw(rule)
   key = (layout, rank, rule.method, tuple(solver_kw.items()), repr(how))
-  if key not in _FACTOR_FNS:
 
+  def make():
     def one(w, base, input_scale, key, act_abs_mean=None, chol=None):
       q = base if how is None else qarray.quantize_with_scale_zero_point(
           w, how.qtype, *base, how.noise_fn)
-      deq = qarray.dequantize(q).astype(jnp.float32)
-      if input_scale is not None:
-        deq = divide_along(deq, input_scale, layout.contracting_axes)
-      error = layout.to_matrix(w.astype(jnp.float32) - deq)
+      error = _error(layout, w, q, input_scale)
       a, b = decompose.reconstruct(
           error, rank, rule.method, act_abs_mean=act_abs_mean, chol=chol,
           key=key, **solver_kw)
       return (None if how is None else q), a, b
+    return one
 
-    _FACTOR_FNS[key] = jax.jit(jax.vmap(one))
-  return _FACTOR_FNS[key]
+  return _cached(key, make)
+
+
+def quantize_fn(layout: layout_lib.KernelLayout, rule):
+  """Jitted, batched (ws, qs, input_scales, A, keep, **stats) ->
+  (qa, sa, qb, sb): `decompose.quantize_factors` of each weight's float A
+  (*, in, k) against its error E = w - deq(q) [/ s], B refitted; columns
+  where keep (*, k) is False are cut (zero, B rows zero)."""
+  key = ('quantize', layout, rule.method, rule.factor_bits)
+
+  def make():
+    def one(w, q, input_scale, a, keep, act_abs_mean=None, chol=None):
+      return decompose.quantize_factors(
+          _error(layout, w, q, input_scale), a * keep, rule.factor_bits,
+          rule.method, act_abs_mean=act_abs_mean, chol=chol)
+    return one
+
+  return _cached(key, make)
+
+
+def objective_fn(layout: layout_lib.KernelLayout, rule):
+  """Jitted, batched (ws, qs, input_scales, A, B, **stats) -> per weight
+  ||T (E - A B)||_F^2, the method's objective (`decompose.weigh`)."""
+  key = ('objective', layout, rule.method)
+
+  def make():
+    def one(w, q, input_scale, a, b, act_abs_mean=None, chol=None):
+      left = _error(layout, w, q, input_scale) - _mm(a, b)
+      return jnp.sum(jnp.square(decompose.weigh(
+          left, rule.method, act_abs_mean=act_abs_mean, chol=chol)))
+    return one
+
+  return _cached(key, make)
+
+
+def energy_fn(layout: layout_lib.KernelLayout, rule):
+  """Jitted, batched (ws, A, **stats) -> (gains (*, k), ||T W||_F^2): what
+  each rank-1 term of A B removes from the method's objective, and the
+  weight's output energy under it (rank allocation's common scale)."""
+  key = ('energy', layout, rule.method)
+
+  def make():
+    def one(w, a, act_abs_mean=None, chol=None):
+      stats = dict(act_abs_mean=act_abs_mean, chol=chol)
+      gains = decompose.component_energy(a, rule.method, **stats)
+      out = decompose.weigh(layout.to_matrix(w.astype(jnp.float32)),
+                            rule.method, **stats)
+      return gains.reshape(-1, gains.shape[-1]).sum(0), jnp.sum(
+          jnp.square(out))
+    return one
+
+  return _cached(key, make)
 
 
 def svdquant_fn(layout: layout_lib.KernelLayout, rank: int, rule):
-  """Jitted, batched (ws, act_abs_max, keys) -> (A, B, R, lam) of SVDQuant.
+  """Jitted, batched (ws, act_abs_max, keys) -> (A, B, R, lam, scales).
 
   lam = `decompose.smoothing_scale` of each w (matrix form) and max |x|;
   A (*, in, k), B (*, k, out) from `decompose.svdquant_split`; the residual
   R = diag(lam) W - L1 L2 in the kernel's layout, for the base quantizer.
+  With factor_qtype, A and B are quantized first (scales = (sa, sb), else
+  None) and R = diag(lam) (W - Â B̂) absorbs their rounding.
   """
-  solver_kw = dict(solver=rule.solver, oversample=rule.oversample,
-                   power_iters=rule.resolved_power_iters, krylov=rule.krylov)
-  key = ('svdquant', layout, rank, rule.smooth_alpha, tuple(solver_kw.items()))
-  if key not in _FACTOR_FNS:
+  solver_kw = _solver_kw(rule)
+  key = ('svdquant', layout, rank, rule.smooth_alpha, rule.factor_bits,
+         tuple(solver_kw.items()))
 
+  def make():
     def one(w, act_abs_max, key):
       m = layout.to_matrix(w.astype(jnp.float32))
       lam = decompose.smoothing_scale(act_abs_max, m, rule.smooth_alpha)
       a, b, r = decompose.svdquant_split(m, lam, rank, key=key, **solver_kw)
-      return a, b, layout.from_matrix(r), lam
+      scales = None
+      if rule.factor_bits and rank:  # W' = diag(lam) Â B̂ + R
+        qa, sa, qb, sb = decompose.quantize_factors(
+            m, a, rule.factor_bits, 'svdquant', lam=lam)
+        r = lam[..., :, None] * (m - _mm(qa * sa, qb * sb))
+        a, b, scales = qa, qb, (sa, sb)
+      return a, b, layout.from_matrix(r), lam, scales
+    return one
 
-    _FACTOR_FNS[key] = jax.jit(jax.vmap(one))
-  return _FACTOR_FNS[key]
+  return _cached(key, make)
 
 
 def seed_key(rule, path: str) -> jax.Array:
@@ -131,12 +210,13 @@ def check_tiles(name: str, shape, how):
 
 def build(path: str, w, how, layout, rule) -> WithLqer:
   """A `WithLqer` from a float weight at the provider's init: Qwix's RTN
-  base; 'svd' factors computed (free under eval_shape), activation-aware
-  methods zero until `lqer_quantize_params` runs with statistics."""
+  base; 'svd' factors of a fixed rank computed (free under eval_shape),
+  quantized with factor_qtype; activation-aware methods and rank 'auto'
+  zero until `lqer_quantize_params` runs (with statistics / a budget)."""
   check_weight(path, w, layout, rule.total_rank)
   check_tiles(path, w.shape, how)
-  input_scale = None
-  if rule.needs_calibration:
+  input_scale = scales = None
+  if rule.needs_calibration or rule.auto_rank:
     q, _ = bases.rtn(w, how, layout, None)
     zero = jnp.zeros((), rule.factor_dtype)
     a = jnp.broadcast_to(zero, layout.a_shape(rule.total_rank))
@@ -148,7 +228,13 @@ def build(path: str, w, how, layout, rule) -> WithLqer:
     q, a, b = factor_fn(layout, rule.rank, rule, how)(
         stack(w), stack(bases.rtn_scale(w, how)), None,
         stack(seed_key(rule, path)))
+    if rule.factor_qtype is not None:
+      a, sa, b, sb = quantize_fn(layout, rule)(
+          stack(w), q, None, a, jnp.ones((1, rule.rank), bool))
+      scales = layout.split_scales(sa[0], sb[0])
     q = jax.tree.map(lambda v: v[0], q)
     a, b = layout.split_factors(a[0], b[0])
+  a_scale, b_scale = scales or (None, None)
   return WithLqer.create(array=q, how=how, layout=layout, rule=rule, a=a,
-                         b=b, input_scale=input_scale, path=path)
+                         b=b, a_scale=a_scale, b_scale=b_scale,
+                         input_scale=input_scale, path=path)

@@ -52,8 +52,12 @@ class Job:
     return self.rule.method == 'svdquant'
 
   @property
+  def has_factors(self) -> bool:
+    return bool(self.rank) or self.rule.auto_rank
+
+  @property
   def method_needs_stats(self) -> bool:
-    return self.svdquant or bool(self.rank and self.rule.needs_calibration)
+    return self.svdquant or (self.has_factors and self.rule.needs_calibration)
 
 
 def path_str(path) -> str:
@@ -88,16 +92,30 @@ def _chunks(jobs, max_group_bytes):
       yield group[i:i + size]
 
 
-def run(jobs, max_group_bytes, progress):
-  """{path: quantized weight} for the planned jobs."""
-  out = {}
+def run(jobs, max_group_bytes, progress, budget=None):
+  """{path: quantized weight} for the planned jobs.
+
+  budget: an `allocation.Budget` when some rules have rank 'auto': those
+  weights are factored at their largest rank first, then cut to the ranks
+  `allocation.allocate` gives them (and quantized, with factor_qtype).
+  """
+  if budget is not None:
+    budget.set_max_ranks(jobs)
+  out, auto = {}, {}
   chunks = list(_chunks(jobs, max_group_bytes))
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     chunks = tqdm(chunks, desc='lqer', unit='group')
   factors = _CholeskyCache(max_group_bytes)
   for chunk in chunks:
-    out.update(_run_chunk(chunk, factors))
+    if chunk[0].rule.auto_rank:
+      auto.update(_fit_auto(chunk, factors))
+    else:
+      out.update(_run_chunk(chunk, factors))
+  if auto:
+    ranks = budget.allocate({p: f.gains / f.energy for p, f in auto.items()})
+    for chunk in _chunks([j for j in jobs if j.path in auto], max_group_bytes):
+      out.update(_cut_auto(chunk, auto, ranks, factors))
   return out
 
 
@@ -130,43 +148,173 @@ class _CholeskyCache:
     return self._factors[key]
 
 
-def _run_chunk(chunk: list[Job], factors: _CholeskyCache):
-  """Bases of a chunk of same-settings weights, then their factors in one
-  jitted call (an RTN base fused into it)."""
+@dataclasses.dataclass
+class _Fit:
+  """A chunk's (or one weight's) base and factors: qs the QArrays, A
+  (*, in, k) and B (*, k, out) in matrix form, float or integer values with
+  their scales (`decompose.quantize_factors`); gains / energy for 'auto'."""
+
+  qs: Any
+  input_scales: jax.Array | None
+  a: jax.Array
+  b: jax.Array
+  a_scale: jax.Array | None = None
+  b_scale: jax.Array | None = None
+  gains: np.ndarray | None = None
+  energy: float | None = None
+
+  def dequantized(self):
+    if self.a_scale is None:
+      return self.a, self.b
+    return self.a * self.a_scale, self.b * self.b_scale
+
+  def take(self, i):
+    """The i-th weight's fit of a chunk's."""
+    pick = lambda x: None if x is None else x[i]
+    return _Fit(jax.tree.map(lambda x: x[i], self.qs),
+                pick(self.input_scales), self.a[i], self.b[i],
+                pick(self.a_scale), pick(self.b_scale))
+
+
+def _method_stats(chunk: list[Job], factors: _CholeskyCache):
+  """The method's statistics, stacked: mean |x| (l2qer), Cholesky (qera)."""
+  method = chunk[0].rule.method
+  if method == 'l2qer':
+    return {'act_abs_mean': jnp.stack([stats_lib.abs_mean(j.stats)
+                                       for j in chunk])}
+  if method == 'qera':
+    return {'chol': jnp.stack([factors.get(j) for j in chunk])}
+  return {}
+
+
+def _first_fit(chunk: list[Job], extra) -> _Fit:
+  """Bases of a chunk of same-settings weights, then their float factors in
+  one jitted call (an RTN base fused into it)."""
   first = chunk[0]
-  rule, layout = first.rule, first.layout
-  if first.svdquant:
-    return _run_svdquant(chunk, factors)
+  ws = jnp.stack([j.weight for j in chunk])
+  keys = jnp.stack([factor.seed_key(first.rule, j.name) for j in chunk])
   if first.base_kind == 'rtn':
-    how, awq, based = first.how, [None] * len(chunk), None
+    how, scales = first.how, None
     base = _stack([bases.rtn_scale(j.weight, j.how) for j in chunk])
   else:
-    based = [job.base(job.weight, job.how, job.layout, job.stats)
-             for job in chunk]
-    if first.rank == 0:
-      return {job.path: _base_only(job, q, s)
-              for job, (q, s) in zip(chunk, based)}
-    how, awq = None, [s for _, s in based]
-    base = _stack([q for q, _ in based])
-  extra = {}
-  if rule.method == 'l2qer':
-    extra['act_abs_mean'] = jnp.stack(
-        [stats_lib.abs_mean(j.stats) for j in chunk])
-  elif rule.method == 'qera':
-    extra['chol'] = jnp.stack([factors.get(j) for j in chunk])
-  qs, a, b = factor.factor_fn(layout, first.rank, rule, how)(
-      jnp.stack([j.weight for j in chunk]), base,
-      None if awq[0] is None else jnp.stack(awq),
-      jnp.stack([factor.seed_key(rule, j.name) for j in chunk]), **extra)
+    how, base, scales = None, *_bases(chunk, [j.weight for j in chunk])
+  qs, a, b = factor.factor_fn(first.layout, first.rank, first.rule, how)(
+      ws, base, scales, keys, **extra)
+  return _Fit(base if qs is None else qs, scales, a, b)
+
+
+def _bases(chunk: list[Job], targets):
+  """(stacked QArrays, stacked input scales or None) of each job's base of
+  its target (the weight, or W - A B when refining)."""
+  based = [job.base(t, job.how, job.layout, job.stats)
+           for job, t in zip(chunk, targets)]
+  scales = [s for _, s in based]
+  return (_stack([q for q, _ in based]),
+          None if scales[0] is None else jnp.stack(scales))
+
+
+def _quantized(chunk: list[Job], fit: _Fit, extra, keep=None) -> _Fit:
+  """fit with its factors quantized when the rule says so (columns where
+  keep is False cut)."""
+  rule, layout = chunk[0].rule, chunk[0].layout
+  if rule.factor_qtype is None:
+    return fit
+  if keep is None:
+    keep = jnp.ones((len(chunk), fit.a.shape[-1]), bool)
+  ws = jnp.stack([j.weight for j in chunk])
+  qa, sa, qb, sb = factor.quantize_fn(layout, rule)(
+      ws, fit.qs, fit.input_scales, fit.a, keep, **extra)
+  return dataclasses.replace(fit, a=qa, b=qb, a_scale=sa, b_scale=sb)
+
+
+def _refined(chunk: list[Job], fit: _Fit, extra) -> _Fit:
+  """LoftQ-style refinement: Q_t = base(W - A B), A B refitted to its error;
+  each weight keeps a step only if the method's objective ||T (W - Q - A B)||
+  decreases, so it never increases."""
+  first = chunk[0]
+  layout, rule = first.layout, first.rule
+  ws = jnp.stack([j.weight for j in chunk])
+  keys = jnp.stack([factor.seed_key(rule, j.name) for j in chunk])
+  objective = factor.objective_fn(layout, rule)
+  best = objective(ws, fit.qs, fit.input_scales, *fit.dequantized(), **extra)
+  for _ in range(rule.refine_iters):
+    branch = jnp.matmul(*fit.dequantized(), precision=jax.lax.Precision.HIGHEST)
+    targets = ws - jax.vmap(layout.from_matrix)(branch)
+    qs, scales = _bases(chunk, list(targets))
+    _, a, b = factor.factor_fn(layout, first.rank, rule)(
+        ws, qs, scales, keys, **extra)
+    new = _quantized(chunk, _Fit(qs, scales, a, b), extra)
+    value = objective(ws, qs, scales, *new.dequantized(), **extra)
+    better = value < best
+    pick = lambda n, o: jnp.where(  # pylint: disable=cell-var-from-loop
+        better.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+    fit = _Fit(*[jax.tree.map(pick, getattr(new, f.name), getattr(fit, f.name))
+                 for f in dataclasses.fields(_Fit)[:6]])
+    best = jnp.minimum(value, best)
+  return fit
+
+
+def _run_chunk(chunk: list[Job], factors: _CholeskyCache):
+  """A chunk of fixed-rank weights: bases, factors, quantized factors,
+  refinement."""
+  first = chunk[0]
+  if first.svdquant:
+    return _run_svdquant(chunk, factors)
+  if first.rank == 0:
+    qs, scales = _bases(chunk, [j.weight for j in chunk])
+    return {job.path: _base_only(job, jax.tree.map(lambda x, i=i: x[i], qs),
+                                 None if scales is None else scales[i])
+            for i, job in enumerate(chunk)}
+  extra = _method_stats(chunk, factors)
+  fit = _quantized(chunk, _first_fit(chunk, extra), extra)
+  if first.rule.refine_iters:
+    fit = _refined(chunk, fit, extra)
+  return {job.path: _weight(job, fit.take(i)) for i, job in enumerate(chunk)}
+
+
+def _fit_auto(chunk: list[Job], factors: _CholeskyCache):
+  """Float factors at the largest rank, and each component's gain."""
+  extra = _method_stats(chunk, factors)
+  fit = _first_fit(chunk, extra)
+  gains, energy = factor.energy_fn(chunk[0].layout, chunk[0].rule)(
+      jnp.stack([j.weight for j in chunk]), fit.a, **extra)
+  return {job.path: dataclasses.replace(
+      fit.take(i), gains=np.asarray(gains[i]), energy=float(energy[i]))
+          for i, job in enumerate(chunk)}
+
+
+def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):
+  """Weights of rank 'auto' cut to their allocated ranks (and quantized)."""
+  rank = chunk[0].rank
+  fit = _Fit(*[None if x[0] is None else _stack(x) for x in zip(
+      *[(fits[j.path].qs, fits[j.path].input_scales, fits[j.path].a,
+         fits[j.path].b) for j in chunk])])
+  keep = jnp.arange(rank)[None, :] < jnp.asarray(
+      [ranks[j.path] for j in chunk])[:, None]
+  fit = _quantized(chunk, fit, _method_stats(chunk, factors), keep)
   out = {}
   for i, job in enumerate(chunk):
-    q = (based[i][0] if qs is None
-         else jax.tree.map(lambda x, i=i: x[i], qs))
-    ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
-    out[job.path] = WithLqer.create(
-        array=q, how=job.how, layout=layout, rule=rule, a=ai, b=bi,
-        input_scale=awq[i], path=job.name)
+    k = ranks[job.path]
+    one = fit.take(i)
+    out[job.path] = _weight(job, dataclasses.replace(
+        one, a=one.a[..., :k], b=one.b[..., :k, :],
+        a_scale=None if one.a_scale is None else one.a_scale[..., :k],
+        b_scale=None if one.b_scale is None else one.b_scale[..., :k, :]))
   return out
+
+
+def _weight(job: Job, fit: _Fit) -> WithLqer:
+  """One weight's `WithLqer` from its fit (factors placed like W)."""
+  layout = job.layout
+  a, b = layout.split_factors(fit.a, fit.b)
+  a_scale = b_scale = None
+  if fit.a_scale is not None:
+    a_scale, b_scale = layout.split_scales(fit.a_scale, fit.b_scale)
+  a, b, a_scale, b_scale = _place_factors(job, a, b, a_scale, b_scale)
+  return WithLqer.create(
+      array=fit.qs, how=job.how, layout=layout, rule=job.rule, a=a, b=b,
+      a_scale=a_scale, b_scale=b_scale, input_scale=fit.input_scales,
+      path=job.name)
 
 
 def _stack(trees):
@@ -175,53 +323,62 @@ def _stack(trees):
 
 def _run_svdquant(chunk: list[Job], factors: _CholeskyCache):
   """SVDQuant of a chunk: smoothing scales and SVD branch in one jitted
-  call, the residual quantized by the base (on the smoothed statistics),
-  and with error_rank, QERA of what is left, E = (R - deq(Q(R))) / lam,
-  appended to the branch."""
+  call (quantized first with factor_qtype), the residual quantized by the
+  base (on the smoothed statistics), and with error_rank, QERA of what is
+  left, E = (R - deq(Q(R))) / lam, appended to the branch."""
   first = chunk[0]
   rule, layout = first.rule, first.layout
   keys = jnp.stack([factor.seed_key(rule, j.name) for j in chunk])
-  a, b, residual, lam = factor.svdquant_fn(layout, first.rank, rule)(
+  a, b, residual, lam, scales = factor.svdquant_fn(layout, first.rank, rule)(
       jnp.stack([j.weight for j in chunk]),
       jnp.stack([stats_lib.abs_max(j.stats) for j in chunk]), keys)
-  qs = [job.base(residual[i], job.how, layout,
-                 stats_lib.scaled(job.stats, lam[i]))[0]
-        for i, job in enumerate(chunk)]
+  qs = _stack([job.base(residual[i], job.how, layout,
+                        stats_lib.scaled(job.stats, lam[i]))[0]
+               for i, job in enumerate(chunk)])
+  fit = _Fit(qs, lam, a, b, *(scales or (None, None)))
+  if rule.factor_qtype is not None and not first.rank:
+    fit = dataclasses.replace(fit, a_scale=jnp.ones((*a.shape[:-2], 1, 0)),
+                              b_scale=jnp.ones((*b.shape[:-1], 1)))
   if rule.error_rank:
     qera = dataclasses.replace(rule, method='qera', rank=rule.error_rank,
                                error_rank=0)
     keys2 = jax.vmap(jax.random.fold_in)(keys, jnp.ones(len(chunk),
                                                         jnp.uint32))
+    errors = jax.vmap(lambda r, s: divide_along(r, s, layout.contracting_axes))(
+        residual, lam)
+    extra = {'chol': jnp.stack([factors.get(j) for j in chunk])}
     _, a2, b2 = factor.factor_fn(layout, rule.error_rank, qera)(
-        jax.vmap(lambda r, s: divide_along(r, s, layout.contracting_axes))(
-            residual, lam),
-        _stack(qs), lam, keys2,
-        chol=jnp.stack([factors.get(j) for j in chunk]))
-    a, b = jnp.concatenate([a, a2], -1), jnp.concatenate([b, b2], -2)
-  out = {}
-  for i, job in enumerate(chunk):
-    ai, bi = _place_factors(job, *layout.split_factors(a[i], b[i]))
-    out[job.path] = WithLqer.create(
-        array=qs[i], how=job.how, layout=layout, rule=rule, a=ai, b=bi,
-        input_scale=lam[i], path=job.name)
-  return out
+        errors, qs, lam, keys2, **extra)
+    more = _quantized([dataclasses.replace(j, weight=e, rule=qera)
+                       for j, e in zip(chunk, errors)],
+                      _Fit(qs, lam, a2, b2), extra)
+    cat = lambda x, y, axis: None if x is None else jnp.concatenate([x, y],
+                                                                    axis)
+    fit = dataclasses.replace(
+        fit, a=cat(fit.a, more.a, -1), b=cat(fit.b, more.b, -2),
+        a_scale=cat(fit.a_scale, more.a_scale, -1),
+        b_scale=cat(fit.b_scale, more.b_scale, -2))
+  return {job.path: _weight(job, fit.take(i)) for i, job in enumerate(chunk)}
 
 
-def _place_factors(job: Job, a, b):
+def _place_factors(job: Job, a, b, a_scale=None, b_scale=None):
   """Shards A like W's batch + contracting axes and B like its batch +
-  output axes (the rank axis replicated), when W carries a NamedSharding."""
+  output axes (the rank axis replicated), their scales like W's batch axes,
+  when W carries a NamedSharding."""
   sharding = getattr(job.weight, 'sharding', None)
   if not isinstance(sharding, jax.sharding.NamedSharding):
-    return a, b
+    return a, b, a_scale, b_scale
   spec = tuple(sharding.spec) + (None,) * (job.weight.ndim - len(sharding.spec))
   layout = job.layout
-  a_spec = [spec[x] for x in (*layout.batch_axes, *layout.contracting_axes)]
-  b_spec = [spec[x] for x in layout.batch_axes] + [None] + [
-      spec[x] for x in layout.output_axes]
+  batch = [spec[x] for x in layout.batch_axes]
+  a_spec = batch + [spec[x] for x in layout.contracting_axes] + [None]
+  b_spec = batch + [None] + [spec[x] for x in layout.output_axes]
   named = lambda s: jax.sharding.NamedSharding(sharding.mesh,
                                                 jax.sharding.PartitionSpec(*s))
-  return (jax.device_put(a, named(a_spec + [None])),
-          jax.device_put(b, named(b_spec)))
+  put = lambda x, s: None if x is None else jax.device_put(x, named(s))
+  unsharded = lambda s: batch + [None] * (len(s) - len(batch))
+  return (put(a, a_spec), put(b, b_spec), put(a_scale, unsharded(a_spec)),
+          put(b_scale, unsharded(b_spec)))
 
 
 def _base_only(job: Job, q, input_scale):

@@ -106,10 +106,24 @@ class KernelLayout:
   def b_shape(self, rank: int) -> tuple[int, ...]:
     return (*self.batch_shape, rank, *self.output_shape)
 
+  def a_scale_shape(self, rank: int) -> tuple[int, ...]:
+    """One scale per column of A, broadcasting against a_shape."""
+    return (*self.batch_shape, *[1] * len(self.contracting_axes), rank)
+
+  def b_scale_shape(self, rank: int) -> tuple[int, ...]:
+    """One scale per row of B, broadcasting against b_shape."""
+    return (*self.batch_shape, rank, *[1] * len(self.output_axes))
+
   def split_factors(self, a: jax.Array, b: jax.Array):
     """(*batch, in, k), (*batch, k, out) -> the stored A and B shapes."""
     rank = a.shape[-1]
     return a.reshape(self.a_shape(rank)), b.reshape(self.b_shape(rank))
+
+  def split_scales(self, a_scale: jax.Array, b_scale: jax.Array):
+    """(*batch, 1, k), (*batch, k, 1) -> the stored scale shapes."""
+    rank = a_scale.shape[-1]
+    return (a_scale.reshape(self.a_scale_shape(rank)),
+            b_scale.reshape(self.b_scale_shape(rank)))
 
   def merge_factors(self, a: jax.Array, b: jax.Array):
     """Stored A and B -> (*batch, in, k), (*batch, k, out)."""

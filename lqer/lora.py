@@ -251,12 +251,12 @@ def _check_adapter_shapes(layout, rank, a_shape, b_shape, name):
 
 
 def _adapter_factors(leaf: WithLqer, abs_a, abs_b, name):
-  """A, B reshaped to Qwix's adapter shapes, in the adapters' dtype."""
+  """A, B (dequantized) in Qwix's adapter shapes and dtype."""
   _check_adapter_shapes(leaf.layout, leaf.rank, abs_a.shape, abs_b.shape,
                         name)
-  a = jnp.reshape(flax_util.unbox(leaf.a), abs_a.shape).astype(abs_a.dtype)
-  b = jnp.reshape(flax_util.unbox(leaf.b), abs_b.shape).astype(abs_b.dtype)
-  return a, b
+  a, b = leaf.factors()  # quantized factors: dequantized
+  return (jnp.reshape(a, abs_a.shape).astype(abs_a.dtype),
+          jnp.reshape(b, abs_b.shape).astype(abs_b.dtype))
 
 
 def _dot_general_adapters(leaf: WithLqer):

@@ -24,6 +24,7 @@ from qwix._src.core import qarray
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
+from lqer import allocation
 from lqer import bases
 from lqer import factor
 from lqer import jobs
@@ -72,6 +73,7 @@ def lqer_quantize_params(
     calibration: Any = None,
     base: Any = 'rtn',
     allow_extra_params: bool = False,
+    budget_bits: float | None = None,
     max_group_bytes: int = 1 << 30,
     progress: bool = False,
 ) -> Any:
@@ -97,6 +99,11 @@ def lqer_quantize_params(
       `qwix.contrib.gptq.quantize_params` against a PtqProvider tree): its
       quantized weights are kept as they are and their error reconstructed.
     allow_extra_params: as in `qwix.quantize_params`.
+    budget_bits: extra bits per weight, averaged over every weight this call
+      quantizes, for the rules with rank='auto': fixed-rank factors and
+      input scales count against it, and the rest is allocated across the
+      'auto' weights by `lqer.allocation` (each weight's rank, 0 allowed,
+      shows in `lqer.report`; checkpoints keep it).
     max_group_bytes: float bytes of weights stacked into one jitted call.
     progress: show a progress bar over weight groups.
 
@@ -107,9 +114,10 @@ def lqer_quantize_params(
   if isinstance(base, str) and base not in bases.NAMES:
     raise ValueError(f'base must be one of {bases.NAMES} or a Qwix-quantized'
                      f' param tree, got {base!r}')
-  planned, plain = _plan(params, abstract_params, rules, calibration, base,
-                         allow_extra_params)
-  out = jobs.run(planned, max_group_bytes, progress)
+  planned, plain, num_quantized = _plan(
+      params, abstract_params, rules, calibration, base, allow_extra_params)
+  budget = _budget(planned, budget_bits, num_quantized)
+  out = jobs.run(planned, max_group_bytes, progress, budget)
   ptq_out = ptq.quantize_params(
       flax.traverse_util.unflatten_dict(plain), abstract_params,
       quant_stats, allow_extra_params=allow_extra_params,
@@ -120,6 +128,22 @@ def lqer_quantize_params(
         nnx.to_pure_dict(nnx.state(out))))
   out.update(flax.traverse_util.flatten_dict(ptq_out))
   return flax.traverse_util.unflatten_dict(out)
+
+
+def _budget(planned, budget_bits, num_quantized):
+  """The `allocation.Budget` of rank 'auto', checked both ways."""
+  auto = [j.name for j in planned if j.rule.auto_rank]
+  if auto and budget_bits is None:
+    raise ValueError(
+        f"{auto[0]} (and {len(auto) - 1} more): its rule has rank='auto',"
+        ' which needs lqer_quantize_params(..., budget_bits=<extra bits per'
+        ' weight>) to allocate ranks')
+  if budget_bits is None:
+    return None
+  if (isinstance(budget_bits, bool) or not isinstance(budget_bits, int | float)
+      or not budget_bits >= 0):
+    raise ValueError(f'budget_bits must be a number >= 0, got {budget_bits!r}')
+  return allocation.Budget(budget_bits, num_quantized)
 
 
 def _split_third_argument(value):
@@ -147,6 +171,7 @@ def _plan(params, abstract_params, rules, calibration, base,
   """Splits params into LQER jobs and the rest, validating every weight."""
   planned, plain = [], {}
   weight_modules = set()
+  num_quantized = 0
   flat = flax.traverse_util.flatten_dict(params)
   for path, w in flat.items():
     abs_w = _abstract_at(abstract_params, path)
@@ -156,6 +181,7 @@ def _plan(params, abstract_params, rules, calibration, base,
       plain[path] = w
       continue
     w = _fitted_weight(path, w, abs_w)
+    num_quantized += w.size
     factor.check_tiles(path_str(path), w.shape, abs_w.how)
     rule = abs_w.rule if isinstance(abs_w, WithLqer) else (
         match_rule(rules, path) if rules is not None else None)
@@ -178,7 +204,7 @@ def _plan(params, abstract_params, rules, calibration, base,
           ' module_path is matched against module paths such as'
           f' {", ".join(sorted({path_str(p[:-1]) for p in flat})[:4])}'
           ' ...)', stacklevel=3)
-  return planned, plain
+  return planned, plain, num_quantized
 
 
 def _fitted_weight(path, w, abs_w):
@@ -200,6 +226,8 @@ def _make_job(path, w, abs_w, rule, base):
       rank = rule.rank
   else:
     rank = rule.rank if isinstance(rule, LqerRule) else None
+    if rank == 'auto':
+      rank = 0  # allocated by jobs.run
     if rank is None:
       if isinstance(base, str) and base == 'rtn':
         return None
@@ -272,7 +300,7 @@ def _check_stats(job: jobs.Job, base_needs):
         ' model under LqerCalibrationProvider with the same rules first.'
     )
   stats_lib.check(job.stats, job.layout, name)
-  wants_xtx = (job.rank and job.rule.method == 'qera') or (
+  wants_xtx = (job.has_factors and job.rule.method == 'qera') or (
       base_needs == 'sum_of_xtx') or (job.svdquant and job.rule.error_rank)
   if job.svdquant and 'max_of_abs' not in job.stats:
     raise ValueError(

@@ -106,7 +106,7 @@ class LqerProvider(ptq.PtqProvider):
     if (isinstance(rhs.array, packing.PackedInt4) and isinstance(rhs, WithLqer)
         and rhs.rank > 0):
       low_rank = (_branch_input(lhs, rhs, dimension_numbers),
-                  rhs.b.astype(jnp.float32))
+                  rhs.factors()[1])
     compute_dtype = self._compute_dtype
     if compute_dtype == 'auto' and not isinstance(
         rhs, WithLqer) and not isinstance(rhs.array, packing.PackedInt4):
@@ -261,7 +261,7 @@ def _input_scaled(lhs, rhs, dimension_numbers):
 def _branch_input(lhs, rhs: WithLqer, dimension_numbers):
   """x A in float32, shaped (*lhs non-contracting, k)."""
   first, _ = rhs.layout.branch_dimension_numbers(lhs.ndim, dimension_numbers)
-  return jax.lax.dot_general(lhs, rhs.a.astype(lhs.dtype), first,
+  return jax.lax.dot_general(lhs, rhs.factors()[0].astype(lhs.dtype), first,
                              preferred_element_type=jnp.float32)
 
 
@@ -271,7 +271,7 @@ def _add_branch(main, lhs, rhs, dimension_numbers, output_perm):
     return main
   _, second = rhs.layout.branch_dimension_numbers(lhs.ndim, dimension_numbers)
   xa = _branch_input(lhs, rhs, dimension_numbers)
-  branch = jax.lax.dot_general(xa, rhs.b.astype(jnp.float32), second,
+  branch = jax.lax.dot_general(xa, rhs.factors()[1], second,
                                preferred_element_type=jnp.float32)
   if output_perm is not None:
     branch = jnp.transpose(branch, output_perm)
@@ -284,7 +284,7 @@ def _replace_param(name, weight: WithLqer):
   A is laid out along the kernel's batch and contracting axes, B along its
   batch and output axes, so each factor follows the sharding of W on the axes
   it shares with W and is replicated over the rank axis; an input scale
-  follows the contracting axis.
+  follows the contracting axis, factor scales the batch axes.
   """
   module = flax_util.get_current_module()
   if isinstance(module, nn.Module):
@@ -303,15 +303,15 @@ def _replace_param(name, weight: WithLqer):
   # contracting axis, replicated when there are several.
   s_axes = (layout.contracting_axes if len(layout.contracting_axes) == 1
             else (None,))
+  nb = len(layout.batch_axes)
+  scale_axes = lambda n: (*layout.batch_axes, *[None] * (n - nb))
+  axes = dict(a=a_axes, b=b_axes, a_scale=scale_axes(len(a_axes)),
+              b_scale=scale_axes(len(b_axes)), input_scale=s_axes)
   boxed = dataclasses.replace(
       jax.tree.map(lambda v: flax_util.update_boxed(param, value=v),
-                   dataclasses.replace(weight, a=None, b=None,
-                                       input_scale=None)),
-      a=_box_factor(param, weight.a, a_axes),
-      b=_box_factor(param, weight.b, b_axes),
-      input_scale=None if weight.input_scale is None else _box_factor(
-          param, weight.input_scale, s_axes),
-  )
+                   dataclasses.replace(weight, **{k: None for k in axes})),
+      **{k: None if getattr(weight, k) is None else _box_factor(
+          param, getattr(weight, k), v) for k, v in axes.items()})
   if isinstance(module, nn.Module):
     module.put_variable('params', name, boxed)
   else:

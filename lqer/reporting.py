@@ -131,17 +131,23 @@ class Report:
 
 
 def _array_bits(x):
-  return 0 if x is None else x.size * jnp.dtype(x.dtype).itemsize * 8
+  if x is None:
+    return 0
+  name = jnp.dtype(x.dtype).name
+  return x.size * (qtype_bits(name) if name in ('int4', 'uint4')
+                   else jnp.dtype(x.dtype).itemsize * 8)
 
 
 def bits_per_weight(w: ptq.WithAux) -> float:
-  """(b n + bits of scales, zero points, awq scales, A and B) / n."""
+  """(b n + bits of scales, zero points, input scales, A and B and
+  their scales) / n, each array counted as stored (int4 factors: 4 bits)."""
   q = _quantized(w.array)
   n = q.qvalue.size
   bits = qtype_bits(q.qtype) * n + _array_bits(q.scale) + _array_bits(
       q.zero_point)
   if isinstance(w, WithLqer):
-    bits += _array_bits(w.a) + _array_bits(w.b) + _array_bits(w.input_scale)
+    bits += sum(_array_bits(getattr(w, f)) for f in (
+        'a', 'b', 'a_scale', 'b_scale', 'input_scale'))
   return bits / n
 
 
@@ -190,8 +196,7 @@ def _layer_report(path, w, q: ptq.WithAux, stats, rule) -> LayerReport:
     if q.input_scale is not None:
       base = divide_along(base, q.input_scale, layout.contracting_axes)
     if q.rank:
-      a, b = layout.merge_factors(q.a.astype(jnp.float32),
-                                  q.b.astype(jnp.float32))
+      a, b = layout.merge_factors(*q.factors())
       rank, method = q.rank, q.rule.method
   w_m = layout.to_matrix(w.astype(jnp.float32))
   base_m = layout.to_matrix(base)

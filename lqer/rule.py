@@ -13,6 +13,7 @@ FACTOR_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Block-Krylov power iterations per method (benchmarks/offline_pass.py
 # and `lqer eval --solver exact` / `--power-iters` measure the trade-off).
 DEFAULT_POWER_ITERS = {'svd': 6, 'l2qer': 4, 'qera': 4, 'svdquant': 4}
+FACTOR_QTYPES = (None, 'int8', 'int4')
 _INT_QTYPES = ('int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8')
 _STRING_QTYPES = ('nf4', 'mxfp4', 'mxfp8', 'nvfp4', *_INT_QTYPES)
 _CALIBRATIONS = ('absmax', 'minmax', 'rms', 'fixed')
@@ -50,7 +51,11 @@ class LqerRule(qwix.QuantizationRule):
 
   Attributes:
     rank: rank k of the reconstruction; None means plain PTQ for this match.
-      0 only with 'svdquant' (smoothing alone: SmoothQuant).
+      0 only with 'svdquant' (smoothing alone: SmoothQuant). 'auto': each
+      weight's rank is allocated under `lqer_quantize_params(...,
+      budget_bits=)` from its spectrum (`lqer.allocation`), up to max_rank.
+    max_rank: the largest rank 'auto' may give a weight; None = twice the
+      uniform rank that would spend the budget (rounded up to 8).
     method: 'svd' (LQER, data-free), 'l2qer' (needs mean |x| per input
       channel) or 'qera' (needs E[x^T x]); see `lqer.decompose`. Or
       'svdquant' (needs max |x| and an act_qtype): smooth W by
@@ -59,7 +64,14 @@ class LqerRule(qwix.QuantizationRule):
     smooth_alpha: SVDQuant's smoothing migration strength in [0, 1].
     error_rank: 'svdquant' only: a further QERA rank on the residual's
       quantization error (stored in the same A, B: rank + error_rank).
-    factor_dtype: dtype of the stored A and B (bfloat16, float16 or float32).
+    factor_dtype: dtype of the stored A and B (bfloat16, float16 or float32),
+      or of their scales when factor_qtype is set.
+    factor_qtype: None (float factors), 'int8' or 'int4': A stored with one
+      scale per column, B per row (symmetric absmax); B is refitted to the
+      method's objective after A is rounded (`decompose.quantize_factors`).
+    refine_iters: LoftQ-style alternations after the first fit: re-quantize
+      W - A B with the base, refit A B; a step is kept only where the
+      method's objective decreases (`lqer.jobs`).
     solver: 'randomized' (Halko et al., the default) or 'exact' (full SVD).
     oversample: extra sketch columns of the randomized solver.
     power_iters: power iterations of the randomized solver; None (default)
@@ -74,9 +86,12 @@ class LqerRule(qwix.QuantizationRule):
     seed: seed of the randomized solver's Gaussian sketch.
   """
 
-  rank: int | None = None
+  rank: int | str | None = None
   method: str = 'svd'
   factor_dtype: jax.typing.DTypeLike = jnp.bfloat16
+  factor_qtype: str | None = None
+  max_rank: int | None = None
+  refine_iters: int = 0
   solver: str = 'randomized'
   oversample: int = 16
   power_iters: int | None = None
@@ -101,9 +116,21 @@ class LqerRule(qwix.QuantizationRule):
     return self.rank is not None and self.method != 'svd'
 
   @property
+  def auto_rank(self) -> bool:
+    return self.rank == 'auto'
+
+  @property
+  def factor_bits(self) -> int | None:
+    """Bits of a quantized factor value, None for float factors."""
+    return None if self.factor_qtype is None else qtype_bits(self.factor_qtype)
+
+  @property
   def total_rank(self) -> int | None:
-    """Columns of the stored A: rank, plus error_rank for 'svdquant'."""
-    return None if self.rank is None else self.rank + self.error_rank
+    """Columns of the stored A: rank, plus error_rank for 'svdquant' (0
+    for 'auto' until `lqer_quantize_params` allocates)."""
+    if self.rank is None:
+      return None
+    return (0 if self.auto_rank else self.rank) + self.error_rank
 
 
 def _fail(rule, field, message):
@@ -159,18 +186,45 @@ def _validate_svdquant(rule: LqerRule):
           ' scales on the unsmoothed input, so set act_static_scale=False')
 
 
+def _validate_quality_per_bit(rule: LqerRule):
+  """factor_qtype, max_rank and refine_iters."""
+  if rule.factor_qtype is not None and qtype_name(rule.factor_qtype) not in (
+      'int8', 'int4'):
+    _fail(rule, 'factor_qtype', f'must be one of {FACTOR_QTYPES}, got'
+          f' {rule.factor_qtype!r}')
+  for field, low in (('max_rank', 1), ('refine_iters', 0)):
+    value = getattr(rule, field)
+    if value is None and field == 'max_rank':
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      _fail(rule, field, f'must be an int >= {low}, got {value!r}')
+  if rule.max_rank is not None and not rule.auto_rank:
+    _fail(rule, 'max_rank', "bounds rank='auto' only; set rank='auto'")
+  if rule.auto_rank and rule.method == 'svdquant':
+    _fail(rule, 'rank', "'auto' allocates error reconstructions; for"
+          " 'svdquant' give the branch's rank (and error_rank) explicitly")
+  if rule.refine_iters and rule.method == 'svdquant':
+    _fail(rule, 'refine_iters', "'svdquant' quantizes its residual once;"
+          ' refinement applies to the error methods (svd, l2qer, qera)')
+  if rule.refine_iters and rule.auto_rank:
+    _fail(rule, 'refine_iters', "not with rank='auto': the base would be"
+          ' refined for ranks the allocation then cuts; give a fixed rank')
+
+
 def _validate(rule: LqerRule):
   """Raises ValueError naming the field for any invalid setting."""
   _validate_qtype(rule, 'weight_qtype', rule.weight_qtype)
   _validate_qtype(rule, 'act_qtype', rule.act_qtype)
-  if rule.rank is not None:
+  _validate_quality_per_bit(rule)
+  if rule.rank is not None and not rule.auto_rank:
     if isinstance(rule.rank, bool) or not isinstance(rule.rank, int):
-      _fail(rule, 'rank', f'must be a positive int or None, got {rule.rank!r}')
+      _fail(rule, 'rank', "must be a positive int, 'auto' or None, got"
+            f' {rule.rank!r}')
     if rule.rank < (0 if rule.method == 'svdquant' else 1):
       _fail(rule, 'rank', f'must be >= 1 (or None for plain PTQ; 0 only with'
             f" method='svdquant'), got {rule.rank}")
-    if rule.weight_qtype is None:
-      _fail(rule, 'rank', 'a reconstruction needs weight_qtype to be set')
+  if rule.rank is not None and rule.weight_qtype is None:
+    _fail(rule, 'rank', 'a reconstruction needs weight_qtype to be set')
   if rule.method not in decompose.METHODS:
     _fail(rule, 'method', f'must be one of {decompose.METHODS}, got'
           f' {rule.method!r}')

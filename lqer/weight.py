@@ -22,6 +22,9 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
   Build one with `WithLqer.create`. Attributes:
     a: (*batch, *contracting, k) left factor, `LqerRule.factor_dtype`.
     b: (*batch, k, *output) right factor.
+    a_scale, b_scale: with `LqerRule.factor_qtype`, a and b hold integers
+      and A = a * a_scale (one scale per column: (*batch, 1.., k)),
+      B = b * b_scale (one per row: (*batch, k, 1..)); else None.
     input_scale: per-input-channel scale s (in,): the base weight is
       deq(array) / s along the contracting axes and the op divides its input
       by s. AWQ's searched scale, or SVDQuant's smoothing lam; else None.
@@ -33,6 +36,8 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
 
   a: jax.Array
   b: jax.Array
+  a_scale: jax.Array | None = None
+  b_scale: jax.Array | None = None
   input_scale: jax.Array | None = None
   contracting_axes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   batch_axes: tuple[int, ...] = flax.struct.field(
@@ -43,16 +48,39 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
 
   @classmethod
   def create(cls, *, array, how, layout: layout_lib.KernelLayout, rule, a, b,
-             input_scale=None, path: str = '') -> 'WithLqer':
-    """The one constructor: A, B cast to `rule.factor_dtype` (abstract
-    factors, `jax.ShapeDtypeStruct`s, take that dtype too)."""
-    cast = lambda f: (jax.ShapeDtypeStruct(f.shape, rule.factor_dtype)
-                      if isinstance(f, jax.ShapeDtypeStruct)
-                      else f.astype(rule.factor_dtype))
-    return cls(array=array, how=how, a=cast(a), b=cast(b),
-               input_scale=input_scale,
+             a_scale=None, b_scale=None, input_scale=None,
+             path: str = '') -> 'WithLqer':
+    """The one constructor. Float factors are cast to `rule.factor_dtype`;
+    with `rule.factor_qtype`, a and b are integer values (cast to that
+    qtype), a_scale / b_scale their scales in factor_dtype, and float a, b
+    without scales are zero placeholders (init). Abstract factors,
+    `jax.ShapeDtypeStruct`s, take those dtypes too."""
+    quantized = rule.factor_qtype is not None
+    value_dtype = jnp.dtype(rule.factor_qtype) if quantized else (
+        rule.factor_dtype)
+
+    def cast(f, dtype):
+      if isinstance(f, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(f.shape, dtype)
+      return f.astype(dtype)
+
+    if quantized and a_scale is None:  # zero factors, unit scales
+      a_scale = jnp.ones(layout.a_scale_shape(a.shape[-1]), jnp.float32)
+      b_scale = jnp.ones(layout.b_scale_shape(a.shape[-1]), jnp.float32)
+    scale = lambda x: None if x is None else cast(x, rule.factor_dtype)
+    return cls(array=array, how=how, a=cast(a, value_dtype),
+               b=cast(b, value_dtype), a_scale=scale(a_scale),
+               b_scale=scale(b_scale), input_scale=input_scale,
                contracting_axes=layout.contracting_axes,
                batch_axes=layout.batch_axes, rule=rule, path=path)
+
+  def factors(self, dtype=jnp.float32):
+    """(A, B) in `dtype`, dequantized when the factors are quantized."""
+    a, b = flax_util.unbox(self.a), flax_util.unbox(self.b)
+    if self.a_scale is None:
+      return a.astype(dtype), b.astype(dtype)
+    return (a.astype(dtype) * flax_util.unbox(self.a_scale).astype(dtype),
+            b.astype(dtype) * flax_util.unbox(self.b_scale).astype(dtype))
 
   @property
   def rank(self) -> int:

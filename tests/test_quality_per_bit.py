@@ -1,0 +1,355 @@
+"""Quality per bit: quantized factors, rank allocation, refinement."""
+
+import dataclasses
+
+from flax import linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import qwix
+
+import lqer
+from lqer import LqerProvider, LqerRule, decompose, lqer_quantize_params
+from lqer import checkpoint
+from lqer import stats as stats_lib
+from tests import reference
+
+KEY = jax.random.key(0)
+
+
+class _Mlp(nn.Module):
+  """Dense 256 -> 384 -> 256 and a DenseGeneral with two contracting axes."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(nn.Dense(384, use_bias=False, name='up')(x))
+    h = nn.DenseGeneral((4, 64), use_bias=False, name='mid')(h)
+    return nn.DenseGeneral(256, axis=(-2, -1), use_bias=False,
+                           name='down')(nn.gelu(h))
+
+
+def _rules(rank=16, method='qera', **kw):
+  return [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=64,
+                   rank=rank, method=method, **kw)]
+
+
+@pytest.fixture(scope='module')
+def mlp():
+  model = _Mlp()
+  x = jnp.asarray(reference.correlated_outlier_activations(
+      np.random.default_rng(0), 768, 256))
+  fp = model.init(KEY, x)['params']
+  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(
+      _rules()))
+  v = cal.init(KEY, x)
+  _, new = jax.jit(cal.apply, static_argnames='mutable')(
+      {'params': fp, **v}, x, mutable='quant_stats')
+  return model, x, fp, model.apply({'params': fp}, x), new['quant_stats']
+
+
+def _quantize(mlp, rules, **kw):
+  model, x, fp, _, stats = mlp
+  qmodel = qwix.quantize_model(model, LqerProvider(rules))
+  abstract = jax.eval_shape(qmodel.init, KEY, x)['params']
+  return qmodel, lqer_quantize_params(fp, abstract, calibration=stats, **kw)
+
+
+def _rel(y, ref):
+  y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def _np_quantize(m, bits, axis):
+  """Symmetric absmax per slice, written from the formula."""
+  qmax = 2 ** (bits - 1) - 1
+  amax = np.abs(m).max(axis=axis, keepdims=True)
+  scale = np.where(amax > 0, amax / qmax, 1.0)
+  return np.clip(np.round(m / scale), -qmax, qmax), scale
+
+
+# ------------------------------------------------------ quantized factors --
+
+
+@pytest.mark.parametrize('method', ['svd', 'l2qer', 'qera'])
+def test_refit_is_the_weighted_least_squares_solution(method):
+  rng = np.random.default_rng(1)
+  x = reference.correlated_outlier_activations(rng, 512, 96)
+  e = rng.normal(size=(96, 80)).astype(np.float32)
+  a, _ = reference.svd_factors(e, 12)
+  qa, sa = _np_quantize(a, 4, axis=0)
+  a_hat = qa * sa
+  if method == 'svd':
+    t = np.eye(96)
+    stats = {}
+  elif method == 'l2qer':
+    s = np.maximum(np.abs(x).mean(0), 1e-4)
+    t = np.diag(s / np.sqrt(s.min() * s.max()))
+    stats = {'act_abs_mean': jnp.asarray(np.abs(x).mean(0))}
+  else:
+    r = x.astype(np.float64).T @ x / len(x)
+    chol = decompose.damped_cholesky(jnp.asarray(r, jnp.float32), 0.01)
+    t = np.asarray(chol, np.float64).T
+    stats = {'chol': chol}
+  want = np.linalg.lstsq(t @ a_hat, t @ e, rcond=None)[0]
+  got = decompose.refit_right(
+      decompose.weigh(jnp.asarray(e), method, **stats),
+      decompose.weigh(jnp.asarray(a_hat, jnp.float32), method, **stats))
+  assert _rel(got, want) < 1e-3
+  # End to end: A's integers and scales as NumPy's, B the refit, rounded.
+  qa2, sa2, qb, sb = decompose.quantize_factors(
+      jnp.asarray(e), jnp.asarray(a, jnp.float32), 4, method, **stats)
+  np.testing.assert_array_equal(qa2, qa)
+  np.testing.assert_allclose(sa2, sa, rtol=1e-6)
+  qb_ref, sb_ref = _np_quantize(np.asarray(got, np.float64), 4, axis=1)
+  np.testing.assert_allclose(sb, sb_ref, rtol=1e-5)
+  assert np.mean(np.asarray(qb) != qb_ref) < 1e-3
+  # The refit absorbs A's rounding: better than rounding B as fitted.
+  b_float = np.linalg.lstsq(a, e, rcond=None)[0]
+  qb0, sb0 = _np_quantize(b_float, 4, axis=1)
+  objective = lambda b: np.linalg.norm(t @ (e - a_hat @ b))
+  assert objective(np.asarray(qb * sb)) < objective(qb0 * sb0)
+
+
+def test_quantized_factors_on_every_path(mlp):
+  model, x, fp, y_fp, _ = mlp
+  fmodel, float_params = _quantize(mlp, _rules(factor_dtype=jnp.float32))
+  y_float = fmodel.apply({'params': float_params}, x)
+  errors = {}
+  for qtype in ('int8', 'int4'):
+    qmodel, params = _quantize(mlp, _rules(factor_qtype=qtype))
+    k = params['mid']['kernel']
+    bits = 8 if qtype == 'int8' else 4
+    assert k.a.dtype == jnp.dtype(qtype) and k.b.dtype == jnp.dtype(qtype)
+    assert np.abs(np.asarray(k.a, np.int32)).max() <= 2 ** (bits - 1) - 1
+    assert k.a_scale.shape == (1, 16) and k.b_scale.shape == (16, 1, 1)
+    y = jax.jit(qmodel.apply)({'params': params}, x)
+    errors[qtype] = _rel(y, y_fp)
+    # The branch dequantizes at use: equal to float factors A = a * sa.
+    a, b = (np.asarray(f, np.float64) for f in k.factors())
+    np.testing.assert_allclose(
+        a, np.asarray(k.a, np.float64) * np.asarray(k.a_scale, np.float64),
+        rtol=1e-6)
+    f32 = jax.jit(qwix.quantize_model(model, LqerProvider(
+        _rules(factor_qtype=qtype), compute_dtype=jnp.float32)).apply)
+    packed = lqer.pack_params(params)
+    assert isinstance(packed['mid']['kernel'].array, lqer.PackedInt4)
+    assert _rel(f32({'params': packed}, x), f32({'params': params}, x)) < 1e-5
+  err_float = _rel(y_float, y_fp)
+  pmodel, ptq = _quantize(mlp, _rules(rank=None))
+  err_ptq = _rel(pmodel.apply({'params': ptq}, x), y_fp)
+  assert errors['int8'] < 1.02 * err_float
+  assert err_float < errors['int4'] < 0.8 * err_ptq
+
+
+def test_report_counts_factor_bits_as_stored(mlp):
+  _, _, fp, _, stats = mlp
+  for qtype, value_bits in ((None, 16), ('int8', 8), ('int4', 4)):
+    _, params = _quantize(mlp, _rules(factor_qtype=qtype))
+    layer = next(l for l in lqer.report(fp, params, stats).layers
+                 if l.path == 'up/kernel')
+    n, k = 256 * 384, 16
+    base = 4 + 32 / 64  # int4 values + a float32 scale per 64
+    scales = 0 if qtype is None else 2 * k * 16  # bfloat16 scales
+    want = base + (k * (256 + 384) * value_bits + scales) / n
+    assert layer.bits_per_weight == pytest.approx(want, rel=1e-9)
+
+
+def test_svdquant_quantized_branch_is_absorbed_by_the_residual(mlp):
+  model, x, fp, y_fp, _ = mlp
+  rules = lambda q: [LqerRule(
+      module_path='.*', weight_qtype=jnp.int4, act_qtype=jnp.int8,
+      tile_size=64, rank=16, method='svdquant', factor_qtype=q)]
+  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules(None)))
+  v = cal.init(KEY, x)
+  _, stats = cal.apply({'params': fp, **v}, x, mutable='quant_stats')
+  errs = {}
+  for q in (None, 'int4'):
+    qmodel = qwix.quantize_model(model, LqerProvider(rules(q)))
+    abstract = jax.eval_shape(qmodel.init, KEY, x)['params']
+    params = lqer_quantize_params(fp, abstract,
+                                  calibration=stats['quant_stats'])
+    errs[q] = _rel(qmodel.apply({'params': params}, x), y_fp)
+  assert params['up']['kernel'].a.dtype == jnp.int4
+  assert errs['int4'] < 1.1 * errs[None]
+
+
+# ----------------------------------------------------------- refinement --
+
+
+def _damped_objective(params, fp, stats, path, damping=0.01):
+  """||L^T (W - deq(Q)/s - A B)||_F^2 in NumPy, from the stored weight."""
+  k = params[path]['kernel']
+  w = np.asarray(fp[path]['kernel'], np.float64).reshape(k.layout.in_size, -1)
+  base = np.asarray(qwix.dequantize(k.array), np.float64).reshape(w.shape)
+  a, b = (np.asarray(f, np.float64) for f in k.layout.merge_factors(
+      *k.factors()))
+  r = np.asarray(stats_lib.second_moment(stats_lib.lookup(
+      stats, (path, 'kernel'))), np.float64)
+  r = r + damping * np.mean(np.diag(r)) * np.eye(len(r))
+  d = w - base - a @ b
+  return float(np.trace(d.T @ r @ d))
+
+
+def test_refinement_never_increases_the_objective(mlp):
+  _, _, fp, _, stats = mlp
+  history = {p: [] for p in ('up', 'mid', 'down')}
+  for iters in range(4):
+    _, params = _quantize(mlp, _rules(refine_iters=iters,
+                                      factor_dtype=jnp.float32))
+    for path in history:
+      history[path].append(_damped_objective(params, fp, stats, path))
+  for path, values in history.items():
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(values, values[1:])), (
+        path, values)
+  # Not vacuous: some weight improves.
+  assert any(v[-1] < 0.99 * v[0] for v in history.values())
+
+
+# ---------------------------------------------------------- allocation --
+
+
+def _extra_bits(mlp, params):
+  """Report's bits of everything stored minus PTQ's, summed."""
+  _, _, fp, _, stats = mlp
+  _, ptq = _quantize(mlp, _rules(rank=None))
+  base = {l.path: l.bits_per_weight for l in lqer.report(fp, ptq).layers}
+  return sum((l.bits_per_weight - base[l.path]) * l.num_weights
+             for l in lqer.report(fp, params, stats).layers)
+
+
+@pytest.mark.parametrize('qtype', [None, 'int8'])
+def test_allocation_spends_the_budget_as_the_report_counts(mlp, qtype):
+  _, x, fp, y_fp, _ = mlp
+  n = sum(w.size for w in jax.tree.leaves(fp))
+  budget = 1.0
+  qmodel, params = _quantize(mlp, _rules(rank='auto', factor_qtype=qtype),
+                             budget_bits=budget)
+  spent = _extra_bits(mlp, params)
+  ranks = {p: params[p]['kernel'].rank for p in ('up', 'mid', 'down')}
+  assert spent <= budget * n
+  # Greedy stops when no further rank fits, or at a weight's max rank
+  # (twice the uniform rank: 2 x 9.1 -> 24 here).
+  cost = max((256 + 384) * (16 if qtype is None else 8 + 32 / 16), 1)
+  assert spent > budget * n - cost or max(ranks.values()) == 24, ranks
+  assert len(set(ranks.values())) > 1, ranks
+  _, again = _quantize(mlp, _rules(rank='auto', factor_qtype=qtype),
+                       budget_bits=budget)
+  for path in ranks:
+    np.testing.assert_array_equal(again[path]['kernel'].a,
+                                  params[path]['kernel'].a)
+  y = qmodel.apply({'params': params}, x)
+  pmodel, ptq = _quantize(mlp, _rules(rank=None))
+  assert _rel(y, y_fp) < 0.8 * _rel(pmodel.apply({'params': ptq}, x), y_fp)
+
+
+def test_allocation_follows_the_spectrum():
+  """Three same-shaped layers: one whose error is concentrated in a few
+  directions (decaying spectrum), one flat (random noise), one where the
+  quantization error is tiny. The decaying one gets most of the budget,
+  the flat one rank 0."""
+  rng = np.random.default_rng(2)
+  d = 128
+  fp = {}
+  low = rng.normal(size=(d, 4)) @ rng.normal(size=(4, d))
+  fp['decay'] = rng.normal(size=(d, d)) * 0.01 + low * np.where(
+      rng.random((d, d)) < 0.02, 30, 1)  # outliers -> structured error
+  fp['flat'] = rng.normal(size=(d, d))
+  fp['small'] = rng.normal(size=(d, d)) * 1e-3 + np.eye(d)
+  params = {k: {'kernel': jnp.asarray(v, jnp.float32)}
+            for k, v in fp.items()}
+
+  class Three(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return sum(nn.Dense(d, use_bias=False, name=k)(x) for k in fp)
+
+  x = jnp.asarray(rng.normal(size=(8, d)), jnp.float32)
+  rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=32,
+                    rank='auto', method='svd', max_rank=64)]
+  qmodel = qwix.quantize_model(Three(), LqerProvider(rules))
+  abstract = jax.eval_shape(qmodel.init, KEY, x)['params']
+  out = lqer_quantize_params(params, abstract, budget_bits=0.5)
+  ranks = {k: out[k]['kernel'].rank for k in fp}
+  assert ranks['flat'] == 0 and ranks['decay'] > ranks['small'], ranks
+  spent = ranks['decay'] + ranks['small']
+  assert ranks['decay'] >= 0.6 * spent
+
+
+def test_allocated_and_quantized_checkpoints_round_trip(mlp, tmp_path):
+  model, x, fp, _, _ = mlp
+  rules = _rules(rank='auto', factor_qtype='int4')
+  qmodel, params = _quantize(mlp, rules, budget_bits=0.75)
+  checkpoint.save(str(tmp_path), params, {'m': 1})
+  abstract = jax.eval_shape(qmodel.init, KEY, x)['params']
+  assert abstract['up']['kernel'].rank == 0  # the template cannot know
+  loaded = checkpoint.load(str(tmp_path), abstract, {'m': 1})
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(qmodel.apply({'params': loaded}, x),
+                                qmodel.apply({'params': params}, x))
+
+
+def test_nnx_einsum_auto_rank_int8_factors():
+  """Gemma's layouts under NNX: allocated ranks and int8 factors."""
+
+  class Attn(nnx.Module):
+    def __init__(self, rngs):
+      init = nnx.initializers.lecun_normal()
+      self.qkv = nnx.Param(init(rngs.params(), (128, 4, 32)))
+      self.o = nnx.Param(init(rngs.params(), (4, 32, 128)))
+
+    def __call__(self, x):
+      h = jnp.einsum('BTD,DNH->BTNH', x, self.qkv)
+      return jnp.einsum('BTNH,NHD->BTD', jax.nn.gelu(h), self.o)
+
+  x = jnp.asarray(reference.correlated_outlier_activations(
+      np.random.default_rng(3), 256, 128)).reshape(4, 64, 128)
+  ref = Attn(nnx.Rngs(0))(x)
+  rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=32,
+                    rank='auto', method='qera', factor_qtype='int8')]
+  cal = qwix.quantize_model(Attn(nnx.Rngs(0)),
+                            lqer.LqerCalibrationProvider(rules), x)
+  cal(x)
+  stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
+  qmodel = qwix.quantize_model(
+      Attn(nnx.Rngs(0)), LqerProvider(rules, compute_dtype=jnp.float32), x)
+  fp = nnx.to_pure_dict(nnx.state(Attn(nnx.Rngs(0)), nnx.Param))
+  params = lqer_quantize_params(fp, qmodel, calibration=stats,
+                                budget_bits=1.0)
+  nnx.update(qmodel, params)
+  assert qmodel.o.a.dtype == jnp.int8 and qmodel.o.rank > 0
+  y = nnx.jit(lambda m, x: m(x))(qmodel, x)
+  ptq = qwix.quantize_model(Attn(nnx.Rngs(0)), LqerProvider(
+      [dataclasses.replace(rules[0], rank=None)]), x)
+  nnx.update(ptq, lqer_quantize_params(fp, ptq, calibration=stats))
+  assert _rel(y, ref) < 0.8 * _rel(ptq(x), ref)
+
+
+# --------------------------------------------------------------- errors --
+
+
+@pytest.mark.parametrize('kw,field', [
+    (dict(factor_qtype='int2'), 'factor_qtype'),
+    (dict(max_rank=8), 'max_rank'),
+    (dict(rank='auto', max_rank=0), 'max_rank'),
+    (dict(refine_iters=-1), 'refine_iters'),
+    (dict(rank='auto', refine_iters=1), 'refine_iters'),
+    (dict(rank='max'), 'rank'),
+])
+def test_bad_settings_name_the_field(kw, field):
+  with pytest.raises(ValueError, match=rf'\.{field}: '):
+    LqerRule(**({'module_path': '.*', 'weight_qtype': jnp.int4, 'rank': 8}
+                | kw))
+
+
+def test_budget_and_auto_need_each_other(mlp):
+  with pytest.raises(ValueError, match=r"up/kernel .*rank='auto'.*budget"):
+    _quantize(mlp, _rules(rank='auto'))
+  with pytest.raises(ValueError, match="no weight has a rule with rank='auto'"):
+    _quantize(mlp, _rules(rank=8), budget_bits=1.0)
+  with pytest.raises(ValueError, match='already spend'):
+    _quantize(mlp, [dataclasses.replace(_rules(rank=128)[0], module_path='up'),
+                    *_rules(rank='auto')], budget_bits=0.1)
