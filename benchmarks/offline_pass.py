@@ -17,9 +17,20 @@ compiled run counting for blocks 2-32), the captured-energy ratio of the
 randomized solver against the exact one, (||E||^2 - ||E - AB||^2) / same for
 exact, for plain (E) and weighted (L^T E) matrices by power iterations
 (block Krylov and subspace iteration), and
-the peak memory of the default 'svd' and 'qera' passes.
+the peak memory of the default 'svd' and 'qera' passes, and GPTQ per shape
+group of the block (int4, group 128, H = E[x^T x] of the same statistics):
+Qwix's eager `gptq_core.quantize_weight` one weight at a time against
+lqer's jitted GPTQ (`lqer.gptq`) one weight at a time and stacked (one
+vmapped call per group), interleaved in one process, medians of --gptq-reps
+runs after a warm-up (first calls, compilation included, shown apart).
 
     python benchmarks/offline_pass.py [--json FILE] [--dims 4096 11008]
+    python benchmarks/offline_pass.py --gptq-only --dims 128 384  # quick
+
+Qwix's eager GPTQ costs (1 + --gptq-reps) passes over the block (0: the
+warm-up call alone is timed). On a CPU shared with other jobs, pin the run
+(taskset -c 0): unpinned, XLA's thread pool stalled the while-loop steps of
+the jitted GPTQ (0.5 s per call instead of 6 ms at 128 x 384).
 """
 
 import argparse
@@ -35,9 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from qwix._src.core import qarray
+from qwix.contrib import gptq_core
 
 import lqer
 from lqer import decompose
+from lqer import gptq as lqer_gptq
 
 BLOCK_SIZE_7B = 32
 
@@ -156,12 +170,79 @@ def measure_peaks(args, n_params):
   return out
 
 
+def gptq_comparison(args, fp, stats):
+  """Qwix's eager GPTQ vs lqer's jitted one per shape group of the block:
+  seconds per group (median of --gptq-reps interleaved runs after a warm-up
+  call each) and the fraction of integers on which they differ."""
+  how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=[0],
+                             tiled_axes={1: 128})
+  groups = {}
+  for name, leaf in fp.items():  # Flax kernels (in, out) -> (out, in)
+    r = stats[name]['kernel_lqer']
+    groups.setdefault(leaf['kernel'].shape, []).append(
+        (name, leaf['kernel'].T, r['sum_of_xtx'] / r['count']))
+  rows = []
+  for members in groups.values():
+    names, ws, hs = zip(*members)
+    stacked = (jnp.stack(ws), jnp.stack(hs))
+    runs = {
+        'qwix': lambda: [gptq_core.quantize_weight(w, h, how)[0]
+                         for w, h in zip(ws, hs)],
+        'lqer': lambda: [lqer_gptq.quantize_weight(w, h, how)
+                         for w, h in zip(ws, hs)],
+        'stacked': lambda: lqer_gptq.quantize_stacked(*stacked, how),
+    }
+    first, times, out = {}, {k: [] for k in runs}, {}
+    for k, fn in runs.items():
+      out[k], first[k] = _timed(fn)
+    for _ in range(args.gptq_reps):
+      for k, fn in runs.items():
+        times[k].append(_timed(fn)[1])
+    med = {k: float(np.median(v)) if v else first[k]
+           for k, v in times.items()}
+    qwix_q = np.stack([np.asarray(q.qvalue, np.int8) for q in out['qwix']])
+    differ = float(np.mean(np.asarray(out['stacked'].qvalue, np.int8)
+                           != qwix_q))
+    row = {'group': '+'.join(names), 'shape': tuple(ws[0].shape),
+           'n': len(ws), 'median_s': med, 'first_s': first,
+           'qwix_over_lqer': med['qwix'] / med['lqer'],
+           'qwix_over_stacked': med['qwix'] / med['stacked'],
+           'fraction_of_integers_differing': differ}
+    rows.append(row)
+    print(f"GPTQ {row['group']} ({len(ws)} x {ws[0].shape[0]} x"
+          f" {ws[0].shape[1]}): Qwix {med['qwix']:.3f} s, lqer"
+          f" {med['lqer']:.3f} s, stacked {med['stacked']:.3f} s;"
+          f" Qwix / lqer {row['qwix_over_lqer']:.1f}x, / stacked"
+          f" {row['qwix_over_stacked']:.1f}x; integers differing"
+          f" {differ:.2e}", flush=True)
+  print()
+  print('| GPTQ group (n x out x in) | Qwix eager s | lqer s | lqer stacked s'
+        ' | Qwix / lqer | Qwix / stacked | first call s (Qwix / lqer /'
+        ' stacked) | integers differing |')
+  print('|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    m, f = r['median_s'], r['first_s']
+    print(f"| {r['group']} ({r['n']} x {r['shape'][0]} x {r['shape'][1]}) |"
+          f" {m['qwix']:.3f} | {m['lqer']:.3f} | {m['stacked']:.3f} |"
+          f" {r['qwix_over_lqer']:.1f}x | {r['qwix_over_stacked']:.1f}x |"
+          f" {f['qwix']:.1f} / {f['lqer']:.1f} / {f['stacked']:.1f} |"
+          f" {r['fraction_of_integers_differing']:.1e} |")
+  print(f'({args.gptq_reps} interleaved runs after a warm-up, medians;'
+        f' {jax.devices()[0].device_kind})')
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--dims', type=int, nargs=2, default=[4096, 11008])
   p.add_argument('--rank', type=int, default=32)
   p.add_argument('--tokens', type=int, default=8192)
   p.add_argument('--json')
+  p.add_argument('--gptq-only', action='store_true',
+                 help='only the GPTQ comparison (quick: --dims 128 384)')
+  p.add_argument('--gptq-reps', type=int, default=3,
+                 help='timed GPTQ runs per variant after the warm-up (0: the'
+                 ' warm-up call alone)')
   p.add_argument('--peak-only', choices=['svd', 'qera'],
                  help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -169,6 +250,12 @@ def main():
   n_params = sum(v.size for v in jax.tree.leaves(fp))
   if args.peak_only:
     return peak_only(args, model, x, fp, stats)
+  if args.gptq_only:
+    gptq_rows = gptq_comparison(args, fp, stats)
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump({'gptq': gptq_rows}, f, indent=1)
+    return
 
   rows = []
 
@@ -262,10 +349,12 @@ def main():
         f' ({params_bytes / 2**30:.2f} GiB; the statistics and the exact'
         ' solvers are included)')
   peaks = measure_peaks(args, n_params)
+  print()
+  gptq_rows = gptq_comparison(args, fp, stats)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'rows': rows, 'captured_energy_ratio': energy,
-                 'pass_peak_growth': peaks,
+                 'pass_peak_growth': peaks, 'gptq': gptq_rows,
                  'peak_rss_bytes': peak, 'params_bytes': params_bytes},
                 f, indent=1)
 

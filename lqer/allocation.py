@@ -3,8 +3,12 @@
 A weight's rank-i term removes g_i = ||T A_i||^2 = sigma_i^2 from its
 method's objective ||T (E - A B)||_F^2 (`decompose.component_energy`); on
 the calibration distribution that is output error removed. To compare
-layers, each gain is divided by the weight's output energy ||T W||_F^2, so
-a gain is a fraction of that layer's output. Each term costs the same bits
+layers, gains are put on one scale (`Budget`): by default each is the
+fraction of its layer's output energy ||T W||_F^2 it removes times the
+layer's size (the report's size-weighted total); with a measured
+`output_sensitivity`, the model output damage it undoes: the output change
+with only that weight quantized times the fraction of the weight's error
+the term removes (measured better: README). Each term costs the same bits
 within a weight (`component_bits`), and gains decrease with i, so taking
 terms by gain per bit, largest first, while they fit is the greedy solution
 of this knapsack (optimal up to the last term) and always takes a prefix of
@@ -15,7 +19,12 @@ so the allocation is deterministic.
 import dataclasses
 import math
 
+import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
+from qwix._src.core import qarray
+from qwix._src.providers import ptq
 
 
 
@@ -46,14 +55,24 @@ def fixed_bits(job) -> int:
 @dataclasses.dataclass
 class Budget:
   """`bits_per_weight` extra bits, averaged over `num_weights` (every
-  element of every weight the call quantizes)."""
+  element of every weight the call quantizes; set by lqer_quantize_params).
+
+  How terms of different weights compare: with `sensitivity` (from
+  `output_sensitivity`), by the model output damage each undoes; else by
+  `normalize` (`_normalized`), default 'size': the fraction of the layer's
+  output energy removed times its size, so the greedy lowers the report's
+  size-weighted total output error.
+  """
 
   bits_per_weight: float
-  num_weights: int
+  num_weights: int = 0
+  normalize: str = 'size'
+  sensitivity: dict | None = None
   spent_bits: int = 0
   ranks: dict = dataclasses.field(default_factory=dict)
   _left: int = 0
   _costs: dict = dataclasses.field(default_factory=dict)
+  _sizes: dict = dataclasses.field(default_factory=dict)
 
   def set_max_ranks(self, jobs):
     """Sets each 'auto' job's rank to the largest it may get: its rule's
@@ -73,18 +92,27 @@ class Budget:
           f' input scales already spend {fixed / self.num_weights:.4f} extra'
           ' bits per weight; raise the budget or lower the fixed ranks')
     self._costs = {j.path: component_bits(j.layout, j.rule) for j in auto}
+    self._sizes = {j.path: math.prod(j.layout.shape) for j in auto}
     uniform = self._left / sum(self._costs.values())
     default = max(8, 8 * math.ceil(2 * uniform / 8))
     for job in auto:
       job.rank = min(job.layout.max_rank, job.rule.max_rank or default)
     self.spent_bits = fixed
 
-  def allocate(self, gains: dict) -> dict:
-    """{path: rank} from each 'auto' weight's normalized gains (k,)."""
-    paths = list(gains)
+  def allocate(self, spectra: dict) -> dict:
+    """{path: rank} from each 'auto' weight's (gains (k,), (||T W||^2,
+    ||T E||^2))."""
+    paths = list(spectra)
     rows = []
     for order, path in enumerate(paths):
-      g = np.minimum.accumulate(np.asarray(gains[path], np.float64))
+      g = np.maximum(np.asarray(spectra[path][0], np.float64), 0)
+      how = 'error' if self.sensitivity is not None else self.normalize
+      g = _normalized(g, *spectra[path][1], how)
+      if how == 'size':
+        g = g * self._sizes[path]
+      if self.sensitivity is not None:
+        g = g * self.sensitivity[path]
+      g = np.minimum.accumulate(g)
       for i, gain in enumerate(g):
         if gain > 0:
           rows.append((gain / self._costs[path], order, i))
@@ -100,3 +128,60 @@ class Budget:
     self.spent_bits += self._left - left
     self.ranks = ranks
     return ranks
+
+
+NORMALIZE = ('output', 'size', 'error', 'none', 'sqrt', 'log')
+
+
+def _normalized(gains, out_energy, err_energy, how):
+  """Gains on a scale shared by layers: a fraction of the layer's output
+  energy ('output'), of its base's error ('error'), as they are ('none');
+  or the drop each term gives in the relative error norm
+  sqrt(left / out_energy) ('sqrt') or in log(left) ('log'), left being the
+  error still unreconstructed."""
+  if how in ('output', 'size'):  # 'size': times the weight's size, after
+    return gains / max(out_energy, 1e-30)
+  if how == 'error':
+    return gains / max(err_energy, 1e-30)
+  if how == 'none':
+    return gains
+  left = np.maximum(err_energy - np.concatenate([[0], np.cumsum(gains)]),
+                    1e-9 * max(err_energy, 1e-30))
+  if how == 'sqrt':
+    root = np.sqrt(left / max(out_energy, 1e-30))
+    return root[:-1] - root[1:]
+  return np.log(left[:-1]) - np.log(left[1:])
+
+
+def output_sensitivity(apply_fn, fp_params, ptq_params, batches,
+                       progress=False) -> dict:
+  """{path: ||f(W_w -> Q(W_w)) - f||^2 / ||f||^2}: how far the model's
+  output moves when only weight w is quantized (Qwix PTQ, `ptq_params`).
+  `Budget(sensitivity=)` spreads it over w's terms by the fraction of w's
+  error each removes (g_i / ||T E_w||^2), assuming output damage adds up
+  across weights and scales with each one's error.
+
+  apply_fn(params, *batch) -> output pytree; fp_params a pure dict;
+  batches a list of argument tuples. One jitted forward per weight.
+  """
+  flat_fp = flax.traverse_util.flatten_dict(fp_params)
+  flat_q = flax.traverse_util.flatten_dict(ptq_params)
+  forward = jax.jit(apply_fn)
+  norm = lambda t: sum(float(jnp.sum(jnp.square(x.astype(jnp.float32))))
+                       for x in jax.tree.leaves(t))
+  refs = [forward(fp_params, *b) for b in batches]
+  total = sum(norm(r) for r in refs)
+  paths = [p for p, q in flat_q.items() if isinstance(q, ptq.WithAux)]
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    paths = tqdm(paths, desc='sensitivity', unit='weight')
+  out = {}
+  for path in paths:
+    w = flat_fp[path]
+    deq = qarray.dequantize(flat_q[path].array).reshape(w.shape)
+    params = flax.traverse_util.unflatten_dict(
+        {**flat_fp, path: deq.astype(w.dtype)})
+    moved = sum(norm(jax.tree.map(jnp.subtract, forward(params, *b), r))
+                for b, r in zip(batches, refs))
+    out[path] = moved / total
+  return out

@@ -10,7 +10,9 @@ The base weight is deq(QArray), divided by input_scale along the contracting
 axis when there is one (`lqer.weight.divide_along`).
 
 * rtn:  Qwix PTQ's round to nearest, bit for bit (`qwix.quantize_params`).
-* gptq: Qwix's GPTQ (`qwix.contrib.gptq_core`) on H = E[x^T x].
+* gptq: Qwix's GPTQ algorithm and settings on H = E[x^T x], jitted
+        (`lqer.gptq`; Qwix's eager `gptq_core` compiles per column);
+        `gptq_stacked` runs same-shaped weights as one vmapped call.
 * awq:  Qwix's AWQ (`qwix.contrib.awq_core`) on mean |x|.
 * stored: a base already quantized by Qwix (any of its transforms), kept.
 """
@@ -19,11 +21,12 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from qwix._src.core import qarray
 from qwix.contrib import awq_core
 from qwix.contrib import calibration as qwix_calibration
-from qwix.contrib import gptq_core
 
+from lqer import gptq as gptq_lib
 from lqer import stats as stats_lib
 
 NAMES = ('rtn', 'gptq', 'awq')
@@ -61,11 +64,23 @@ def _normalized(w, how, layout):
 
 
 def gptq(w, how, layout, stats):
-  """Qwix's GPTQ on the Hessian E[x^T x] of the layer's input."""
+  """GPTQ on the Hessian E[x^T x] of the layer's input: Qwix's algorithm and
+  settings (`gptq_core.quantize_weight`), compiled once per shape."""
   w_norm, how_norm, restore = _normalized(w, how, layout)
-  q = gptq_core.quantize_weight(w_norm, stats_lib.second_moment(stats),
-                                how_norm)[0]
+  q = gptq_lib.quantize_weight(w_norm, stats_lib.second_moment(stats),
+                               how_norm)
   return restore(q), None
+
+
+def gptq_stacked(ws, how, layout, stats):
+  """`gptq` of same-shaped weights ws[i] on stats[i] as one vmapped call:
+  (their QArrays stacked on a new axis 0, None), as stacking n `gptq` calls."""
+  normed = [_normalized(w, how, layout) for w in ws]
+  _, how_norm, restore = normed[0]
+  q = gptq_lib.quantize_stacked(
+      jnp.stack([w for w, _, _ in normed]),
+      jnp.stack([stats_lib.second_moment(s) for s in stats]), how_norm)
+  return jax.vmap(restore)(q), None
 
 
 def awq(w, how, layout, stats):

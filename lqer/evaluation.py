@@ -272,7 +272,9 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   gives Qwix's numbers). act_bits: every row but FP quantizes activations
   dynamically. Methods are `METHOD_LABELS`' keys; 'smoothquant' has no rank
   and runs once. budget: per method, a row with ranks allocated under that
-  many extra bits per weight, then the uniform rank spending the same bits.
+  many extra bits per weight (by `allocation.output_sensitivity` on the
+  first calibration batch; its seconds count in the row's offline time),
+  then the uniform rank spending the same bits.
   rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
   if act_bits is None and set(methods) & set(ACT_METHODS):
     raise ValueError(f'methods {sorted(set(methods) & set(ACT_METHODS))}'
@@ -301,9 +303,17 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   yield row('PTQ' if base == 'rtn' else base.upper(), None,
             task.score(ptq_model, maybe_pack(ptq_params)), bpw, secs)
   num_weights = ptq_total['num_weights']
+  if budget is not None:
+    start = time.perf_counter()
+    sensitivity = allocation.output_sensitivity(
+        lambda p, *b: task.module.apply({'params': p}, *b), task.params,
+        ptq_params, task.calib_batches[:1], progress=True)
+    probe_secs = time.perf_counter() - start
   for method in methods if budget is not None else ():
-    model, params, secs = quantize(task, rules_for('auto', method, **rule_kw),
-                                   stats, base, compute_dtype, budget)
+    model, params, secs = quantize(
+        task, rules_for('auto', method, **rule_kw), stats, base,
+        compute_dtype, allocation.Budget(budget, sensitivity=sensitivity))
+    secs += probe_secs
     bpw = make_report(task.params, params).total()['bits_per_weight']
     yield row(METHOD_LABELS[method], 'auto',
               task.score(model, maybe_pack(params)), bpw, secs)

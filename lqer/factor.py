@@ -118,19 +118,21 @@ def objective_fn(layout: layout_lib.KernelLayout, rule):
 
 
 def energy_fn(layout: layout_lib.KernelLayout, rule):
-  """Jitted, batched (ws, A, **stats) -> (gains (*, k), ||T W||_F^2): what
-  each rank-1 term of A B removes from the method's objective, and the
-  weight's output energy under it (rank allocation's common scale)."""
+  """Jitted, batched (ws, qs, input_scales, A, **stats) -> (gains (*, k),
+  ||T W||_F^2, ||T E||_F^2): what each rank-1 term of A B removes from the
+  method's objective, the weight's output energy and its base's error
+  under it (the scales rank allocation may compare layers by)."""
   key = ('energy', layout, rule.method)
 
   def make():
-    def one(w, a, act_abs_mean=None, chol=None):
+    def one(w, q, input_scale, a, act_abs_mean=None, chol=None):
       stats = dict(act_abs_mean=act_abs_mean, chol=chol)
       gains = decompose.component_energy(a, rule.method, **stats)
-      out = decompose.weigh(layout.to_matrix(w.astype(jnp.float32)),
-                            rule.method, **stats)
-      return gains.reshape(-1, gains.shape[-1]).sum(0), jnp.sum(
-          jnp.square(out))
+      energy = lambda m: jnp.sum(jnp.square(decompose.weigh(
+          m, rule.method, **stats)))
+      return (gains.reshape(-1, gains.shape[-1]).sum(0),
+              energy(layout.to_matrix(w.astype(jnp.float32))),
+              energy(_error(layout, w, q, input_scale)))
     return one
 
   return _cached(key, make)

@@ -85,6 +85,8 @@ def _chunks(jobs, max_group_bytes):
     per = 4 * math.prod(group[0].weight.shape)
     if group[0].rule.method == 'qera' or group[0].rule.error_rank:
       per += 4 * group[0].layout.in_size ** 2  # plus its Cholesky factor
+    if group[0].base_kind == 'gptq':
+      per += 4 * group[0].layout.in_size ** 2  # plus its Hessian
     if group[0].svdquant:  # plus the residual
       per *= 2
     size = max(1, max_group_bytes // max(per, 1))
@@ -113,7 +115,7 @@ def run(jobs, max_group_bytes, progress, budget=None):
     else:
       out.update(_run_chunk(chunk, factors))
   if auto:
-    ranks = budget.allocate({p: f.gains / f.energy for p, f in auto.items()})
+    ranks = budget.allocate({p: (f.gains, f.energy) for p, f in auto.items()})
     for chunk in _chunks([j for j in jobs if j.path in auto], max_group_bytes):
       out.update(_cut_auto(chunk, auto, ranks, factors))
   return out
@@ -161,7 +163,7 @@ class _Fit:
   a_scale: jax.Array | None = None
   b_scale: jax.Array | None = None
   gains: np.ndarray | None = None
-  energy: float | None = None
+  energy: tuple[float, float] | None = None  # ||T W||^2, ||T E||^2
 
   def dequantized(self):
     if self.a_scale is None:
@@ -206,6 +208,10 @@ def _first_fit(chunk: list[Job], extra) -> _Fit:
 def _bases(chunk: list[Job], targets):
   """(stacked QArrays, stacked input scales or None) of each job's base of
   its target (the weight, or W - A B when refining)."""
+  first = chunk[0]
+  if first.base_kind == 'gptq':  # one vmapped GPTQ for the chunk
+    return bases.gptq_stacked(list(targets), first.how, first.layout,
+                              [j.stats for j in chunk])
   based = [job.base(t, job.how, job.layout, job.stats)
            for job, t in zip(chunk, targets)]
   scales = [s for _, s in based]
@@ -276,11 +282,12 @@ def _fit_auto(chunk: list[Job], factors: _CholeskyCache):
   """Float factors at the largest rank, and each component's gain."""
   extra = _method_stats(chunk, factors)
   fit = _first_fit(chunk, extra)
-  gains, energy = factor.energy_fn(chunk[0].layout, chunk[0].rule)(
-      jnp.stack([j.weight for j in chunk]), fit.a, **extra)
+  gains, out, err = factor.energy_fn(chunk[0].layout, chunk[0].rule)(
+      jnp.stack([j.weight for j in chunk]), fit.qs, fit.input_scales, fit.a,
+      **extra)
   return {job.path: dataclasses.replace(
-      fit.take(i), gains=np.asarray(gains[i]), energy=float(energy[i]))
-          for i, job in enumerate(chunk)}
+      fit.take(i), gains=np.asarray(gains[i]),
+      energy=(float(out[i]), float(err[i]))) for i, job in enumerate(chunk)}
 
 
 def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):

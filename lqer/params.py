@@ -9,6 +9,7 @@ gives each group its bases and factors in one jitted call, a bounded number
 of bytes at a time.
 """
 
+import dataclasses
 import functools
 import re
 import warnings
@@ -103,7 +104,9 @@ def lqer_quantize_params(
       quantizes, for the rules with rank='auto': fixed-rank factors and
       input scales count against it, and the rest is allocated across the
       'auto' weights by `lqer.allocation` (each weight's rank, 0 allowed,
-      shows in `lqer.report`; checkpoints keep it).
+      shows in `lqer.report`; checkpoints keep it). Or an
+      `allocation.Budget(bits, normalize=...)` to choose how layers are
+      compared.
     max_group_bytes: float bytes of weights stacked into one jitted call.
     progress: show a progress bar over weight groups.
 
@@ -140,10 +143,15 @@ def _budget(planned, budget_bits, num_quantized):
         ' weight>) to allocate ranks')
   if budget_bits is None:
     return None
-  if (isinstance(budget_bits, bool) or not isinstance(budget_bits, int | float)
-      or not budget_bits >= 0):
-    raise ValueError(f'budget_bits must be a number >= 0, got {budget_bits!r}')
-  return allocation.Budget(budget_bits, num_quantized)
+  budget = (budget_bits if isinstance(budget_bits, allocation.Budget)
+            else allocation.Budget(budget_bits))
+  bits = budget.bits_per_weight
+  if isinstance(bits, bool) or not isinstance(bits, int | float) or bits < 0:
+    raise ValueError(f'budget_bits must be a number >= 0, got {bits!r}')
+  if budget.normalize not in allocation.NORMALIZE:
+    raise ValueError(f'Budget.normalize must be one of'
+                     f' {allocation.NORMALIZE}, got {budget.normalize!r}')
+  return dataclasses.replace(budget, num_weights=num_quantized)
 
 
 def _split_third_argument(value):

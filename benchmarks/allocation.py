@@ -1,0 +1,88 @@
+"""How rank allocation compares layers: each `allocation.NORMALIZE` choice
+against the uniform rank that spends the same bits, on a bundled model.
+
+    python benchmarks/allocation.py --model minilm --budget 1.0 --factor-bits 4
+
+Prints per choice the allocated ranks (min / median / max, how many 0),
+the extra bits per weight spent (the report's count) and the quality.
+Calibration runs once; every row uses the same statistics.
+"""
+
+import argparse
+
+import jax
+import numpy as np
+
+from lqer import allocation
+from lqer import evaluation
+from lqer.cli import FACTOR_QTYPES
+from lqer.reporting import report
+from lqer.weight import WithLqer
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--model', choices=sorted(evaluation.TASKS),
+                 default='minilm')
+  p.add_argument('--bits', type=int, default=4)
+  p.add_argument('--tile-size', type=int, default=128)
+  p.add_argument('--budget', type=float, default=1.0)
+  p.add_argument('--factor-bits', type=int, choices=[16, 8, 4], default=8)
+  p.add_argument('--method', default='qera')
+  p.add_argument('--normalize', nargs='+',
+                 default=[*allocation.NORMALIZE, 'sensitivity'])
+  args = p.parse_args()
+  task = evaluation.TASKS[args.model]()
+  rules_for = lambda rank: evaluation.build_rules(
+      task.params, task.module_path, args.bits, args.tile_size, rank,
+      args.method, factor_qtype=FACTOR_QTYPES[args.factor_bits])[0]
+  stats = evaluation.calibrate(task, rules_for(1))
+  _, ptq, _ = evaluation.quantize(task, rules_for(None), stats)
+  ptq_total = report(task.params, ptq).total()
+  rows = []
+
+  def add(label, model, params):
+    total = report(task.params, params).total()
+    extra = total['bits_per_weight'] - ptq_total['bits_per_weight']
+    ranks = np.array([w.rank for w in _weights(params)])
+    value = task.score(model, params)[task.metric]
+    rows.append((label, ranks, extra, value))
+    print(f'  {label}: {task.metric} {value:.4f}', flush=True)
+    return extra
+
+  spent = []
+  sens = None
+  for how in args.normalize:
+    if how == 'sensitivity' and sens is None:
+      sens = allocation.output_sensitivity(
+          lambda p, *b: task.module.apply({'params': p}, *b), task.params,
+          ptq, task.calib_batches[:2], progress=True)
+    budget = (allocation.Budget(args.budget, sensitivity=sens)
+              if how == 'sensitivity'
+              else allocation.Budget(args.budget, normalize=how))
+    model, params, _ = evaluation.quantize(task, rules_for('auto'), stats,
+                                           budget_bits=budget)
+    spent.append(add(f'auto ({how})', model, params))
+  uniform = evaluation.uniform_rank_for(params, ptq_total['num_weights'],
+                                        max(spent))
+  model, params, _ = evaluation.quantize(task, rules_for(uniform), stats)
+  add(f'uniform r{uniform}', model, params)
+  print(f'\n{args.model} W{args.bits} g{args.tile_size} {args.method},'
+        f' factors {args.factor_bits}-bit, budget {args.budget} extra'
+        ' bits/weight\n')
+  print(f'| allocation | ranks min / median / max | rank 0 | extra bits |'
+        f' {task.metric} |\n|---|---|---|---|---|')
+  for label, ranks, extra, value in rows:
+    print(f'| {label} | {ranks.min()} / {int(np.median(ranks))} /'
+          f' {ranks.max()} | {int((ranks == 0).sum())} | {extra:.3f} |'
+          f' {value:.4f} |')
+
+
+def _weights(params):
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, WithLqer))
+  return [x for x in leaves if isinstance(x, WithLqer)]
+
+
+if __name__ == '__main__':
+  main()
