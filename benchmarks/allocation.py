@@ -57,7 +57,7 @@ def main():
     if how == 'sensitivity' and sens is None:
       sens = allocation.output_sensitivity(
           lambda p, *b: task.module.apply({'params': p}, *b), task.params,
-          ptq, task.calib_batches[:2], progress=True)
+          ptq, task.probe_batches or task.calib_batches[:1])
     budget = (allocation.Budget(args.budget, sensitivity=sens)
               if how == 'sensitivity'
               else allocation.Budget(args.budget, normalize=how))

@@ -4,6 +4,7 @@ LQER (plain SVD), L2QER (activation-scaled) and QERA (the closed-form optimum
 for the calibration distribution) on top of any Qwix weight quantizer.
 """
 
+from lqer.allocation import Budget, output_sensitivity
 from lqer.calibration import LqerCalibrationProvider
 from lqer.decompose import METHODS, SOLVERS
 from lqer.lora import from_lora, lora_rules, to_lora
@@ -15,6 +16,7 @@ from lqer.rule import LqerRule
 from lqer.weight import WithLqer
 
 __all__ = [
+    'Budget',
     'LayerReport',
     'LqerCalibrationProvider',
     'Report',
@@ -28,6 +30,7 @@ __all__ = [
     'from_lora',
     'lora_rules',
     'lqer_quantize_params',
+    'output_sensitivity',
     'pack_params',
     'to_lora',
 ]

@@ -7,8 +7,8 @@ layers, gains are put on one scale (`Budget`): by default each is the
 fraction of its layer's output energy ||T W||_F^2 it removes times the
 layer's size (the report's size-weighted total); with a measured
 `output_sensitivity`, the model output damage it undoes: the output change
-with only that weight quantized times the fraction of the weight's error
-the term removes (measured better: README). Each term costs the same bits
+(first order) from that weight's error alone times the fraction of the
+weight's error the term removes (measured better: README). Each term costs the same bits
 within a weight (`component_bits`), and gains decrease with i, so taking
 terms by gain per bit, largest first, while they fit is the greedy solution
 of this knapsack (optimal up to the last term) and always takes a prefix of
@@ -153,35 +153,46 @@ def _normalized(gains, out_energy, err_energy, how):
   return np.log(left[:-1]) - np.log(left[1:])
 
 
-def output_sensitivity(apply_fn, fp_params, ptq_params, batches,
-                       progress=False) -> dict:
-  """{path: ||f(W_w -> Q(W_w)) - f||^2 / ||f||^2}: how far the model's
-  output moves when only weight w is quantized (Qwix PTQ, `ptq_params`).
-  `Budget(sensitivity=)` spreads it over w's terms by the fraction of w's
-  error each removes (g_i / ||T E_w||^2), assuming output damage adds up
-  across weights and scales with each one's error.
+def output_sensitivity(apply_fn, fp_params, ptq_params, batches, *,
+                       probes=16, seed=0) -> dict:
+  """{path: ||J_w D_w||^2 / ||f||^2}: how far the model's output f moves,
+  to first order, when only weight w takes its Qwix PTQ error D_w
+  (`ptq_params`), J_w the Jacobian of f in W_w.
 
+  Estimated for every weight at once (Hutchinson): for v ~ N(0, I) over
+  the output, E_v[<v, J_w D_w>^2] = ||J_w D_w||^2 and <v, J_w D_w> =
+  <J_w^T v, D_w>, so each of `probes` backward passes (one jitted forward
+  per batch) gives a sample for all weights; relative std ~ sqrt(2/probes).
   apply_fn(params, *batch) -> output pytree; fp_params a pure dict;
-  batches a list of argument tuples. One jitted forward per weight.
+  batches a list of argument tuples.
   """
   flat_fp = flax.traverse_util.flatten_dict(fp_params)
   flat_q = flax.traverse_util.flatten_dict(ptq_params)
-  forward = jax.jit(apply_fn)
-  norm = lambda t: sum(float(jnp.sum(jnp.square(x.astype(jnp.float32))))
-                       for x in jax.tree.leaves(t))
-  refs = [forward(fp_params, *b) for b in batches]
-  total = sum(norm(r) for r in refs)
   paths = [p for p, q in flat_q.items() if isinstance(q, ptq.WithAux)]
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    paths = tqdm(paths, desc='sensitivity', unit='weight')
-  out = {}
-  for path in paths:
-    w = flat_fp[path]
-    deq = qarray.dequantize(flat_q[path].array).reshape(w.shape)
-    params = flax.traverse_util.unflatten_dict(
-        {**flat_fp, path: deq.astype(w.dtype)})
-    moved = sum(norm(jax.tree.map(jnp.subtract, forward(params, *b), r))
-                for b, r in zip(batches, refs))
-    out[path] = moved / total
-  return out
+  deltas = [qarray.dequantize(flat_q[p].array).reshape(flat_fp[p].shape)
+            .astype(jnp.float32) - flat_fp[p].astype(jnp.float32)
+            for p in paths]
+
+  @jax.jit
+  def probe(params, deltas, batch, key):
+    out, pullback = jax.vjp(lambda p: apply_fn(p, *batch), params)
+    leaves, treedef = jax.tree.flatten(out)
+    keys = jax.random.split(key, probes)
+
+    def one(k):
+      vs = [jax.random.normal(kk, x.shape, jnp.float32).astype(x.dtype)
+            for kk, x in zip(jax.random.split(k, len(leaves)), leaves)]
+      grads = flax.traverse_util.flatten_dict(
+          pullback(jax.tree.unflatten(treedef, vs))[0])
+      return jnp.stack([jnp.vdot(grads[p].astype(jnp.float32), d)
+                        for p, d in zip(paths, deltas)])
+
+    energy = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+    return jnp.mean(jnp.square(jax.lax.map(one, keys)), axis=0), energy
+
+  moved, energy = 0.0, 0.0
+  for i, batch in enumerate(batches):
+    m, e = probe(fp_params, deltas, tuple(batch),
+                 jax.random.fold_in(jax.random.key(seed), i))
+    moved, energy = moved + np.asarray(m, np.float64), energy + float(e)
+  return {p: float(v) / energy for p, v in zip(paths, moved)}

@@ -87,6 +87,9 @@ class Task:
   # prose that neither calibration nor evaluation reads.
   encode: Callable[[str], Any] | None = None
   train_data: Any = None
+  # Inputs of `allocation.output_sensitivity` for --budget (default: the
+  # first calibration batch).
+  probe_batches: list[Any] | None = None
 
 
 def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
@@ -115,7 +118,7 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
       score=lambda m, p: {'perplexity': smollm2.perplexity(
           m, p, evals, window, progress=True)},
       module_path=r'layers_\d+/(attn|mlp)/.*',
-      encode=encode, train_data=train,
+      encode=encode, train_data=train, probe_batches=[(calib[:1, :256],)],
   )
 
 
@@ -272,8 +275,8 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   gives Qwix's numbers). act_bits: every row but FP quantizes activations
   dynamically. Methods are `METHOD_LABELS`' keys; 'smoothquant' has no rank
   and runs once. budget: per method, a row with ranks allocated under that
-  many extra bits per weight (by `allocation.output_sensitivity` on the
-  first calibration batch; its seconds count in the row's offline time),
+  many extra bits per weight (by `allocation.output_sensitivity` on
+  `task.probe_batches`; its seconds count in the row's offline time),
   then the uniform rank spending the same bits.
   rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
   if act_bits is None and set(methods) & set(ACT_METHODS):
@@ -307,7 +310,7 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
     start = time.perf_counter()
     sensitivity = allocation.output_sensitivity(
         lambda p, *b: task.module.apply({'params': p}, *b), task.params,
-        ptq_params, task.calib_batches[:1], progress=True)
+        ptq_params, task.probe_batches or task.calib_batches[:1])
     probe_secs = time.perf_counter() - start
   for method in methods if budget is not None else ():
     model, params, secs = quantize(

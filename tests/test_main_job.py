@@ -59,6 +59,31 @@ def test_minilm_small_w4a4_svdquant_rows():
 
 
 @pytest.mark.slow
+def test_minilm_budget_rows_and_calibration_sweep(tmp_path, capsys):
+  """lqer eval --budget --factor-bits --calib-tokens --plot on 32 MiniLM
+  sentences: per calibration size PTQ, the allocated row within the budget
+  and the uniform row at the same bits; the sweep's table and PNG."""
+  png, records = tmp_path / 'calib.png', tmp_path / 'rows.json'
+  cli.main(['eval', '--model', 'minilm', '--eval-sentences', '32',
+            '--methods', 'qera', '--budget', '1.0', '--factor-bits', '4',
+            '--calib-tokens', '16', '32', '--plot', str(png),
+            '--json', str(records)])
+  rows = json.loads(records.read_text())
+  assert [(r['method'], r['rank'], r['calib']) for r in rows[:4]] == [
+      ('FP', None, 16), ('PTQ', None, 16), ('QERA', 'auto', 16),
+      ('QERA', rows[3]['rank'], 16)]
+  assert [r['calib'] for r in rows[4:]] == [32] * 3
+  for ptq, auto, uniform in (rows[1:4], rows[4:7]):
+    assert ptq['extra_bits'] == 0
+    assert 0.9 < auto['extra_bits'] <= 1.0
+    assert abs(uniform['extra_bits'] - auto['extra_bits']) < 0.03
+    assert auto['value'] < ptq['value'] and uniform['value'] < ptq['value']
+  out = capsys.readouterr().out
+  assert '| extra bits |' in out and '| method | bits | rank | 16 | 32 |' in out
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.slow
 def test_cli_json_and_bad_checkpoint(tmp_path, capsys):
   out = tmp_path / 'rows.json'
   text = tmp_path / 'mine.txt'

@@ -12,7 +12,9 @@ import qwix
 
 import lqer
 from lqer import LqerProvider, LqerRule, decompose, lqer_quantize_params
+from lqer import allocation
 from lqer import checkpoint
+from lqer import cli
 from lqer import stats as stats_lib
 from tests import reference
 
@@ -353,3 +355,52 @@ def test_budget_and_auto_need_each_other(mlp):
   with pytest.raises(ValueError, match='already spend'):
     _quantize(mlp, [dataclasses.replace(_rules(rank=128)[0], module_path='up'),
                     *_rules(rank='auto')], budget_bits=0.1)
+
+
+def test_output_sensitivity_estimates_the_first_order_output_change(mlp):
+  """Hutchinson's estimate (vjp with random cotangents) against the exact
+  ||J_w D_w||^2 / ||f||^2 from a jvp per weight."""
+  model, x, fp, y_fp, _ = mlp
+  _, ptq = _quantize(mlp, _rules(rank=None))
+  apply = lambda p, b: model.apply({'params': p}, b)
+  sens = allocation.output_sensitivity(apply, fp, ptq, [(x,)], probes=512)
+  assert set(sens) == {('up', 'kernel'), ('mid', 'kernel'),
+                       ('down', 'kernel')}
+  energy = float(jnp.sum(jnp.square(y_fp)))
+  exact = {}
+  for name in ('up', 'mid', 'down'):
+    w = fp[name]['kernel']
+    delta = qwix.dequantize(ptq[name]['kernel'].array).reshape(w.shape) - w
+    tangent = jax.tree.map(jnp.zeros_like, fp)
+    tangent[name] = {'kernel': delta}
+    _, moved = jax.jvp(lambda p: apply(p, x), (fp,), (tangent,))
+    exact[name] = float(jnp.sum(jnp.square(moved))) / energy
+    assert sens[(name, 'kernel')] == pytest.approx(exact[name], rel=0.2)
+
+
+def test_sensitivity_steers_the_allocation(mlp):
+  paths = [('up', 'kernel'), ('mid', 'kernel'), ('down', 'kernel')]
+  ranks = {}
+  for favoured in ('up', 'down'):
+    sens = {p: 1e3 if p[0] == favoured else 1e-3 for p in paths}
+    _, params = _quantize(mlp, _rules(rank='auto', max_rank=64),
+                          budget_bits=allocation.Budget(
+                              0.5, sensitivity=sens))
+    ranks[favoured] = {p[0]: params[p[0]]['kernel'].rank for p in paths}
+  # The favoured weight takes the budget (0.5 x 262144 bits) in ranks of
+  # (in + out) x 16 bits: 10240 for up, 8192 for down; the 8192 bits up
+  # leaves buy one rank of the next best weight that fits.
+  assert ranks['up'] == {'up': 12, 'mid': 0, 'down': 1}
+  assert ranks['down'] == {'up': 0, 'mid': 0, 'down': 16}
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--budget', '0'], '--budget must be > 0'),
+    (['--budget', '1', '--act-bits', '4', '--methods', 'svdquant'],
+     'svdquant rows take --ranks'),
+    (['--refine-iters', '-1'], '--refine-iters'),
+    (['--calib-tokens', '64', '--plot', 'x.png'], 'two or more'),
+])
+def test_cli_refuses_bad_budget_settings_before_loading(argv, message):
+  with pytest.raises(SystemExit, match=message):
+    cli.main(['eval', '--model', 'minilm', *argv])
