@@ -53,6 +53,27 @@ def rtn(w, how, layout, stats):
   return _quantize_with(w, how.qtype, *rtn_scale(w, how), how.noise_fn), None
 
 
+_RTN_STACKED = {}
+
+
+def rtn_stacked(ws, how):
+  """RTN of same-shaped weights ws[i] in one jitted, vmapped call (their
+  QArrays stacked on axis 0). The scale is computed under jit, which may
+  differ from Qwix's eager one by an ulp: for refinement's re-quantization,
+  not for the first base (`rtn`)."""
+  key = repr(how)
+  if key not in _RTN_STACKED:
+
+    def one(w):
+      scale, zero_point = qarray.compute_scale_zero_point(
+          qarray.calibrate(w, how), how.qtype)
+      return qarray.quantize_with_scale_zero_point(w, how.qtype, scale,
+                                                   zero_point, how.noise_fn)
+
+    _RTN_STACKED[key] = jax.jit(jax.vmap(one))
+  return _RTN_STACKED[key](ws)
+
+
 def _normalized(w, how, layout):
   """w as Qwix's contrib algorithms take it: (out, in), and the inverse."""
   axis = layout.contracting_axes[0]

@@ -209,6 +209,8 @@ def _bases(chunk: list[Job], targets):
   """(stacked QArrays, stacked input scales or None) of each job's base of
   its target (the weight, or W - A B when refining)."""
   first = chunk[0]
+  if first.base_kind == 'rtn':
+    return bases.rtn_stacked(jnp.stack(list(targets)), first.how), None
   if first.base_kind == 'gptq':  # one vmapped GPTQ for the chunk
     return bases.gptq_stacked(list(targets), first.how, first.layout,
                               [j.stats for j in chunk])

@@ -231,7 +231,12 @@ def _layer_report(path, w, q: ptq.WithAux, stats, rule) -> LayerReport:
 
 
 def _bound_terms(w, w_m, q, layout, x, rule, a, b):
-  """SVDQuant's bound terms of PTQ and of `q` as stored (LayerReport)."""
+  """SVDQuant's bound terms of PTQ and of `q` as stored (LayerReport).
+
+  The sample x is (tokens, in), the contracting axes flattened, and is
+  quantized per token tiled along that flat axis; Qwix tiles the input's
+  last axis, which is the same for one contracting axis and only close to
+  it for several."""
   tile = rule.tile_size if isinstance(rule.tile_size, int) else None
   how = qarray.HowToQuantize(
       qtype=rule.act_qtype, channelwise_axes=[0],

