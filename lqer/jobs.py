@@ -189,11 +189,10 @@ def _method_stats(chunk: list[Job], factors: _CholeskyCache):
   return {}
 
 
-def _first_fit(chunk: list[Job], extra) -> _Fit:
-  """Bases of a chunk of same-settings weights, then their float factors in
-  one jitted call (an RTN base fused into it)."""
+def _first_fit(chunk: list[Job], ws, extra) -> _Fit:
+  """Bases of a chunk of same-settings weights ws (stacked), then their
+  float factors in one jitted call (an RTN base fused into it)."""
   first = chunk[0]
-  ws = jnp.stack([j.weight for j in chunk])
   keys = jnp.stack([factor.seed_key(first.rule, j.name) for j in chunk])
   if first.base_kind == 'rtn':
     how, scales = first.how, None
@@ -221,7 +220,7 @@ def _bases(chunk: list[Job], targets):
           None if scales[0] is None else jnp.stack(scales))
 
 
-def _quantized(chunk: list[Job], fit: _Fit, extra, keep=None) -> _Fit:
+def _quantized(chunk: list[Job], ws, fit: _Fit, extra, keep=None) -> _Fit:
   """fit with its factors quantized when the rule says so (columns where
   keep is False cut)."""
   rule, layout = chunk[0].rule, chunk[0].layout
@@ -229,19 +228,17 @@ def _quantized(chunk: list[Job], fit: _Fit, extra, keep=None) -> _Fit:
     return fit
   if keep is None:
     keep = jnp.ones((len(chunk), fit.a.shape[-1]), bool)
-  ws = jnp.stack([j.weight for j in chunk])
   qa, sa, qb, sb = factor.quantize_fn(layout, rule)(
       ws, fit.qs, fit.input_scales, fit.a, keep, **extra)
   return dataclasses.replace(fit, a=qa, b=qb, a_scale=sa, b_scale=sb)
 
 
-def _refined(chunk: list[Job], fit: _Fit, extra) -> _Fit:
+def _refined(chunk: list[Job], ws, fit: _Fit, extra) -> _Fit:
   """LoftQ-style refinement: Q_t = base(W - A B), A B refitted to its error;
   each weight keeps a step only if the method's objective ||T (W - Q - A B)||
   decreases, so it never increases."""
   first = chunk[0]
   layout, rule = first.layout, first.rule
-  ws = jnp.stack([j.weight for j in chunk])
   keys = jnp.stack([factor.seed_key(rule, j.name) for j in chunk])
   objective = factor.objective_fn(layout, rule)
   best = objective(ws, fit.qs, fit.input_scales, *fit.dequantized(), **extra)
@@ -251,7 +248,7 @@ def _refined(chunk: list[Job], fit: _Fit, extra) -> _Fit:
     qs, scales = _bases(chunk, list(targets))
     _, a, b = factor.factor_fn(layout, first.rank, rule)(
         ws, qs, scales, keys, **extra)
-    new = _quantized(chunk, _Fit(qs, scales, a, b), extra)
+    new = _quantized(chunk, ws, _Fit(qs, scales, a, b), extra)
     value = objective(ws, qs, scales, *new.dequantized(), **extra)
     better = value < best
     pick = lambda n, o: jnp.where(  # pylint: disable=cell-var-from-loop
@@ -274,19 +271,20 @@ def _run_chunk(chunk: list[Job], factors: _CholeskyCache):
                                  None if scales is None else scales[i])
             for i, job in enumerate(chunk)}
   extra = _method_stats(chunk, factors)
-  fit = _quantized(chunk, _first_fit(chunk, extra), extra)
+  ws = jnp.stack([j.weight for j in chunk])
+  fit = _quantized(chunk, ws, _first_fit(chunk, ws, extra), extra)
   if first.rule.refine_iters:
-    fit = _refined(chunk, fit, extra)
+    fit = _refined(chunk, ws, fit, extra)
   return {job.path: _weight(job, fit.take(i)) for i, job in enumerate(chunk)}
 
 
 def _fit_auto(chunk: list[Job], factors: _CholeskyCache):
   """Float factors at the largest rank, and each component's gain."""
   extra = _method_stats(chunk, factors)
-  fit = _first_fit(chunk, extra)
+  ws = jnp.stack([j.weight for j in chunk])
+  fit = _first_fit(chunk, ws, extra)
   gains, out, err = factor.energy_fn(chunk[0].layout, chunk[0].rule)(
-      jnp.stack([j.weight for j in chunk]), fit.qs, fit.input_scales, fit.a,
-      **extra)
+      ws, fit.qs, fit.input_scales, fit.a, **extra)
   return {job.path: dataclasses.replace(
       fit.take(i), gains=np.asarray(gains[i]),
       energy=(float(out[i]), float(err[i]))) for i, job in enumerate(chunk)}
@@ -300,7 +298,8 @@ def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):
          fits[j.path].b) for j in chunk])])
   keep = jnp.arange(rank)[None, :] < jnp.asarray(
       [ranks[j.path] for j in chunk])[:, None]
-  fit = _quantized(chunk, fit, _method_stats(chunk, factors), keep)
+  fit = _quantized(chunk, jnp.stack([j.weight for j in chunk]), fit,
+                   _method_stats(chunk, factors), keep)
   out = {}
   for i, job in enumerate(chunk):
     k = ranks[job.path]
@@ -358,9 +357,8 @@ def _run_svdquant(chunk: list[Job], factors: _CholeskyCache):
     extra = {'chol': jnp.stack([factors.get(j) for j in chunk])}
     _, a2, b2 = factor.factor_fn(layout, rule.error_rank, qera)(
         errors, qs, lam, keys2, **extra)
-    more = _quantized([dataclasses.replace(j, weight=e, rule=qera)
-                       for j, e in zip(chunk, errors)],
-                      _Fit(qs, lam, a2, b2), extra)
+    more = _quantized([dataclasses.replace(j, rule=qera) for j in chunk],
+                      errors, _Fit(qs, lam, a2, b2), extra)
     cat = lambda x, y, axis: None if x is None else jnp.concatenate([x, y],
                                                                     axis)
     fit = dataclasses.replace(
