@@ -71,7 +71,11 @@ def calibration_windows(tokenizer, calib_text=None,
   """(windows, 512) calibration token ids: the first n_tokens of the file,
   or of the bundled prose as `lqer eval` takes them."""
   if calib_text is None:
-    ids = _prose_split(tokenizer, n_tokens, DEFAULT_EVAL_TOKENS)[0]
+    try:
+      ids = _prose_split(tokenizer, n_tokens, DEFAULT_EVAL_TOKENS)[0]
+    except ValueError as e:  # more than the prose holds beside lqer eval's
+      raise SystemExit(f'--calib-tokens {n_tokens}: {e}; give --calib-text'
+                       ' FILE') from e
   else:
     ids = _encode_file(tokenizer, calib_text)[:n_tokens]
   if len(ids) < WINDOW:
