@@ -53,17 +53,6 @@ def make_config(shape):
       tie_embeddings=False, rope_pairs='halves')
 
 
-def byte_tokenizer():
-  """256 byte-level tokens, no merges (as tests/test_streaming.py)."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE(
-      {c: i for i, c in enumerate(sorted(alphabet))}, []))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
-      add_prefix_space=False)
-  return tok
-
-
 def write_synthetic(directory, shape):
   """Writes random weights (std 0.02, norms ones; each tensor seeded by its
   path) to a sibling directory, marks it COMPLETE and renames it. Runs in a
@@ -86,7 +75,7 @@ def write_synthetic(directory, shape):
     x *= 0.02
     return x
 
-  hf_checkpoint.write_checkpoint(partial, config, make, byte_tokenizer(),
+  hf_checkpoint.write_checkpoint(partial, config, make, hf_checkpoint.byte_tokenizer(),
                                  dtype='bfloat16', shard_bytes=2 << 30)
   bar.close()
   (partial / COMPLETE).write_text('written by benchmarks/streaming.py\n')

@@ -13,6 +13,7 @@ from lqer.params import lqer_quantize_params
 from lqer.provider import LqerProvider
 from lqer.reporting import LayerReport, Report, report
 from lqer.rule import LqerRule
+from lqer.streaming import load_quantized, quantize_checkpoint
 from lqer.weight import WithLqer
 
 __all__ = [
@@ -29,9 +30,11 @@ __all__ = [
     'WithLqer',
     'from_lora',
     'lora_rules',
+    'load_quantized',
     'lqer_quantize_params',
     'output_sensitivity',
     'pack_params',
+    'quantize_checkpoint',
     'to_lora',
 ]
 __version__ = '0.1.0'

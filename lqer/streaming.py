@@ -143,16 +143,17 @@ def quantize_checkpoint(source, out, settings: Settings, calib_ids,
   `models.hf_checkpoint.CheckpointDir`) to directory `out`, one block at a
   time. calib_ids: (windows, window) int token ids, run `batch` windows at a
   time. Returns a record per block: seconds per phase (setup: tracing the
-  block's modules; read, calibrate, quantize, write, forward; a resumed block has no calibrate / quantize /
-  write), their total and the process's peak RSS so far."""
+  block's modules; read, calibrate, quantize, write, forward; a block
+  resumed from its file is not calibrated, quantized or written, nor read
+  when sequential), their total and the process's peak RSS so far."""
   from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
   _check_mesh(mesh)
   ckpt = source if isinstance(source, CheckpointDir) else CheckpointDir(source)
   config, out = ckpt.config, pathlib.Path(out)
   calib_ids = np.asarray(calib_ids, np.int32)
-  meta = _metadata(ckpt, settings, calib_ids, sequential)
-  fingerprint = _begin(out, meta)
   rules = settings.rules(config)
+  meta = _metadata(ckpt, settings, rules, calib_ids, sequential)
+  fingerprint = _begin(out, meta)
   read = lambda name: ckpt.params(name, mesh and (
       lambda path: NamedSharding(mesh, kernel_spec(path))))
   rest = {name: read(name) for name in ('embed', 'norm', 'lm_head')
@@ -173,8 +174,9 @@ def quantize_checkpoint(source, out, settings: Settings, calib_ids,
     block = _Block(config, i, rules,
                    jax.ShapeDtypeStruct(batches[0].shape, batches[0].dtype))
     clock('setup', None)
-    fp = {block.name: clock('read', read(block.name))}
     quantized = _stored_block(out, i, block.abstract, fingerprint)
+    if quantized is None or not sequential:
+      fp = {block.name: clock('read', read(block.name))}
     if quantized is None:
       stats = clock('calibrate', block.statistics(fp, batches))
       quantized = clock('quantize', lqer_quantize_params(
@@ -207,11 +209,12 @@ class _Clock:
     return result
 
 
-def _metadata(ckpt, settings, calib_ids, sequential) -> dict:
+def _metadata(ckpt, settings, rules, calib_ids, sequential) -> dict:
   import lqer  # pylint: disable=g-import-not-at-top
   return {
       'format': FORMAT, 'lqer_version': lqer.__version__,
-      'settings': dataclasses.asdict(settings), 'sequential': sequential,
+      'settings': dataclasses.asdict(settings), 'rules': repr(rules),
+      'sequential': sequential,
       'config': ckpt.hf_config, 'source': str(ckpt.path.resolve()),
       'source_fingerprint': ckpt.fingerprint(),
       'calibration': {'windows': list(calib_ids.shape),

@@ -266,6 +266,17 @@ def _header(path) -> list[str]:
     return list(f.keys())
 
 
+def byte_tokenizer() -> tokenizers.Tokenizer:
+  """A tokenizer of the 256 byte-level symbols and no merges: text to
+  bytes, for synthetic checkpoints (tests, benchmarks/streaming.py)."""
+  alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(
+      {c: i for i, c in enumerate(alphabet)}, []))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False)
+  return tokenizer
+
+
 def write_checkpoint(directory, config: LlamaConfig, params,
                      tokenizer: tokenizers.Tokenizer | None = None,
                      dtype: str = "bfloat16", shard_bytes: int = 2 << 30):

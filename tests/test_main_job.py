@@ -18,11 +18,10 @@ def _by_method(rows):
 @pytest.mark.slow
 def test_smollm2_small_end_to_end():
   task = evaluation.smollm2_task(n_calib=1024, n_eval=512)
-  rows = _by_method(evaluation.run(task, 4, 128, [32], ['svd', 'qera']))
+  rows = _by_method(evaluation.run(task, 4, 128, [32], ['qera']))
   fp, ptq = rows['FP'].value, rows['PTQ'].value
   assert 3 < fp < 40, fp  # sane perplexity on English prose
   assert rows['QERA'].value < ptq
-  assert rows['QERA'].value < rows['LQER'].value
   assert 4 < rows['QERA'].bits_per_weight < 6
 
 
@@ -255,7 +254,7 @@ def test_finetune_minilm_distillation_cli(tmp_path, monkeypatch, capsys):
   task = evaluation.minilm_task(n_calib=64, n_eval=48)
   monkeypatch.setitem(evaluation.TASKS, 'minilm', lambda *a, **k: task)
   out = tmp_path / 'ft.json'
-  cli.main(['finetune', '--model', 'minilm', '--steps', '4', '--rank', '16',
+  cli.main(['finetune', '--model', 'minilm', '--steps', '2', '--rank', '16',
             '--init', 'zero', 'qera', '--json', str(out)])
   by = {(r['init'], r['steps']): r for r in json.loads(out.read_text())}
   assert '| init | steps | 1-cos |' in capsys.readouterr().out
@@ -264,4 +263,4 @@ def test_finetune_minilm_distillation_cli(tmp_path, monkeypatch, capsys):
       by[('PTQ', None)]['1-cos'], rel=1e-3)
   assert by[('QERA', 0)]['1-cos'] < by[('PTQ', None)]['1-cos']
   # Distillation toward the float embeddings lowers the held-out distance.
-  assert by[('zero (QLoRA)', 4)]['1-cos'] < by[('zero (QLoRA)', 0)]['1-cos']
+  assert by[('zero (QLoRA)', 2)]['1-cos'] < by[('zero (QLoRA)', 0)]['1-cos']
