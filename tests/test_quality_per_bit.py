@@ -16,7 +16,7 @@ from lqer import allocation
 from lqer import checkpoint
 from lqer import cli
 from lqer import stats as stats_lib
-from tests import reference
+from tests import nnx_flow, reference
 
 KEY = jax.random.key(0)
 
@@ -319,21 +319,11 @@ def test_nnx_einsum_auto_rank_int8_factors():
   ref = Attn(nnx.Rngs(0))(x)
   rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=32,
                     rank='auto', method='qera', factor_qtype='int8')]
-  cal = qwix.quantize_model(Attn(nnx.Rngs(0)),
-                            lqer.LqerCalibrationProvider(rules), x)
-  cal(x)
-  stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
-  qmodel = qwix.quantize_model(
-      Attn(nnx.Rngs(0)), LqerProvider(rules, compute_dtype=jnp.float32), x)
-  fp = nnx.to_pure_dict(nnx.state(Attn(nnx.Rngs(0)), nnx.Param))
-  params = lqer_quantize_params(fp, qmodel, calibration=stats,
-                                budget_bits=1.0)
-  nnx.update(qmodel, params)
+  make = lambda: Attn(nnx.Rngs(0))
+  qmodel, fp, stats = nnx_flow.quantized(make, rules, x, budget_bits=1.0)
   assert qmodel.o.a.dtype == jnp.int8 and qmodel.o.rank > 0
   y = nnx.jit(lambda m, x: m(x))(qmodel, x)
-  ptq = qwix.quantize_model(Attn(nnx.Rngs(0)), LqerProvider(
-      [dataclasses.replace(rules[0], rank=None)]), x)
-  nnx.update(ptq, lqer_quantize_params(fp, ptq, calibration=stats))
+  ptq = nnx_flow.ptq(make, rules, x, fp, stats)
   assert _rel(y, ref) < 0.8 * _rel(ptq(x), ref)
 
 

@@ -18,7 +18,7 @@ from lqer import cli
 from lqer import metrics
 from lqer import stats as stats_lib
 from lqer.weight import divide_along
-from tests import reference
+from tests import nnx_flow, reference
 
 KEY = jax.random.key(0)
 
@@ -229,20 +229,11 @@ def test_nnx_gemma_einsum_svdquant_packed_and_jitted():
   rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4,
                     act_qtype=jnp.int8, tile_size=32, rank=16,
                     method='svdquant')]
-  cal = qwix.quantize_model(Attn(nnx.Rngs(0)),
-                            lqer.LqerCalibrationProvider(rules), x)
-  cal(x)
-  stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
-  qmodel = qwix.quantize_model(
-      Attn(nnx.Rngs(0)), LqerProvider(rules, compute_dtype=jnp.float32), x)
-  fp = nnx.to_pure_dict(nnx.state(fp_model, nnx.Param))
-  params = lqer_quantize_params(fp, qmodel, calibration=stats)
-  nnx.update(qmodel, params)
+  make = lambda: Attn(nnx.Rngs(0))
+  qmodel, fp, stats = nnx_flow.quantized(make, rules, x)
   assert qmodel.o.input_scale.shape == (128,)
   y = nnx.jit(lambda m, x: m(x))(qmodel, x)
-  ptq = qwix.quantize_model(Attn(nnx.Rngs(0)), LqerProvider(
-      [dataclasses.replace(rules[0], rank=None)]), x)
-  nnx.update(ptq, lqer_quantize_params(fp, ptq, calibration=stats))
+  ptq = nnx_flow.ptq(make, rules, x, fp, stats)
   assert _rel(y, ref) < 0.8 * _rel(ptq(x), ref)
   lqer.pack_params(qmodel)
   assert isinstance(qmodel.o.array, lqer.PackedInt4)

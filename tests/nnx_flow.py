@@ -1,0 +1,33 @@
+"""The NNX calibrate -> quantize flow that several tests run on their own
+modules."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+
+import lqer
+
+
+def quantized(make, rules, x, **quantize_kw):
+  """(LQER model, float params, statistics): make() calibrated on x, then
+  quantized by lqer_quantize_params(**quantize_kw) into an LqerProvider model
+  (float32 compute)."""
+  cal = qwix.quantize_model(make(), lqer.LqerCalibrationProvider(rules), x)
+  cal(x)
+  stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
+  model = qwix.quantize_model(
+      make(), lqer.LqerProvider(rules, compute_dtype=jnp.float32), x)
+  fp = nnx.to_pure_dict(nnx.state(make(), nnx.Param))
+  nnx.update(model, lqer.lqer_quantize_params(fp, model, calibration=stats,
+                                              **quantize_kw))
+  return model, fp, stats
+
+
+def ptq(make, rules, x, fp, stats):
+  """The same model under plain PTQ (the first rule without a rank)."""
+  model = qwix.quantize_model(make(), lqer.LqerProvider(
+      [dataclasses.replace(rules[0], rank=None)]), x)
+  nnx.update(model, lqer.lqer_quantize_params(fp, model, calibration=stats))
+  return model
