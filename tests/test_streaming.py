@@ -61,21 +61,22 @@ def numpy_forward(hf, ids):
   for f in hf.glob('*.safetensors'):
     w |= {k: v.astype(np.float64) for k, v in load_file(f).items()}
   heads, kv, d = cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['head_dim']
-  s = cfg['rope_scaling']
+  s = cfg['rope_scaling'] or {'rope_type': 'default'}
   inv = cfg['rope_theta'] ** (-np.arange(0, d, 2) / d)
-  wavelen = 2 * np.pi / inv
-  low_wl = s['original_max_position_embeddings'] / s['low_freq_factor']
-  high_wl = s['original_max_position_embeddings'] / s['high_freq_factor']
   scaled = []
-  for f, wl in zip(inv, wavelen):
-    if wl < high_wl:
-      scaled.append(f)
-    elif wl > low_wl:
-      scaled.append(f / s['factor'])
-    else:
-      t = (s['original_max_position_embeddings'] / wl - s['low_freq_factor']) / (
-          s['high_freq_factor'] - s['low_freq_factor'])
-      scaled.append((1 - t) * f / s['factor'] + t * f)
+  for f in inv:
+    wl = 2 * np.pi / f
+    if s['rope_type'] == 'linear':
+      f = f / s['factor']
+    elif s['rope_type'] == 'llama3':
+      old = s['original_max_position_embeddings']
+      if wl > old / s['low_freq_factor']:
+        f = f / s['factor']
+      elif wl >= old / s['high_freq_factor']:
+        t = (old / wl - s['low_freq_factor']) / (
+            s['high_freq_factor'] - s['low_freq_factor'])
+        f = (1 - t) * f / s['factor'] + t * f
+    scaled.append(f)
   seq = len(ids)
   ang = np.arange(seq)[:, None] * np.array(scaled)[None]
   cos, sin = np.cos(np.concatenate([ang] * 2, -1)), np.sin(np.concatenate([ang] * 2, -1))
@@ -99,7 +100,8 @@ def numpy_forward(hf, ids):
     h = norm(x, p + 'post_attention_layernorm.weight')
     g, u = lin(h, p + 'mlp.gate_proj'), lin(h, p + 'mlp.up_proj')
     x = x + lin(g / (1 + np.exp(-g)) * u, p + 'mlp.down_proj')
-  return norm(x, 'model.norm.weight') @ w['lm_head.weight'].T
+  head = w.get('lm_head.weight', w['model.embed_tokens.weight'])  # tied
+  return norm(x, 'model.norm.weight') @ head.T
 
 
 def _read_all(ckpt):
@@ -108,11 +110,19 @@ def _read_all(ckpt):
                                            range(ckpt.config.num_layers)]}
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_directory_model_matches_numpy_hf_forward(tmp_path, dtype):
-  """Shards, llama3 RoPE scaling, GQA, biases, untied head: the Flax model on
-  the directory equals a NumPy forward of the raw Hugging Face tensors."""
-  config, params = write_tiny(tmp_path, dtype=dtype)
+@pytest.mark.parametrize('dtype,config', [
+    ('float32', tiny_config()),  # llama3 RoPE, q/k/v biases, untied head
+    ('bfloat16', tiny_config()),
+    ('float16', tiny_config(rope_scaling=(('factor', 4.0),
+                                          ('rope_type', 'linear')),
+                            attention_bias=False, tie_embeddings=True)),
+    ('float32', tiny_config(rope_scaling=None, num_kv_heads=4)),
+])
+def test_directory_model_matches_numpy_hf_forward(tmp_path, dtype, config):
+  """Shards, RoPE scaling (llama3, linear, none), GQA or not, biases or not,
+  tied or untied head: the Flax model on the directory equals a NumPy
+  forward of the raw Hugging Face tensors."""
+  config, params = write_tiny(tmp_path, config, dtype=dtype)
   ckpt = hf_checkpoint.CheckpointDir(tmp_path)
   assert ckpt.config == config
   assert len(set(ckpt.files.values())) > 3  # several shards
