@@ -117,19 +117,22 @@ class _Block:
                                    example)['params']
 
   def statistics(self, params, batches):
+    """(statistics, float outputs) of the block over the batches."""
     stats = jax.eval_shape(self.calib.init, jax.random.key(0),
                            batches[0])['quant_stats']
     stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats)
 
     @jax.jit
     def step(stats, x):
-      _, new = self.calib.apply({'params': params, 'quant_stats': stats}, x,
+      y, new = self.calib.apply({'params': params, 'quant_stats': stats}, x,
                                 mutable='quant_stats')
-      return new['quant_stats']
+      return new['quant_stats'], y
 
+    outputs = []
     for x in batches:
-      stats = step(stats, x)
-    return stats
+      stats, y = step(stats, x)
+      outputs.append(y)
+    return stats, outputs
 
   def forward(self, params, batches, quantized):
     apply = jax.jit(self.quantized.apply) if quantized else self.float_apply
@@ -177,14 +180,18 @@ def quantize_checkpoint(source, out, settings: Settings, calib_ids,
     quantized = _stored_block(out, i, block.abstract, fingerprint)
     if quantized is None or not sequential:
       fp = {block.name: clock('read', read(block.name))}
+    float_outputs = None
     if quantized is None:
-      stats = clock('calibrate', block.statistics(fp, batches))
+      stats, float_outputs = clock('calibrate', block.statistics(fp, batches))
       quantized = clock('quantize', lqer_quantize_params(
           fp, block.abstract, calibration=stats, base=settings.base))
       clock('write', _save(out, quantized, fingerprint, block_file(i)))
       del stats
-    batches = clock('forward', block.forward(
-        quantized if sequential else fp, batches, quantized=sequential))
+    if sequential:
+      batches = clock('forward', block.forward(quantized, batches, True))
+    else:  # the calibration pass ran the float block already
+      batches = float_outputs or clock('forward', block.forward(fp, batches,
+                                                                False))
     records.append({'block': i, **clock.seconds, 'seconds': clock.total,
                     'peak_rss_gb': peak_rss_gb()})
     bar.set_postfix_str(f'{clock.total:.1f} s/block, peak RSS'
