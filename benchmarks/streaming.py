@@ -186,11 +186,12 @@ def in_memory(args, methods):
   example = jax.ShapeDtypeStruct(batches[0].shape, batches[0].dtype)
   out = {}
   for method in methods:
-    rules = streaming.Settings(bits=4, tile_size=128, rank=32,
-                               method=method).rules(ckpt.config)
-    block = streaming._Block(ckpt.config, 0, rules, example)  # pylint: disable=protected-access
-    calib = []
-    for _ in range(2):  # the second, compiled call counts
+    settings = streaming.Settings(bits=4, tile_size=128, rank=32,
+                                  method=method)
+    block = streaming._Block(ckpt.config, 0, settings.rules(ckpt.config),  # pylint: disable=protected-access
+                             example, settings.second_moment)
+    calib, stats = [0.0], None  # 'svd' on RTN reads no statistics
+    for _ in range(2 if settings.calibrated else 0):  # the compiled call counts
       start = time.perf_counter()
       stats = jax.block_until_ready(block.statistics(fp, batches))[0]
       calib.append(time.perf_counter() - start)

@@ -72,6 +72,17 @@ class Settings:
   base: str = 'rtn'
   factor_qtype: str | None = None
 
+  @property
+  def calibrated(self) -> bool:
+    """Whether quantizing reads activation statistics ('svd' on the RTN
+    base does not: its blocks need no calibration pass and no forward)."""
+    return self.method != 'svd' or self.base != 'rtn'
+
+  @property
+  def second_moment(self) -> bool:
+    """Whether E[x^T x] is needed (qera, gptq), not only mean |x|."""
+    return self.method == 'qera' or self.base == 'gptq'
+
   def rules(self, config):
     from lqer import evaluation  # pylint: disable=g-import-not-at-top
     return evaluation.build_rules(
@@ -106,12 +117,13 @@ def peak_rss_gb() -> float:
 class _Block:
   """Decoder block `layer`: its float, calibration and quantized forms."""
 
-  def __init__(self, config, layer, rules, example):
+  def __init__(self, config, layer, rules, example, second_moment=True):
     from models.llama import SingleBlock  # pylint: disable=g-import-not-at-top
     self.name = f'layers_{layer}'
     module = SingleBlock(config, layer)
     self.float_apply = jax.jit(module.apply)
-    self.calib = qwix.quantize_model(module, LqerCalibrationProvider(rules))
+    self.calib = qwix.quantize_model(module, LqerCalibrationProvider(
+        rules, second_moment=second_moment))
     self.quantized = qwix.quantize_model(module, LqerProvider(rules))
     self.abstract = jax.eval_shape(self.quantized.init, jax.random.key(0),
                                    example)['params']
@@ -148,7 +160,8 @@ def quantize_checkpoint(source, out, settings: Settings, calib_ids,
   time. Returns a record per block: seconds per phase (setup: tracing the
   block's modules; read, calibrate, quantize, write, forward; a block
   resumed from its file is not calibrated, quantized or written, nor read
-  when sequential), their total and the process's peak RSS so far."""
+  when sequential; settings that are not `calibrated` skip calibrate and
+  forward), their total and the process's peak RSS so far."""
   from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
   _check_mesh(mesh)
   ckpt = source if isinstance(source, CheckpointDir) else CheckpointDir(source)
@@ -164,32 +177,37 @@ def quantize_checkpoint(source, out, settings: Settings, calib_ids,
   if not (out / REST).exists():
     _save(out, rest, fingerprint, REST)
   activations = NamedSharding(mesh, P('data')) if mesh is not None else None
+  calibrated = settings.calibrated
   batches = [jax.device_put(jnp.take(rest['embed']['embedding'],
                                      calib_ids[i:i + batch], axis=0),
                             activations)
-             for i in range(0, len(calib_ids), batch)]
+             for i in range(0, len(calib_ids), batch) if calibrated]
   del rest
+  example = jax.ShapeDtypeStruct(
+      (min(batch, len(calib_ids)), calib_ids.shape[1], config.hidden_size),
+      jnp.float32)
   bar = tqdm(range(config.num_layers), desc='lqer quantize', unit='block',
              disable=not progress)
   records = []
   for i in bar:
     clock = _Clock()
-    block = _Block(config, i, rules,
-                   jax.ShapeDtypeStruct(batches[0].shape, batches[0].dtype))
+    block = _Block(config, i, rules, example, settings.second_moment)
     clock('setup', None)
     quantized = _stored_block(out, i, block.abstract, fingerprint)
-    if quantized is None or not sequential:
+    if quantized is None or (calibrated and not sequential):
       fp = {block.name: clock('read', read(block.name))}
-    float_outputs = None
+    stats = float_outputs = None
     if quantized is None:
-      stats, float_outputs = clock('calibrate', block.statistics(fp, batches))
+      if calibrated:
+        stats, float_outputs = clock('calibrate',
+                                     block.statistics(fp, batches))
       quantized = clock('quantize', lqer_quantize_params(
           fp, block.abstract, calibration=stats, base=settings.base))
       clock('write', _save(out, quantized, fingerprint, block_file(i)))
       del stats
-    if sequential:
+    if calibrated and sequential:
       batches = clock('forward', block.forward(quantized, batches, True))
-    else:  # the calibration pass ran the float block already
+    elif calibrated:  # the calibration pass ran the float block already
       batches = float_outputs or clock('forward', block.forward(fp, batches,
                                                                 False))
     records.append({'block': i, **clock.seconds, 'seconds': clock.total,
