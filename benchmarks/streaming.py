@@ -7,8 +7,9 @@ and prints the first block's seconds, the medians per block and per phase
 over blocks 2..n, the child's wall time (start-up included) and peak RSS
 (VmRSS every 0.2 s and its maxrss at exit; GB = 2^30 bytes) against the 7b
 targets (8 GB; 60 min qera, 25 min svd); then block 0 quantized from memory
-in this process (as benchmarks/offline_pass.py) and the ratio streamed /
-in-memory s / block (target <= 1.5). No JAX backend starts here before the
+in this process (as benchmarks/offline_pass.py), with and without its
+calibration pass, and the ratios streamed / in-memory s / block (target
+<= 1.5 against the quantize step alone). No JAX backend starts here before the
 children ran (a spawned process writes the checkpoint): they get the GPU.
 
     python benchmarks/streaming.py [--methods qera svd] [--json FILE]
