@@ -16,23 +16,11 @@ def _by_method(rows):
 
 
 @pytest.mark.slow
-def test_smollm2_small_end_to_end():
-  task = evaluation.smollm2_task(n_calib=1024, n_eval=512)
-  rows = _by_method(evaluation.run(task, 4, 128, [32], ['qera']))
-  fp, ptq = rows['FP'].value, rows['PTQ'].value
-  assert 3 < fp < 40, fp  # sane perplexity on English prose
-  assert rows['QERA'].value < ptq
-  assert 4 < rows['QERA'].bits_per_weight < 6
-
-
-@pytest.mark.slow
 def test_minilm_small_end_to_end(tmp_path):
   task = evaluation.minilm_task(n_calib=64, n_eval=48)
-  rows = _by_method(evaluation.run(task, 4, 128, [16], ['svd', 'l2qer',
-                                                         'qera']))
+  rows = _by_method(evaluation.run(task, 4, 128, [16], ['l2qer', 'qera']))
   ptq = rows['PTQ'].value
-  assert rows['L2QER'].value < ptq and rows['QERA'].value < ptq
-  assert rows['QERA'].value < rows['LQER'].value
+  assert rows['QERA'].value < rows['L2QER'].value < ptq
   # FP sanity: a paraphrase is closer than an unrelated sentence.
   from models import minilm  # pylint: disable=g-import-not-at-top
   emb = minilm.encode(task.module, task.params, minilm.load_minilm()[2], [
@@ -251,7 +239,7 @@ def test_finetune_step_holds_no_float_copy_of_the_base():
 
 @pytest.mark.slow
 def test_finetune_minilm_distillation_cli(tmp_path, monkeypatch, capsys):
-  task = evaluation.minilm_task(n_calib=64, n_eval=48)
+  task = evaluation.minilm_task(n_calib=32, n_eval=32)
   monkeypatch.setitem(evaluation.TASKS, 'minilm', lambda *a, **k: task)
   out = tmp_path / 'ft.json'
   cli.main(['finetune', '--model', 'minilm', '--steps', '2', '--rank', '16',
