@@ -136,8 +136,8 @@ class CheckpointDir:
   """A checked, lazily read Hugging Face checkpoint directory.
 
   Attributes:
-    path, config (`LlamaConfig`), hf_config (the config.json dict),
-    files ({HF name: shard path}), reads and read_elements (tensor reads
+    path, config (`LlamaConfig`), hf_config (the config.json dict), names
+    (`tensor_names` of the config), files ({HF name: shard path}), reads and read_elements (tensor reads
     so far, and their elements: one read per `read` without a sharding,
     one per distinct device slice with one).
   """
@@ -150,6 +150,7 @@ class CheckpointDir:
                                " Face checkpoint directory")
     self.hf_config = json.loads(config_file.read_text())
     self.config = config_from_hf(self.hf_config)
+    self.names = tensor_names(self.config)
     self.files = self._index()
     self.reads = self.read_elements = 0
     self._check()
@@ -182,7 +183,7 @@ class CheckpointDir:
 
   def _check(self):
     """Names, shapes and dtypes of every tensor against the config."""
-    expected = tensor_names(self.config)
+    expected = self.names
     unknown = sorted(n for n in self.files
                      if n not in expected and not BUFFERS.fullmatch(n))
     if unknown:
@@ -209,8 +210,7 @@ class CheckpointDir:
     """Tensor `name` as a float32 array in Flax layout; with a
     `jax.sharding.Sharding`, each addressable device's slice is read alone
     (`jax.make_array_from_callback`), so a host reads only its shards."""
-    path, transpose = tensor_names(self.config)[name]
-    del path
+    transpose = self.names[name][1]
     with _open(self.files[name]) as f:
       if sharding is None:
         x = f.get_tensor(name)
@@ -236,7 +236,7 @@ class CheckpointDir:
     'norm', 'lm_head'), read one tensor at a time. shardings: a function
     (Flax path) -> Sharding or None."""
     flat = {}
-    for name, (path, _) in tensor_names(self.config).items():
+    for name, (path, _) in self.names.items():
       if path[0] == prefix:
         flat[path[1:]] = self.read(name, shardings and shardings(path))
     return flax.traverse_util.unflatten_dict(flat)
