@@ -3,12 +3,7 @@
 Usage (Linen):
 
     cal_model = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules))
-    variables = cal_model.init(key, x)
-    for batch in batches:
-      _, new = jax.jit(cal_model.apply, static_argnames='mutable')(
-          variables, batch, mutable='quant_stats')
-      variables = {**variables, **new}
-    stats = variables['quant_stats']
+    stats = lqer.calibration.run(cal_model, params, [(x,) for x in batches])
 
 For every weight that an `LqerRule` with a `weight_qtype` matches, the sums of
 |x| and x^T x and the max of |x| over all tokens of that op's input are
@@ -21,6 +16,7 @@ batch axes get no statistics (their slices see different inputs) and
 import jax
 import jax.numpy as jnp
 import qwix
+from tqdm.auto import tqdm
 from qwix._src.core import einsum_info
 from qwix._src.utils import flax_util
 
@@ -94,3 +90,32 @@ def tokens_by_kernel_order(lhs, lhs_contracting, rhs_contracting):
   for a in contracting:
     n_in *= lhs.shape[a]
   return x.reshape(-1, n_in)
+
+
+def run(cal_model, params, batches, *, outputs: bool = False,
+        progress: bool = False):
+  """The `quant_stats` of `cal_model` (a Linen model under
+  LqerCalibrationProvider) over `batches` (each a tuple of model inputs),
+  accumulated from zeros; with `outputs`, also the list of model outputs.
+
+  One jitted step per call, params passed as an argument: closed over, a
+  7B-shaped block's 0.8 GB of weights became compile-time constants and
+  doubled the pass. Without `outputs` the step returns none, so work that
+  only the output needs (e.g. the last projection) is dropped by XLA.
+  """
+  stats = jax.eval_shape(cal_model.init, jax.random.key(0),
+                         *batches[0])['quant_stats']
+  stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats)
+
+  @jax.jit
+  def step(params, stats, batch):
+    y, new = cal_model.apply({'params': params, 'quant_stats': stats},
+                             *batch, mutable='quant_stats')
+    return new['quant_stats'], (y if outputs else None)
+
+  ys = []
+  for batch in tqdm(batches, desc='calibration', leave=False,
+                    disable=not progress):
+    stats, y = step(params, stats, batch)
+    ys.append(y)
+  return (stats, ys) if outputs else stats

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
-from tqdm.auto import tqdm
 
 from lqer import allocation
+from lqer import calibration
 from lqer import checkpoint
 from lqer.calibration import LqerCalibrationProvider
 from lqer.packing import pack_params
@@ -223,17 +223,7 @@ def build_rules(fp_params, module_path: str, bits: int, tile_size, rank,
 def calibrate(task: Task, rules) -> Any:
   """Runs the float model under LqerCalibrationProvider over the batches."""
   cal = qwix.quantize_model(task.module, LqerCalibrationProvider(rules))
-  stats = cal.init(jax.random.key(0), *task.example)['quant_stats']
-
-  @jax.jit
-  def step(stats, batch):
-    _, new = cal.apply({'params': task.params, 'quant_stats': stats}, *batch,
-                       mutable='quant_stats')
-    return new['quant_stats']
-
-  for batch in tqdm(task.calib_batches, desc='calibration', leave=False):
-    stats = step(stats, batch)
-  return stats
+  return calibration.run(cal, task.params, task.calib_batches, progress=True)
 
 
 def quantize(task: Task, rules, stats, base='rtn', compute_dtype=jnp.float32,

@@ -24,6 +24,7 @@ row-parallel o, down) and the activations split over 'data'; with
 `jax.distributed.initialize()` each host reads only its own shards.
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -40,6 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from lqer import calibration
 from lqer import checkpoint
 from lqer.calibration import LqerCalibrationProvider
 from lqer.packing import pack_params
@@ -128,23 +130,11 @@ class _Block:
     self.abstract = jax.eval_shape(self.quantized.init, jax.random.key(0),
                                    example)['params']
 
-  def statistics(self, params, batches):
-    """(statistics, float outputs) of the block over the batches."""
-    stats = jax.eval_shape(self.calib.init, jax.random.key(0),
-                           batches[0])['quant_stats']
-    stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats)
-
-    @jax.jit
-    def step(stats, x):
-      y, new = self.calib.apply({'params': params, 'quant_stats': stats}, x,
-                                mutable='quant_stats')
-      return new['quant_stats'], y
-
-    outputs = []
-    for x in batches:
-      stats, y = step(stats, x)
-      outputs.append(y)
-    return stats, outputs
+  def statistics(self, params, batches, outputs):
+    """The block's statistics over the batches (and, with `outputs`, the
+    float block's outputs)."""
+    return calibration.run(self.calib, params,
+                           [(x,) for x in batches], outputs=outputs)
 
   def forward(self, params, batches, quantized):
     apply = jax.jit(self.quantized.apply) if quantized else self.float_apply
@@ -158,10 +148,12 @@ def quantize_checkpoint(source, out, settings: Settings, calib_ids,
   `models.hf_checkpoint.CheckpointDir`) to directory `out`, one block at a
   time. calib_ids: (windows, window) int token ids, run `batch` windows at a
   time. Returns a record per block: seconds per phase (setup: tracing the
-  block's modules; read, calibrate, quantize, write, forward; a block
-  resumed from its file is not calibrated, quantized or written, nor read
-  when sequential; settings that are not `calibrated` skip calibrate and
-  forward), their total and the process's peak RSS so far."""
+  block's modules; read, calibrate, quantize, write, forward; read and
+  write run on a background thread during the previous block's forward,
+  and count the time the pass waited for them; a block resumed from its
+  file is not calibrated, quantized or written, nor read when sequential;
+  settings that are not `calibrated` skip calibrate and forward), their
+  total and the process's peak RSS so far."""
   from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
   _check_mesh(mesh)
   ckpt = source if isinstance(source, CheckpointDir) else CheckpointDir(source)
@@ -188,32 +180,56 @@ def quantize_checkpoint(source, out, settings: Settings, calib_ids,
       jnp.float32)
   bar = tqdm(range(config.num_layers), desc='lqer quantize', unit='block',
              disable=not progress)
-  records = []
-  for i in bar:
-    clock = _Clock()
-    block = _Block(config, i, rules, example, settings.second_moment)
-    clock('setup', None)
-    quantized = _stored_block(out, i, block.abstract, fingerprint)
-    if quantized is None or (calibrated and not sequential):
-      fp = {block.name: clock('read', read(block.name))}
-    stats = float_outputs = None
-    if quantized is None:
-      if calibrated:
-        stats, float_outputs = clock('calibrate',
-                                     block.statistics(fp, batches))
-      quantized = clock('quantize', lqer_quantize_params(
-          fp, block.abstract, calibration=stats, base=settings.base))
-      clock('write', _save(out, quantized, fingerprint, block_file(i)))
-      del stats
-    if calibrated and sequential:
-      batches = clock('forward', block.forward(quantized, batches, True))
-    elif calibrated:  # the calibration pass ran the float block already
-      batches = float_outputs or clock('forward', block.forward(fp, batches,
-                                                                False))
-    records.append({'block': i, **clock.seconds, 'seconds': clock.total,
-                    'peak_rss_gb': peak_rss_gb()})
-    bar.set_postfix_str(f'{clock.total:.1f} s/block, peak RSS'
-                        f' {peak_rss_gb():.2f} GB')
+  needs_read = lambda i: i < config.num_layers and (
+      not (out / block_file(i)).exists() or (calibrated and not sequential))
+  # A background thread writes each block's file and reads the next block's
+  # float weights once this block's are no longer needed (after its
+  # quantize step, so memory holds one float block), while the forward runs.
+  io = concurrent.futures.ThreadPoolExecutor(1, 'lqer-io')
+  reading = io.submit(read, 'layers_0') if needs_read(0) else None
+  writing, records = None, []
+  try:
+    for i in bar:
+      clock = _Clock()
+      block = _Block(config, i, rules, example, settings.second_moment)
+      clock('setup', None)
+      quantized = _stored_block(out, i, block.abstract, fingerprint)
+      if reading is not None:
+        fp = {block.name: clock('read', reading.result())}
+      if writing is not None:  # done before the read (one thread, in order)
+        writing.result()  # raises the write's error
+      reading = stats = float_outputs = None
+      if quantized is None:
+        if calibrated and sequential:
+          stats = clock('calibrate', block.statistics(fp, batches, False))
+        elif calibrated:
+          stats, float_outputs = clock('calibrate',
+                                       block.statistics(fp, batches, True))
+        quantized = clock('quantize', lqer_quantize_params(
+            fp, block.abstract, calibration=stats, base=settings.base))
+        del stats
+        if jax.process_count() == 1:
+          writing = io.submit(_save, out, quantized, fingerprint,
+                              block_file(i))
+          clock('write', None)
+        else:  # process_allgather is collective: every process, in order
+          clock('write', _save(out, quantized, fingerprint, block_file(i)))
+      if calibrated and not sequential:  # the float block's outputs
+        batches = float_outputs or clock(
+            'forward', block.forward(fp, batches, False))
+      fp = None
+      if needs_read(i + 1):
+        reading = io.submit(read, f'layers_{i + 1}')
+      if calibrated and sequential:
+        batches = clock('forward', block.forward(quantized, batches, True))
+      records.append({'block': i, **clock.seconds, 'seconds': clock.total,
+                      'peak_rss_gb': peak_rss_gb()})
+      bar.set_postfix_str(f'{clock.total:.1f} s/block, peak RSS'
+                          f' {peak_rss_gb():.2f} GB')
+    if writing is not None:
+      writing.result()
+  finally:
+    io.shutdown(cancel_futures=True)
   return records
 
 

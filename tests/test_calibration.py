@@ -20,6 +20,7 @@ from qwix.contrib import gptq as qwix_gptq
 import lqer
 from lqer import LqerCalibrationProvider, LqerProvider, LqerRule
 from lqer import lqer_quantize_params
+from lqer import stats as stats_lib
 from tests import reference
 
 KEY = jax.random.key(0)
@@ -155,6 +156,16 @@ def _check_inference(model, rules, params, x, want):
 
 
 # ------------------------------------------ statistics: exact token means --
+
+
+def test_gram_assembles_the_upper_blocks_into_x_transpose_x():
+  # 3 blocks of 1024 and a ragged one of 50: the lower blocks are the
+  # transposes of the upper ones.
+  x = np.random.default_rng(0).standard_normal((300, 3 * 1024 + 50))
+  got = np.asarray(stats_lib.gram(jnp.asarray(x, jnp.float32)), np.float64)
+  want = x.T @ x
+  np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+  np.testing.assert_array_equal(got, got.T)
 
 
 @pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
