@@ -8,6 +8,7 @@ and split first, their residuals quantized after (`_run_svdquant`).
 """
 
 import dataclasses
+import functools
 import hashlib
 import math
 from typing import Any, Callable
@@ -300,15 +301,27 @@ def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):
       [ranks[j.path] for j in chunk])[:, None]
   fit = _quantized(chunk, jnp.stack([j.weight for j in chunk]), fit,
                    _method_stats(chunk, factors), keep)
+  rule = chunk[0].rule
+  dtype = jnp.dtype(rule.factor_qtype or rule.factor_dtype)
   out = {}
   for i, job in enumerate(chunk):
-    k = ranks[job.path]
-    one = fit.take(i)
+    a, b, a_scale, b_scale = _rank_prefix(
+        fit.a, fit.b, fit.a_scale, fit.b_scale, i, k=ranks[job.path],
+        dtype=dtype, scale_dtype=jnp.dtype(rule.factor_dtype))
     out[job.path] = _weight(job, dataclasses.replace(
-        one, a=one.a[..., :k], b=one.b[..., :k, :],
-        a_scale=None if one.a_scale is None else one.a_scale[..., :k],
-        b_scale=None if one.b_scale is None else one.b_scale[..., :k, :]))
+        fit.take(i), a=a, b=b, a_scale=a_scale, b_scale=b_scale))
   return out
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'dtype', 'scale_dtype'))
+def _rank_prefix(a, b, a_scale, b_scale, i, *, k, dtype, scale_dtype):
+  """Weight i's first k ranks of a chunk's factors, A (n, ..., in, r),
+  B (n, ..., r, out) and their scales, in the dtypes they are stored in:
+  one compiled call per k, instead of a slice and a cast per weight."""
+  cut = lambda s, last: None if s is None else (
+      s[i, ..., :k] if last else s[i, ..., :k, :]).astype(scale_dtype)
+  return (a[i, ..., :k].astype(dtype), b[i, ..., :k, :].astype(dtype),
+          cut(a_scale, True), cut(b_scale, False))
 
 
 def _weight(job: Job, fit: _Fit) -> WithLqer:

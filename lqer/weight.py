@@ -1,6 +1,7 @@
 """`WithLqer`: a Qwix PTQ weight that also carries the low-rank factors."""
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -79,8 +80,9 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
     a, b = flax_util.unbox(self.a), flax_util.unbox(self.b)
     if self.a_scale is None:
       return a.astype(dtype), b.astype(dtype)
-    return (a.astype(dtype) * flax_util.unbox(self.a_scale).astype(dtype),
-            b.astype(dtype) * flax_util.unbox(self.b_scale).astype(dtype))
+    return _dequantized_factors(a, b, flax_util.unbox(self.a_scale),
+                                flax_util.unbox(self.b_scale),
+                                jnp.dtype(dtype))
 
   @property
   def rank(self) -> int:
@@ -91,6 +93,14 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
     return layout_lib.KernelLayout(
         tuple(self.shape), self.contracting_axes, self.batch_axes
     )
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _dequantized_factors(a, b, a_scale, b_scale, dtype):
+  """(A * a_scale, B * b_scale) in dtype: one compiled call per shape
+  outside a trace (a report over many ranks), inlined inside one."""
+  return (a.astype(dtype) * a_scale.astype(dtype),
+          b.astype(dtype) * b_scale.astype(dtype))
 
 
 def _new_base(old, new) -> bool:
