@@ -173,10 +173,8 @@ class _Fit:
 
   def take(self, i):
     """The i-th weight's fit of a chunk's."""
-    pick = lambda x: None if x is None else x[i]
-    return _Fit(jax.tree.map(lambda x: x[i], self.qs),
-                pick(self.input_scales), self.a[i], self.b[i],
-                pick(self.a_scale), pick(self.b_scale))
+    return _Fit(*_take((self.qs, self.input_scales, self.a, self.b,
+                        self.a_scale, self.b_scale), i))
 
 
 def _method_stats(chunk: list[Job], factors: _CholeskyCache):
@@ -338,6 +336,13 @@ def _weight(job: Job, fit: _Fit) -> WithLqer:
       path=job.name)
 
 
+@jax.jit
+def _take(arrays, i):
+  """Entry i of every stacked array (one compiled call per chunk shape)."""
+  return jax.tree.map(lambda x: x[i], arrays)
+
+
+@jax.jit
 def _stack(trees):
   return jax.tree.map(lambda *x: jnp.stack(x), *trees)
 
