@@ -171,28 +171,25 @@ def test_finetune_cli_small(tmp_path, monkeypatch, capsys):
   task = _first_layers(evaluation.smollm2_task(n_calib=1024, n_eval=512), 4)
   monkeypatch.setitem(evaluation.TASKS, 'smollm2', lambda *a, **k: task)
   out = tmp_path / 'ft.json'
-  cli.main(['finetune', '--steps', '1', '--init', 'zero', 'qera',
+  # QLoRA from zero (step 0 = the PTQ model) is checked on MiniLM below.
+  cli.main(['finetune', '--steps', '1', '--init', 'qera',
             '--json', str(out), '--save', str(tmp_path / 'ck')])
   records = json.loads(out.read_text())
   table = capsys.readouterr().out
   assert '| QERA | 1 |' in table and 'tokens/s' in table
   assert [(r['init'], r['steps']) for r in records] == [
       ('FP', None), ('PTQ', None)] + [
-          (init, n) for init in ('zero (QLoRA)', 'QERA')
-          for n in finetuning.step_counts(1)]
+          ('QERA', n) for n in finetuning.step_counts(1)]
   by = {(r['init'], r['steps']): r for r in records}
-  # Step 0: QLoRA from zero is the PTQ model; from QERA, the QERA model.
-  assert by[('zero (QLoRA)', 0)]['perplexity'] == pytest.approx(
-      by[('PTQ', None)]['perplexity'], rel=1e-4)
+  # Step 0 from QERA is the QERA model.
   assert by[('QERA', 0)]['perplexity'] < by[('PTQ', None)]['perplexity']
   kernels = [w for path, w in jax.tree_util.tree_flatten_with_path(
       task.params)[0] if 'layers_' in str(path[0])
              and str(path[-1].key) == 'kernel']
-  for init in ('zero (QLoRA)', 'QERA'):
-    # a (in, 32) and b (32, out) per quantized kernel.
-    assert by[(init, 0)]['trainable_params'] == sum(32 * sum(w.shape)
-                                                    for w in kernels)
-    assert by[(init, 1)]['train_loss'] > 0
+  # a (in, 32) and b (32, out) per quantized kernel.
+  assert by[('QERA', 0)]['trainable_params'] == sum(32 * sum(w.shape)
+                                                   for w in kernels)
+  assert by[('QERA', 1)]['train_loss'] > 0
   # The saved QERA-init params load as `lqer eval --load` reads them and
   # score what the tuned LoRA model scored (bf16 factors).
   rules, _ = evaluation.build_rules(task.params, task.module_path, 4, 128,
