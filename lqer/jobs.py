@@ -303,11 +303,10 @@ def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):
   dtype = jnp.dtype(rule.factor_qtype or rule.factor_dtype)
   out = {}
   for i, job in enumerate(chunk):
-    a, b, a_scale, b_scale = _rank_prefix(
+    qs, input_scales = _take((fit.qs, fit.input_scales), i)
+    out[job.path] = _weight(job, _Fit(qs, input_scales, *_rank_prefix(
         fit.a, fit.b, fit.a_scale, fit.b_scale, i, k=ranks[job.path],
-        dtype=dtype, scale_dtype=jnp.dtype(rule.factor_dtype))
-    out[job.path] = _weight(job, dataclasses.replace(
-        fit.take(i), a=a, b=b, a_scale=a_scale, b_scale=b_scale))
+        dtype=dtype, scale_dtype=jnp.dtype(rule.factor_dtype))))
   return out
 
 

@@ -137,9 +137,9 @@ class CheckpointDir:
 
   Attributes:
     path, config (`LlamaConfig`), hf_config (the config.json dict), names
-    (`tensor_names` of the config), files ({HF name: shard path}), reads and read_elements (tensor reads
-    so far, and their elements: one read per `read` without a sharding,
-    one per distinct device slice with one).
+    (`tensor_names` of the config), files ({HF name: shard path}), reads
+    and read_elements (tensor reads so far, and their elements: one read
+    per `read` without a sharding, one per distinct device slice with one).
   """
 
   def __init__(self, path):
