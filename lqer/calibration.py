@@ -99,9 +99,10 @@ def run(cal_model, params, batches, *, outputs: bool = False,
   accumulated from zeros; with `outputs`, also the list of model outputs.
 
   One jitted step per call, params passed as an argument: closed over, a
-  7B-shaped block's 0.8 GB of weights became compile-time constants and
-  doubled the pass. Without `outputs` the step returns none, so work that
-  only the output needs (e.g. the last projection) is dropped by XLA.
+  7B-shaped block's 0.8 GB of weights become compile-time constants (README,
+  "Calibration statistics"). Without `outputs` the step returns none, so
+  work that only the output needs (e.g. the last projection) is dropped by
+  XLA.
   """
   stats = jax.eval_shape(cal_model.init, jax.random.key(0),
                          *batches[0])['quant_stats']
