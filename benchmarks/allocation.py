@@ -9,6 +9,7 @@ Calibration runs once; every row uses the same statistics.
 """
 
 import argparse
+import time
 
 import jax
 import numpy as np
@@ -31,7 +32,10 @@ def main():
   p.add_argument('--factor-bits', type=int, choices=[16, 8, 4], default=8)
   p.add_argument('--method', default='qera')
   p.add_argument('--normalize', nargs='+',
-                 default=[*allocation.NORMALIZE, 'sensitivity'])
+                 default=[*allocation.NORMALIZE, 'sensitivity', 'fisher'])
+  p.add_argument('--probe-tokens', type=int, default=None,
+                 help='smollm2: tokens of the probe batch (default: the'
+                 " task's)")
   args = p.parse_args()
   task = evaluation.TASKS[args.model]()
   rules_for = lambda rank: evaluation.build_rules(
@@ -52,14 +56,20 @@ def main():
     return extra
 
   spent = []
-  sens = None
+  sens = {}
+  probe = task.probe_batches or task.calib_batches[:1]
+  if args.probe_tokens:
+    tokens = np.concatenate([b[0] for b in task.calib_batches])
+    probe = [(tokens.reshape(-1, 256)[:args.probe_tokens // 256],)]
   for how in args.normalize:
-    if how == 'sensitivity' and sens is None:
-      sens = allocation.output_sensitivity(
+    if how in ('sensitivity', 'fisher') and how not in sens:
+      start = time.perf_counter()
+      sens[how] = allocation.output_sensitivity(
           lambda p, *b: task.module.apply({'params': p}, *b), task.params,
-          ptq, task.probe_batches or task.calib_batches[:1])
-    budget = (allocation.Budget(args.budget, sensitivity=sens)
-              if how == 'sensitivity'
+          ptq, probe, output='softmax' if how == 'fisher' else 'gaussian')
+      print(f'  {how} probe: {time.perf_counter() - start:.1f} s', flush=True)
+    budget = (allocation.Budget(args.budget, sensitivity=sens[how])
+              if how in sens
               else allocation.Budget(args.budget, normalize=how))
     model, params, _ = evaluation.quantize(task, rules_for('auto'), stats,
                                            budget_bits=budget)

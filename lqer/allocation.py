@@ -154,7 +154,7 @@ def _normalized(gains, out_energy, err_energy, how):
 
 
 def output_sensitivity(apply_fn, fp_params, ptq_params, batches, *,
-                       probes=16, seed=0) -> dict:
+                       probes=16, seed=0, output='gaussian') -> dict:
   """{path: ||J_w D_w||^2 / ||f||^2}: how far the model's output f moves,
   to first order, when only weight w takes its Qwix PTQ error D_w
   (`ptq_params`), J_w the Jacobian of f in W_w.
@@ -162,10 +162,22 @@ def output_sensitivity(apply_fn, fp_params, ptq_params, batches, *,
   Estimated for every weight at once (Hutchinson): for v ~ N(0, I) over
   the output, E_v[<v, J_w D_w>^2] = ||J_w D_w||^2 and <v, J_w D_w> =
   <J_w^T v, D_w>, so each of `probes` backward passes (one jitted forward
-  per batch) gives a sample for all weights; relative std ~ sqrt(2/probes).
+  per batch) gives a sample for all weights. Examples (the leading axis of
+  every batch argument) move separate outputs, so each is probed on its
+  own (per-example gradients, same multiplies): probes x examples samples,
+  relative std ~ sqrt(2 / (probes * examples)).
   apply_fn(params, *batch) -> output pytree; fp_params a pure dict;
-  batches a list of argument tuples.
+  batches a list of argument tuples, examples on axis 0.
+
+  output='softmax': the output is one array of logits over its last axis,
+  and each position's v = onehot(y) - p with y ~ p = softmax(f), so
+  E[v vᵀ] = diag(p) - p pᵀ, the Fisher of the model's prediction: the
+  value is then Dᵀ Jᵀ F J D / positions, twice the mean KL(p_fp ‖ p_w) per
+  position to second order, the loss increase a perplexity measures.
   """
+  if output not in ('gaussian', 'softmax'):
+    raise ValueError(f"output={output!r}: use 'gaussian' (any output) or"
+                     " 'softmax' (logits)")
   flat_fp = flax.traverse_util.flatten_dict(fp_params)
   flat_q = flax.traverse_util.flatten_dict(ptq_params)
   paths = [p for p, q in flat_q.items() if isinstance(q, ptq.WithAux)]
@@ -173,26 +185,50 @@ def output_sensitivity(apply_fn, fp_params, ptq_params, batches, *,
             .astype(jnp.float32) - flat_fp[p].astype(jnp.float32)
             for p in paths]
 
-  @jax.jit
-  def probe(params, deltas, batch, key):
-    out, pullback = jax.vjp(lambda p: apply_fn(p, *batch), params)
+  def direction(k, x):
+    if output == 'gaussian':
+      return jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+    p = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
+    y = jax.random.categorical(k, x.astype(jnp.float32), axis=-1)
+    return (jax.nn.one_hot(y, x.shape[-1]) - p).astype(x.dtype)
+
+  def example(params, weights, deltas, inputs, key):
+    """One example's squared <J_w^T v, D_w> (gradients of the quantized
+    weights only), mean over probes, and its output energy (or positions)."""
+    def apply(weights):
+      flat = flax.traverse_util.flatten_dict(params) | dict(zip(paths, weights))
+      return apply_fn(flax.traverse_util.unflatten_dict(flat),
+                      *(x[None] for x in inputs))
+    out, pullback = jax.vjp(apply, weights)
     leaves, treedef = jax.tree.flatten(out)
-    keys = jax.random.split(key, probes)
 
     def one(k):
-      vs = [jax.random.normal(kk, x.shape, jnp.float32).astype(x.dtype)
+      vs = [direction(kk, x)
             for kk, x in zip(jax.random.split(k, len(leaves)), leaves)]
-      grads = flax.traverse_util.flatten_dict(
-          pullback(jax.tree.unflatten(treedef, vs))[0])
-      return jnp.stack([jnp.vdot(grads[p].astype(jnp.float32), d)
-                        for p, d in zip(paths, deltas)])
+      grads = pullback(jax.tree.unflatten(treedef, vs))[0]
+      return jnp.stack([jnp.vdot(g.astype(jnp.float32), d)
+                        for g, d in zip(grads, deltas)])
 
-    energy = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
-    return jnp.mean(jnp.square(jax.lax.map(one, keys)), axis=0), energy
+    if output == 'softmax':
+      energy = sum(x.size // x.shape[-1] for x in leaves)
+    else:
+      energy = sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                   for x in leaves)
+    inner = jax.lax.map(one, jax.random.split(key, probes))
+    return jnp.mean(jnp.square(inner), axis=0), energy
 
+  @jax.jit
+  def probe(params, weights, deltas, batch, key):
+    keys = jax.random.split(key, len(batch[0]))
+    moved, energy = jax.lax.map(  # vmapped 8 at a time
+        lambda a: example(params, weights, deltas, *a), (batch, keys),
+        batch_size=min(8, len(keys)))
+    return jnp.sum(moved, axis=0), jnp.sum(energy)
+
+  weights = [flat_fp[p] for p in paths]
   moved, energy = 0.0, 0.0
   for i, batch in enumerate(batches):
-    m, e = probe(fp_params, deltas, tuple(batch),
+    m, e = probe(fp_params, weights, deltas, tuple(batch),
                  jax.random.fold_in(jax.random.key(seed), i))
     moved, energy = moved + np.asarray(m, np.float64), energy + float(e)
   return {p: float(v) / energy for p, v in zip(paths, moved)}

@@ -119,4 +119,7 @@ def run(cal_model, params, batches, *, outputs: bool = False,
                     disable=not progress):
     stats, y = step(params, stats, batch)
     ys.append(y)
+  # Done here, not in whatever first reads the statistics (a quantize step
+  # timed after this would otherwise include the calibration's compute).
+  stats = jax.block_until_ready(stats)
   return (stats, ys) if outputs else stats

@@ -88,8 +88,9 @@ class Task:
   encode: Callable[[str], Any] | None = None
   train_data: Any = None
   # Inputs of `allocation.output_sensitivity` for --budget (default: the
-  # first calibration batch).
+  # first calibration batch), and its `output` ('softmax': logits).
   probe_batches: list[Any] | None = None
+  probe_output: str = 'gaussian'
 
 
 def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
@@ -300,7 +301,8 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
     start = time.perf_counter()
     sensitivity = allocation.output_sensitivity(
         lambda p, *b: task.module.apply({'params': p}, *b), task.params,
-        ptq_params, task.probe_batches or task.calib_batches[:1])
+        ptq_params, task.probe_batches or task.calib_batches[:1],
+        output=task.probe_output)
     probe_secs = time.perf_counter() - start
   for method in methods if budget is not None else ():
     model, params, secs = quantize(

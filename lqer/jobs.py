@@ -300,25 +300,30 @@ def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):
   fit = _quantized(chunk, jnp.stack([j.weight for j in chunk]), fit,
                    _method_stats(chunk, factors), keep)
   rule = chunk[0].rule
-  dtype = jnp.dtype(rule.factor_qtype or rule.factor_dtype)
+  factors = _stored(fit.a, fit.b, fit.a_scale, fit.b_scale,
+                    dtype=jnp.dtype(rule.factor_qtype or rule.factor_dtype),
+                    scale_dtype=jnp.dtype(rule.factor_dtype))
+  if all(x is None or x.is_fully_addressable for x in factors):
+    factors = jax.device_get(factors)  # slicing on the host compiles nothing
   out = {}
   for i, job in enumerate(chunk):
+    k = ranks[job.path]
     qs, input_scales = _take((fit.qs, fit.input_scales), i)
-    out[job.path] = _weight(job, _Fit(qs, input_scales, *_rank_prefix(
-        fit.a, fit.b, fit.a_scale, fit.b_scale, i, k=ranks[job.path],
-        dtype=dtype, scale_dtype=jnp.dtype(rule.factor_dtype))))
+    a, b, a_scale, b_scale = (None if x is None else x[i] for x in factors)
+    out[job.path] = _weight(job, _Fit(
+        qs, input_scales, jnp.asarray(a[..., :k]), jnp.asarray(b[..., :k, :]),
+        None if a_scale is None else jnp.asarray(a_scale[..., :k]),
+        None if b_scale is None else jnp.asarray(b_scale[..., :k, :])))
   return out
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'dtype', 'scale_dtype'))
-def _rank_prefix(a, b, a_scale, b_scale, i, *, k, dtype, scale_dtype):
-  """Weight i's first k ranks of a chunk's factors, A (n, ..., in, r),
-  B (n, ..., r, out) and their scales, in the dtypes they are stored in:
-  one compiled call per k, instead of a slice and a cast per weight."""
-  cut = lambda s, last: None if s is None else (
-      s[i, ..., :k] if last else s[i, ..., :k, :]).astype(scale_dtype)
-  return (a[i, ..., :k].astype(dtype), b[i, ..., :k, :].astype(dtype),
-          cut(a_scale, True), cut(b_scale, False))
+@functools.partial(jax.jit, static_argnames=('dtype', 'scale_dtype'))
+def _stored(a, b, a_scale, b_scale, *, dtype, scale_dtype):
+  """A chunk's factors A (n, ..., in, r), B (n, ..., r, out) and their
+  scales in the dtypes they are stored in (one compiled call per chunk)."""
+  cast = lambda x, d: None if x is None else x.astype(d)
+  return (cast(a, dtype), cast(b, dtype), cast(a_scale, scale_dtype),
+          cast(b_scale, scale_dtype))
 
 
 def _weight(job: Job, fit: _Fit) -> WithLqer:

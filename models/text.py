@@ -138,3 +138,32 @@ def split_sentences(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
   if n_calib + n_eval > total:
     raise ValueError(f"cannot take {n_calib} + {n_eval} sentences out of {total}")
   return sentences(n_calib), sentences(n_eval, offset=total - n_eval)
+
+
+# Standard-library modules whose docstrings make the "other text" of README's
+# runs: library documentation, not the language reference of prose_text().
+DOCSTRING_MODULES = (
+    "argparse", "asyncio", "collections", "concurrent.futures", "contextlib",
+    "dataclasses", "decimal", "difflib", "email", "fractions", "functools",
+    "heapq", "http.server", "inspect", "itertools", "json", "logging",
+    "multiprocessing", "pathlib", "pickle", "re", "shutil", "socket",
+    "sqlite3", "statistics", "subprocess", "tarfile", "threading", "typing",
+    "unittest", "urllib.request", "xml.etree.ElementTree", "zipfile")
+
+
+def docstring_text() -> str:
+  """The public docstrings of `DOCSTRING_MODULES`, in order (another
+  English text that ships with Python; `python -m models.text`)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  docs = []
+  for name in DOCSTRING_MODULES:
+    for attr, obj in vars(importlib.import_module(name)).items():
+      doc = None if attr.startswith("_") else inspect.getdoc(obj)
+      if doc:
+        docs.append(doc)
+  return "\n\n".join(docs)
+
+
+if __name__ == "__main__":
+  print(docstring_text())

@@ -354,25 +354,34 @@ def test_budget_and_auto_need_each_other(mlp):
                     *_rules(rank='auto')], budget_bits=0.1)
 
 
-def test_output_sensitivity_estimates_the_first_order_output_change(mlp, ptq):
+@pytest.mark.parametrize('output', ['gaussian', 'softmax'])
+def test_output_sensitivity_estimates_the_first_order_output_change(
+    mlp, ptq, output):
   """Hutchinson's estimate (vjp with random cotangents) against the exact
-  ||J_w D_w||^2 / ||f||^2 from a jvp per weight."""
+  value from a jvp per weight: ||J_w D_w||^2 / ||f||^2, or with 'softmax'
+  (f as logits) sum_t m_tᵀ (diag p_t - p_t p_tᵀ) m_t / positions, m = J_w D_w."""
   model, x, fp, y_fp, _ = mlp
   ptq = ptq[1]
   apply = lambda p, b: model.apply({'params': p}, b)
-  sens = allocation.output_sensitivity(apply, fp, ptq, [(x,)], probes=512)
+  examples = x.reshape(16, -1, x.shape[-1])  # 16 examples of 48 rows
+  sens = allocation.output_sensitivity(apply, fp, ptq, [(examples,)],
+                                       probes=32, output=output)
   assert set(sens) == {('up', 'kernel'), ('mid', 'kernel'),
                        ('down', 'kernel')}
-  energy = float(jnp.sum(jnp.square(y_fp)))
-  exact = {}
+  p = np.asarray(jax.nn.softmax(y_fp, axis=-1), np.float64)
   for name in ('up', 'mid', 'down'):
     w = fp[name]['kernel']
     delta = qwix.dequantize(ptq[name]['kernel'].array).reshape(w.shape) - w
     tangent = jax.tree.map(jnp.zeros_like, fp)
     tangent[name] = {'kernel': delta}
     _, moved = jax.jvp(lambda p: apply(p, x), (fp,), (tangent,))
-    exact[name] = float(jnp.sum(jnp.square(moved))) / energy
-    assert sens[(name, 'kernel')] == pytest.approx(exact[name], rel=0.2)
+    m = np.asarray(moved, np.float64)
+    if output == 'gaussian':
+      exact = np.sum(m * m) / np.sum(np.square(np.asarray(y_fp, np.float64)))
+    else:
+      fisher = np.sum(p * m * m, -1) - np.square(np.sum(p * m, -1))
+      exact = np.mean(fisher)
+    assert sens[(name, 'kernel')] == pytest.approx(exact, rel=0.2)
 
 
 def test_sensitivity_steers_the_allocation(mlp):
