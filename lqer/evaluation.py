@@ -120,6 +120,7 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
           m, p, evals, window, progress=True)},
       module_path=r'layers_\d+/(attn|mlp)/.*',
       encode=encode, train_data=train, probe_batches=[(calib[:1, :256],)],
+      probe_output='softmax',
   )
 
 
