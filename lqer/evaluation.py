@@ -110,16 +110,25 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
   if len(evals) < window:
     raise ValueError(f'evaluation text has {len(evals)} tokens; need at least'
                      f' one window of {window}')
-  calib = calib[:len(calib) // window * window].reshape(-1, window)
+  # Windows of `window` tokens (fewer if the calibration is smaller), four
+  # per batch, and the tokens left over as a last, shorter window.
+  if not len(calib):
+    raise ValueError('calibration text has no tokens')
+  width = min(window, len(calib))
+  full = len(calib) // width * width
+  windows = calib[:full].reshape(-1, width)
+  calib_batches = [(windows[i:i + 4],) for i in range(0, len(windows), 4)]
+  if full < len(calib):
+    calib_batches.append((calib[None, full:],))
   return Task(
       name='smollm2', module=module, params=params,
       example=(jnp.zeros((1, 8), jnp.int32),),
-      calib_batches=[(calib[i:i + 4],) for i in range(0, len(calib), 4)],
+      calib_batches=calib_batches,
       metric='perplexity',
       score=lambda m, p: {'perplexity': smollm2.perplexity(
           m, p, evals, window, progress=True)},
       module_path=r'layers_\d+/(attn|mlp)/.*',
-      encode=encode, train_data=train, probe_batches=[(calib[:1, :256],)],
+      encode=encode, train_data=train, probe_batches=[(windows[:1, :256],)],
       probe_output='softmax',
   )
 
