@@ -32,10 +32,12 @@ def main():
   p.add_argument('--factor-bits', type=int, choices=[16, 8, 4], default=8)
   p.add_argument('--method', default='qera')
   p.add_argument('--normalize', nargs='+',
-                 default=[*allocation.NORMALIZE, 'sensitivity', 'fisher'])
-  p.add_argument('--probe-tokens', type=int, default=None,
-                 help='smollm2: tokens of the probe batch (default: the'
-                 " task's)")
+                 default=[*allocation.NORMALIZE, 'sensitivity', 'fisher'],
+                 help="'sensitivity': output_sensitivity with Gaussian"
+                 " directions; 'fisher': with output='softmax' (logits)")
+  p.add_argument('--probe-seeds', type=int, nargs='+', default=[0],
+                 help="seeds of the 'sensitivity' / 'fisher' probes: one"
+                 ' row each (the spread is the probe noise)')
   args = p.parse_args()
   task = evaluation.TASKS[args.model]()
   rules_for = lambda rank: evaluation.build_rules(
@@ -56,24 +58,25 @@ def main():
     return extra
 
   spent = []
-  sens = {}
   probe = task.probe_batches or task.calib_batches[:1]
-  if args.probe_tokens:
-    tokens = np.concatenate([b[0] for b in task.calib_batches])
-    probe = [(tokens.reshape(-1, 256)[:args.probe_tokens // 256],)]
   for how in args.normalize:
-    if how in ('sensitivity', 'fisher') and how not in sens:
-      start = time.perf_counter()
-      sens[how] = allocation.output_sensitivity(
-          lambda p, *b: task.module.apply({'params': p}, *b), task.params,
-          ptq, probe, output='softmax' if how == 'fisher' else 'gaussian')
-      print(f'  {how} probe: {time.perf_counter() - start:.1f} s', flush=True)
-    budget = (allocation.Budget(args.budget, sensitivity=sens[how])
-              if how in sens
-              else allocation.Budget(args.budget, normalize=how))
-    model, params, _ = evaluation.quantize(task, rules_for('auto'), stats,
-                                           budget_bits=budget)
-    spent.append(add(f'auto ({how})', model, params))
+    probed = how in ('sensitivity', 'fisher')
+    for seed in args.probe_seeds if probed else [None]:
+      budget = allocation.Budget(args.budget, **(
+          {} if probed else {'normalize': how}))
+      label = f'auto ({how})'
+      if probed:
+        start = time.perf_counter()
+        budget.sensitivity = allocation.output_sensitivity(
+            lambda p, *b: task.module.apply({'params': p}, *b), task.params,
+            ptq, probe, seed=seed,
+            output='softmax' if how == 'fisher' else 'gaussian')
+        label = f'auto ({how}, seed {seed})'
+        print(f'  {label} probe: {time.perf_counter() - start:.1f} s',
+              flush=True)
+      model, params, _ = evaluation.quantize(task, rules_for('auto'), stats,
+                                             budget_bits=budget)
+      spent.append(add(label, model, params))
   uniform = evaluation.uniform_rank_for(params, ptq_total['num_weights'],
                                         max(spent))
   model, params, _ = evaluation.quantize(task, rules_for(uniform), stats)

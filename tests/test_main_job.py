@@ -216,16 +216,23 @@ def test_finetune_step_holds_no_float_copy_of_the_base():
   task = evaluation.smollm2_task(n_calib=512, n_eval=512)
   rules, _ = evaluation.build_rules(task.params, task.module_path, 4, 128,
                                     32, 'svd')
-  _, params, _ = evaluation.quantize(task, rules, None)
+  # The step is compiled from shapes: the LQER params' shapes (the
+  # provider's init, as lqer_quantize_params would fill them) suffice.
+  lqer_model = qwix.quantize_model(task.module, LqerProvider(rules))
+  params = jax.eval_shape(lqer_model.init, jax.random.key(0),
+                          *task.example)['params']
   lrules = lora.lora_rules(rules, 32.0)
   lora_model = qwix.apply_lora_to_model(task.module, qwix.LoraProvider(lrules))
-  lora_params = lora.to_lora(params, jax.eval_shape(
-      lora_model.init, jax.random.key(0), *task.example)['params'], lrules)
+  lora_abstract = jax.eval_shape(lora_model.init, jax.random.key(0),
+                                 *task.example)['params']
   optimizer = optax.adamw(1e-3)
   objective = finetuning.smollm2_objective(task, task.train_data, 1, 512)
-  adapters, frozen = training.split_adapters(objective.to_train(lora_params))
+  adapters, frozen = training.split_adapters(jax.eval_shape(
+      lambda p: objective.to_train(lora.to_lora(p, lora_abstract, lrules)),
+      params))
   step = finetuning.compile_step(objective, lrules, optimizer, adapters,
-                                 optimizer.init(adapters), frozen)
+                                 jax.eval_shape(optimizer.init, adapters),
+                                 frozen)
   quantized_fp32 = sum(w.size * 4 for p, w in jax.tree_util.tree_flatten_with_path(
       task.params)[0] if 'layers_' in str(p[0]) and p[-1].key == 'kernel')
   ratio = finetuning.temp_vs_fp32(step, task.params)
