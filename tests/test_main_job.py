@@ -254,3 +254,13 @@ def test_finetune_minilm_distillation_cli(tmp_path, monkeypatch, capsys):
       by[('PTQ', None)]['1-cos'], rel=1e-3)
   # Distillation toward the float embeddings lowers the held-out distance.
   assert by[('zero (QLoRA)', 2)]['1-cos'] < by[('zero (QLoRA)', 0)]['1-cos']
+
+
+@pytest.mark.parametrize('n_calib,shapes', [
+    (256, [(1, 256)]),  # smaller than a window: one shorter window
+    (2548, [(4, 512), (1, 500)]),  # the tokens past the last full window
+])
+def test_smollm2_calibration_windows_keep_every_token(n_calib, shapes):
+  task = evaluation.smollm2_task(n_calib=n_calib, n_eval=512)
+  assert [b[0].shape for b in task.calib_batches] == shapes
+  assert sum(b[0].size for b in task.calib_batches) == n_calib
