@@ -38,6 +38,9 @@ def main():
   p.add_argument('--probe-seeds', type=int, nargs='+', default=[0],
                  help="seeds of the 'sensitivity' / 'fisher' probes: one"
                  ' row each (the spread is the probe noise)')
+  p.add_argument('--sensitivity-power', type=float, default=1.0,
+                 help='probed sensitivities are raised to this power (< 1:'
+                 ' their noise, and their spread, shrink)')
   args = p.parse_args()
   task = evaluation.TASKS[args.model]()
   rules_for = lambda rank: evaluation.build_rules(
@@ -67,10 +70,12 @@ def main():
       label = f'auto ({how})'
       if probed:
         start = time.perf_counter()
-        budget.sensitivity = allocation.output_sensitivity(
+        sens = allocation.output_sensitivity(
             lambda p, *b: task.module.apply({'params': p}, *b), task.params,
             ptq, probe, seed=seed,
             output='softmax' if how == 'fisher' else 'gaussian')
+        budget.sensitivity = {k: v ** args.sensitivity_power
+                              for k, v in sens.items()}
         label = f'auto ({how}, seed {seed})'
         print(f'  {label} probe: {time.perf_counter() - start:.1f} s',
               flush=True)
