@@ -18,7 +18,8 @@ randomized solver against the exact one, (||E||^2 - ||E - AB||^2) / same for
 exact, for plain (E) and weighted (L^T E) matrices by power iterations
 (block Krylov and subspace iteration), and
 the peak memory of the default 'svd' and 'qera' passes, and GPTQ per shape
-group of the block (int4, group 128, H = E[x^T x] of the same statistics):
+group of the block (int4, group 128 where 128 divides the inputs, else per
+channel; H = E[x^T x] of the same statistics):
 Qwix's eager `gptq_core.quantize_weight` one weight at a time against
 lqer's jitted GPTQ (`lqer.gptq`) one weight at a time and stacked (one
 vmapped call per group), interleaved in one process, medians of --gptq-reps
@@ -174,8 +175,6 @@ def gptq_comparison(args, fp, stats):
   """Qwix's eager GPTQ vs lqer's jitted one per shape group of the block:
   seconds per group (median of --gptq-reps interleaved runs after a warm-up
   call each) and the fraction of integers on which they differ."""
-  how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=[0],
-                             tiled_axes={1: 128})
   groups = {}
   for name, leaf in fp.items():  # Flax kernels (in, out) -> (out, in)
     r = stats[name]['kernel_lqer']
@@ -184,6 +183,11 @@ def gptq_comparison(args, fp, stats):
   rows = []
   for members in groups.values():
     names, ws, hs = zip(*members)
+    # Groups of 128 inputs where they divide the weight (lqer eval's rule),
+    # else per channel.
+    how = qarray.HowToQuantize(
+        qtype=jnp.int4, channelwise_axes=[0],
+        tiled_axes={1: 128} if ws[0].shape[1] % 128 == 0 else {})
     stacked = (jnp.stack(ws), jnp.stack(hs))
     runs = {
         'qwix': lambda: [gptq_core.quantize_weight(w, h, how)[0]
