@@ -196,7 +196,8 @@ def output_sensitivity(apply_fn, fp_params, ptq_params, batches, *,
     """One example's squared <J_w^T v, D_w> (gradients of the quantized
     weights only), mean over probes, and its output energy (or positions)."""
     def apply(weights):
-      flat = flax.traverse_util.flatten_dict(params) | dict(zip(paths, weights))
+      flat = flax.traverse_util.flatten_dict(params) | dict(
+          zip(paths, weights))
       return apply_fn(flax.traverse_util.unflatten_dict(flat),
                       *(x[None] for x in inputs))
     out, pullback = jax.vjp(apply, weights)

@@ -300,16 +300,16 @@ def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):
   fit = _quantized(chunk, jnp.stack([j.weight for j in chunk]), fit,
                    _method_stats(chunk, factors), keep)
   rule = chunk[0].rule
-  factors = _stored(fit.a, fit.b, fit.a_scale, fit.b_scale,
-                    dtype=jnp.dtype(rule.factor_qtype or rule.factor_dtype),
-                    scale_dtype=jnp.dtype(rule.factor_dtype))
-  if all(x is None or x.is_fully_addressable for x in factors):
-    factors = jax.device_get(factors)  # slicing on the host compiles nothing
+  stored = _stored(fit.a, fit.b, fit.a_scale, fit.b_scale,
+                   dtype=jnp.dtype(rule.factor_qtype or rule.factor_dtype),
+                   scale_dtype=jnp.dtype(rule.factor_dtype))
+  if all(x is None or x.is_fully_addressable for x in stored):
+    stored = jax.device_get(stored)  # slicing on the host compiles nothing
   out = {}
   for i, job in enumerate(chunk):
     k = ranks[job.path]
     qs, input_scales = _take((fit.qs, fit.input_scales), i)
-    a, b, a_scale, b_scale = (None if x is None else x[i] for x in factors)
+    a, b, a_scale, b_scale = (None if x is None else x[i] for x in stored)
     out[job.path] = _weight(job, _Fit(
         qs, input_scales, jnp.asarray(a[..., :k]), jnp.asarray(b[..., :k, :]),
         None if a_scale is None else jnp.asarray(a_scale[..., :k]),
