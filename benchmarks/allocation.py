@@ -65,20 +65,20 @@ def main():
   for how in args.normalize:
     probed = how in ('sensitivity', 'fisher')
     for seed in args.probe_seeds if probed else [None]:
-      budget = allocation.Budget(args.budget, **(
-          {} if probed else {'normalize': how}))
-      label = f'auto ({how})'
       if probed:
         start = time.perf_counter()
         sens = allocation.output_sensitivity(
             lambda p, *b: task.module.apply({'params': p}, *b), task.params,
             ptq, probe, seed=seed,
             output='softmax' if how == 'fisher' else 'gaussian')
-        budget.sensitivity = {k: v ** args.sensitivity_power
-                              for k, v in sens.items()}
+        budget = allocation.Budget(args.budget, sensitivity={
+            k: v ** args.sensitivity_power for k, v in sens.items()})
         label = f'auto ({how}, seed {seed})'
         print(f'  {label} probe: {time.perf_counter() - start:.1f} s',
               flush=True)
+      else:
+        budget = allocation.Budget(args.budget, normalize=how)
+        label = f'auto ({how})'
       model, params, _ = evaluation.quantize(task, rules_for('auto'), stats,
                                              budget_bits=budget)
       spent.append(add(label, model, params))

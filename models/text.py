@@ -13,6 +13,8 @@ sizes fit, and each set does not depend on the size of the other.
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import os
 import re
 from typing import Sequence
@@ -154,8 +156,6 @@ DOCSTRING_MODULES = (
 def docstring_text() -> str:
   """The public docstrings of `DOCSTRING_MODULES`, in order (another
   English text that ships with Python; `python -m models.text`)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import inspect  # pylint: disable=g-import-not-at-top
   docs = []
   for name in DOCSTRING_MODULES:
     for attr, obj in vars(importlib.import_module(name)).items():

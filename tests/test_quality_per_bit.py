@@ -368,7 +368,7 @@ def test_output_sensitivity_estimates_the_first_order_output_change(
                                        probes=32, output=output)
   assert set(sens) == {('up', 'kernel'), ('mid', 'kernel'),
                        ('down', 'kernel')}
-  p = np.asarray(jax.nn.softmax(y_fp, axis=-1), np.float64)
+  probs = np.asarray(jax.nn.softmax(y_fp, axis=-1), np.float64)
   for name in ('up', 'mid', 'down'):
     w = fp[name]['kernel']
     delta = qwix.dequantize(ptq[name]['kernel'].array).reshape(w.shape) - w
@@ -379,7 +379,7 @@ def test_output_sensitivity_estimates_the_first_order_output_change(
     if output == 'gaussian':
       exact = np.sum(m * m) / np.sum(np.square(np.asarray(y_fp, np.float64)))
     else:
-      fisher = np.sum(p * m * m, -1) - np.square(np.sum(p * m, -1))
+      fisher = np.sum(probs * m * m, -1) - np.square(np.sum(probs * m, -1))
       exact = np.mean(fisher)
     assert sens[(name, 'kernel')] == pytest.approx(exact, rel=0.2)
 
