@@ -168,7 +168,9 @@ def _first_layers(task, n):
 @pytest.mark.slow
 def test_finetune_cli_small(tmp_path, monkeypatch, capsys):
   from lqer import finetuning  # pylint: disable=g-import-not-at-top
-  task = _first_layers(evaluation.smollm2_task(n_calib=1024, n_eval=512), 4)
+  # 3 blocks: each one costs its calibration, two quantizations and a share
+  # of every score.
+  task = _first_layers(evaluation.smollm2_task(n_calib=1024, n_eval=512), 3)
   monkeypatch.setitem(evaluation.TASKS, 'smollm2', lambda *a, **k: task)
   out = tmp_path / 'ft.json'
   # QLoRA from zero (step 0 = the PTQ model) is checked on MiniLM below.
@@ -200,7 +202,7 @@ def test_finetune_cli_small(tmp_path, monkeypatch, capsys):
   params = checkpoint.load(evaluation.subdir(tmp_path / 'ck', 4, 128, 'qera',
                                              32), abstract,
                            evaluation.fingerprint('smollm2', rules, 'rtn'))
-  # Mean NLL (log perplexity): 4 of 30 blocks score ~1e7 in perplexity,
+  # Mean NLL (log perplexity): 3 of 30 blocks score ~1e7-1e8 in perplexity,
   # which magnifies the bf16 rounding of the saved factors.
   assert np.log(task.score(model, params)['perplexity']) == pytest.approx(
       np.log(by[('QERA', 1)]['perplexity']), rel=5e-3)

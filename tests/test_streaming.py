@@ -361,9 +361,12 @@ def test_sharded_streaming_equals_single_device():
 @pytest.mark.slow
 def test_smollm2_directory_round_trip(tmp_path):
   """SmolLM2 written as a bfloat16 Hugging Face directory scores the bundled
-  model's perplexity within 0.1 %; on its first 4 blocks, lqer eval's
+  model's perplexity within 0.1 %; on its first 3 blocks, lqer eval's
   in-memory path beats PTQ with QERA, and lqer quantize --no-sequential +
-  lqer eval --load gives its QERA mean NLL within 0.5 %."""
+  lqer eval --load gives its QERA mean NLL within 0.5 %. (3 blocks: each
+  block is quantized twice, streamed and in memory, so every block costs;
+  there QERA's perplexity is 0.85x PTQ's, a wider margin than at 4 blocks,
+  0.97x; at 2 it loses to PTQ.)"""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from lqer import evaluation  # pylint: disable=g-import-not-at-top
   from models import smollm2, text  # pylint: disable=g-import-not-at-top
@@ -377,10 +380,10 @@ def test_smollm2_directory_round_trip(tmp_path):
   directory = smollm2.perplexity(llama.LlamaForCausalLM(ckpt.config),
                                  _read_all(ckpt), ids)
   assert abs(directory / bundled - 1) < 1e-3, (directory, bundled)
-  # The first 4 blocks, float32, streamed vs in memory.
-  config = dataclasses.replace(module.config, num_layers=4)
+  # The first 3 blocks, float32, streamed vs in memory.
+  config = dataclasses.replace(module.config, num_layers=3)
   first = {k: v for k, v in params.items()
-           if not k.startswith('layers_') or int(k[7:]) < 4}
+           if not k.startswith('layers_') or int(k[7:]) < 3}
   hf_checkpoint.write_checkpoint(
       tmp_path / 'f32', dataclasses.replace(config, rope_pairs='halves'),
       smollm2.halves_rope_params(first, config), tokenizer, 'float32')
@@ -397,7 +400,7 @@ def test_smollm2_directory_round_trip(tmp_path):
                                                with_fp=False)}
   assert rows['QERA'].value < rows['PTQ'].value
   assert 4 < rows['QERA'].bits_per_weight < 6
-  # Four of 30 blocks make a poor language model (perplexity ~4e7), whose
+  # Three of 30 blocks make a poor language model (perplexity ~7e7), whose
   # perplexity magnifies float rounding: compare the mean NLL, its log.
   # (The whole model: 12.6385 streamed vs 12.6292 in memory, README.)
   nll = lambda ppl: np.log(ppl)
