@@ -32,12 +32,16 @@ def main():
   p.add_argument('--factor-bits', type=int, choices=[16, 8, 4], default=8)
   p.add_argument('--method', default='qera')
   p.add_argument('--normalize', nargs='+',
-                 default=[*allocation.NORMALIZE, 'sensitivity', 'fisher'],
-                 help="'sensitivity': output_sensitivity with Gaussian"
-                 " directions; 'fisher': with output='softmax' (logits)")
+                 default=[*allocation.NORMALIZE, 'sensitivity', 'fisher',
+                          'probe'],
+                 help="'sensitivity': output_sensitivity of the PTQ error"
+                 " with Gaussian directions; 'fisher': with output='softmax'"
+                 " (logits); 'probe': Budget(probe=OutputProbe(...)), the"
+                 " damage measured on the factors (lqer eval's; the task's"
+                 " probe output)")
   p.add_argument('--probe-seeds', type=int, nargs='+', default=[0],
-                 help="seeds of the 'sensitivity' / 'fisher' probes: one"
-                 ' row each (the spread is the probe noise)')
+                 help="seeds of the 'sensitivity' / 'fisher' / 'probe'"
+                 ' probes: one row each (the spread is the probe noise)')
   p.add_argument('--sensitivity-power', type=float, default=1.0,
                  help='probed sensitivities are raised to this power (< 1:'
                  ' their noise, and their spread, shrink)')
@@ -63,9 +67,14 @@ def main():
   spent = []
   probe = task.probe_batches or task.calib_batches[:1]
   for how in args.normalize:
-    probed = how in ('sensitivity', 'fisher')
+    probed = how in ('sensitivity', 'fisher', 'probe')
     for seed in args.probe_seeds if probed else [None]:
-      if probed:
+      if how == 'probe':
+        budget = allocation.Budget(args.budget, probe=allocation.OutputProbe(
+            lambda p, *b: task.module.apply({'params': p}, *b), probe,
+            seed=seed, output=task.probe_output))
+        label = f'auto (probe, seed {seed})'
+      elif probed:
         start = time.perf_counter()
         sens = allocation.output_sensitivity(
             lambda p, *b: task.module.apply({'params': p}, *b), task.params,
@@ -79,8 +88,9 @@ def main():
       else:
         budget = allocation.Budget(args.budget, normalize=how)
         label = f'auto ({how})'
-      model, params, _ = evaluation.quantize(task, rules_for('auto'), stats,
-                                             budget_bits=budget)
+      model, params, secs = evaluation.quantize(
+          task, rules_for('auto'), stats, budget_bits=budget)
+      print(f'  {label}: offline {secs:.1f} s', flush=True)
       spent.append(add(label, model, params))
   uniform = evaluation.uniform_rank_for(params, ptq_total['num_weights'],
                                         max(spent))

@@ -4,7 +4,7 @@ LQER (plain SVD), L2QER (activation-scaled) and QERA (the closed-form optimum
 for the calibration distribution) on top of any Qwix weight quantizer.
 """
 
-from lqer.allocation import Budget, output_sensitivity
+from lqer.allocation import Budget, OutputProbe, output_damage, output_sensitivity
 from lqer.calibration import LqerCalibrationProvider
 from lqer.decompose import METHODS, SOLVERS
 from lqer.lora import from_lora, lora_rules, to_lora
@@ -25,6 +25,7 @@ __all__ = [
     'LqerProvider',
     'LqerRule',
     'METHODS',
+    'OutputProbe',
     'PackedInt4',
     'SOLVERS',
     'WithLqer',
@@ -32,6 +33,7 @@ __all__ = [
     'lora_rules',
     'load_quantized',
     'lqer_quantize_params',
+    'output_damage',
     'output_sensitivity',
     'pack_params',
     'quantize_checkpoint',

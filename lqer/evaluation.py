@@ -14,6 +14,7 @@ method x rank, all on the same base quantizer settings.
 
 import dataclasses
 import re
+import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -87,7 +88,7 @@ class Task:
   # prose that neither calibration nor evaluation reads.
   encode: Callable[[str], Any] | None = None
   train_data: Any = None
-  # Inputs of `allocation.output_sensitivity` for --budget (default: the
+  # Batches of the --budget rows' `allocation.OutputProbe` (default: the
   # first calibration batch), and its `output` ('softmax': logits).
   probe_batches: list[Any] | None = None
   probe_output: str = 'gaussian'
@@ -128,7 +129,10 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
       score=lambda m, p: {'perplexity': smollm2.perplexity(
           m, p, evals, window, progress=True)},
       module_path=r'layers_\d+/(attn|mlp)/.*',
-      encode=encode, train_data=train, probe_batches=[(windows[:1, :256],)],
+      encode=encode, train_data=train,
+      # --budget's probe: 4 windows spread over the calibration, 256 tokens
+      # each (64 samples; 1 window gave 16 and lost to the uniform rank).
+      probe_batches=[(windows[::max(1, len(windows) // 4), :256][:4],)],
       probe_output='softmax',
   )
 
@@ -239,11 +243,14 @@ def calibrate(task: Task, rules) -> Any:
 
 def quantize(task: Task, rules, stats, base='rtn', compute_dtype=jnp.float32,
              budget_bits=None):
-  """(LQER model, params, offline seconds) for the rules."""
+  """(LQER model, params, offline seconds) for the rules. The seconds are
+  a cold pass, as in a fresh process: compile caches are cleared first, so
+  a row does not reuse what an earlier row compiled."""
   model = qwix.quantize_model(
       task.module, LqerProvider(rules, compute_dtype=compute_dtype))
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             *task.example)['params']
+  jax.clear_caches()
   start = time.perf_counter()
   params = lqer_quantize_params(task.params, abstract, calibration=stats,
                                 base=base, budget_bits=budget_bits,
@@ -276,8 +283,8 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   gives Qwix's numbers). act_bits: every row but FP quantizes activations
   dynamically. Methods are `METHOD_LABELS`' keys; 'smoothquant' has no rank
   and runs once. budget: per method, a row with ranks allocated under that
-  many extra bits per weight (by `allocation.output_sensitivity` on
-  `task.probe_batches`; its seconds count in the row's offline time),
+  many extra bits per weight (the damage probed by `allocation.OutputProbe`
+  on `task.probe_batches`, inside the row's offline time),
   then the uniform rank spending the same bits.
   rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
   if act_bits is None and set(methods) & set(ACT_METHODS):
@@ -307,18 +314,18 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   yield row('PTQ' if base == 'rtn' else base.upper(), None,
             task.score(ptq_model, maybe_pack(ptq_params)), bpw, secs)
   num_weights = ptq_total['num_weights']
-  if budget is not None:
-    start = time.perf_counter()
-    sensitivity = allocation.output_sensitivity(
-        lambda p, *b: task.module.apply({'params': p}, *b), task.params,
-        ptq_params, task.probe_batches or task.calib_batches[:1],
-        output=task.probe_output)
-    probe_secs = time.perf_counter() - start
+  probe = allocation.OutputProbe(
+      lambda p, *b: task.module.apply({'params': p}, *b),
+      task.probe_batches or task.calib_batches[:1], output=task.probe_output)
   for method in methods if budget is not None else ():
+    allocated = allocation.Budget(budget, probe=probe)
     model, params, secs = quantize(
         task, rules_for('auto', method, **rule_kw), stats, base,
-        compute_dtype, allocation.Budget(budget, sensitivity=sensitivity))
-    secs += probe_secs
+        compute_dtype, allocated)
+    print(f'{METHOD_LABELS[method]} auto: output divergence on the probe'
+          ' batches of the allocated ranks / half-way / uniform: '
+          + ' / '.join(f'{d:.5g}' for d in allocated.chosen.values()),
+          file=sys.stderr)
     bpw = make_report(task.params, params).total()['bits_per_weight']
     yield row(METHOD_LABELS[method], 'auto',
               task.score(model, maybe_pack(params)), bpw, secs)

@@ -57,7 +57,7 @@ def _mm(a, b):
   return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def _error(layout, w, q, input_scale):
+def base_error(layout, w, q, input_scale):
   """E = w - deq(q) [/ input_scale] in the (*batch, in, out) matrix form."""
   deq = qarray.dequantize(q).astype(jnp.float32)
   if input_scale is not None:
@@ -82,7 +82,7 @@ def factor_fn(layout: layout_lib.KernelLayout, rank: int, rule, how=None):
     def one(w, base, input_scale, key, act_abs_mean=None, chol=None):
       q = base if how is None else qarray.quantize_with_scale_zero_point(
           w, how.qtype, *base, how.noise_fn)
-      error = _error(layout, w, q, input_scale)
+      error = base_error(layout, w, q, input_scale)
       a, b = decompose.reconstruct(
           error, rank, rule.method, act_abs_mean=act_abs_mean, chol=chol,
           key=key, **solver_kw)
@@ -102,7 +102,7 @@ def quantize_fn(layout: layout_lib.KernelLayout, rule):
   def make():
     def one(w, q, input_scale, a, keep, act_abs_mean=None, chol=None):
       return decompose.quantize_factors(
-          _error(layout, w, q, input_scale), a * keep, rule.factor_bits,
+          base_error(layout, w, q, input_scale), a * keep, rule.factor_bits,
           rule.method, act_abs_mean=act_abs_mean, chol=chol)
     return one
 
@@ -116,7 +116,7 @@ def objective_fn(layout: layout_lib.KernelLayout, rule):
 
   def make():
     def one(w, q, input_scale, a, b, act_abs_mean=None, chol=None):
-      left = _error(layout, w, q, input_scale) - _mm(a, b)
+      left = base_error(layout, w, q, input_scale) - _mm(a, b)
       return jnp.sum(jnp.square(decompose.weigh(
           left, rule.method, act_abs_mean=act_abs_mean, chol=chol)))
     return one
@@ -139,7 +139,7 @@ def energy_fn(layout: layout_lib.KernelLayout, rule):
           m, rule.method, **stats)))
       return (gains.reshape(-1, gains.shape[-1]).sum(0),
               energy(layout.to_matrix(w.astype(jnp.float32))),
-              energy(_error(layout, w, q, input_scale)))
+              energy(base_error(layout, w, q, input_scale)))
     return one
 
   return _cached(key, make)

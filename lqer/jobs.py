@@ -116,10 +116,34 @@ def run(jobs, max_group_bytes, progress, budget=None):
     else:
       out.update(_run_chunk(chunk, factors))
   if auto:
-    ranks = budget.allocate({p: (f.gains, f.energy) for p, f in auto.items()})
-    for chunk in _chunks([j for j in jobs if j.path in auto], max_group_bytes):
-      out.update(_cut_auto(chunk, auto, ranks, factors))
+    out.update(_allocated(jobs, auto, budget, max_group_bytes, factors))
   return out
+
+
+def _allocated(jobs, fits, budget, max_group_bytes, factors):
+  """The 'auto' weights cut to the budget's ranks. With a probe: ranks
+  from the damage measured on each weight's own factors, and of the
+  candidates between them and the uniform rank (`Budget.candidates`), the
+  one whose weights move the probed output least (the other weights float)."""
+  jobs = [j for j in jobs if j.path in fits]
+  if budget.probe is not None:
+    budget.measure({j.path: _errors_left(j, fits[j.path], budget.probe_ranks(j))
+                    for j in jobs})
+  ranks = budget.allocate({p: (f.gains, f.energy) for p, f in fits.items()})
+  cut = lambda ranks: {path: w for chunk in _chunks(jobs, max_group_bytes)
+                       for path, w in _cut_auto(chunk, fits, ranks,
+                                                factors).items()}
+  if budget.probe is None:
+    return cut(ranks)
+  best, distances = None, []
+  for option in budget.candidates(ranks):  # one candidate's weights at a time
+    weights = cut(option)
+    distances.append(budget.probe.distance(
+        budget.params, {p: w.reconstructed() for p, w in weights.items()}))
+    if best is None or distances[-1] < min(distances[:-1]):
+      best = option, weights  # ties keep the earlier (more allocated)
+  budget.choose(best[0], distances)
+  return best[1]
 
 
 class _CholeskyCache:
@@ -287,6 +311,15 @@ def _fit_auto(chunk: list[Job], factors: _CholeskyCache):
   return {job.path: dataclasses.replace(
       fit.take(i), gains=np.asarray(gains[i]),
       energy=(float(out[i]), float(err[i]))) for i, job in enumerate(chunk)}
+
+
+def _errors_left(job: Job, fit: _Fit, ranks):
+  """(ranks, (K, *W.shape)): the error W - Q - A_:r B_:r left at each rank,
+  in the kernel's layout (what `Budget.measure` probes)."""
+  e = factor.base_error(job.layout, job.weight, fit.qs, fit.input_scales)
+  left = [e - jnp.matmul(fit.a[..., :r], fit.b[..., :r, :],
+                         precision=jax.lax.Precision.HIGHEST) for r in ranks]
+  return ranks, jnp.stack([job.layout.from_matrix(x) for x in left])
 
 
 def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):

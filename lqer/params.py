@@ -9,7 +9,6 @@ gives each group its bases and factors in one jitted call, a bounded number
 of bytes at a time.
 """
 
-import dataclasses
 import functools
 import re
 import warnings
@@ -105,8 +104,9 @@ def lqer_quantize_params(
       input scales count against it, and the rest is allocated across the
       'auto' weights by `lqer.allocation` (each weight's rank, 0 allowed,
       shows in `lqer.report`; checkpoints keep it). Or an
-      `allocation.Budget(bits, normalize=...)` to choose how layers are
-      compared.
+      `allocation.Budget(bits, probe=...)` (or `normalize=...`) to choose
+      how layers are compared; it records the ranks, the probed damage and
+      the candidate chosen.
     max_group_bytes: float bytes of weights stacked into one jitted call.
     progress: show a progress bar over weight groups.
 
@@ -119,8 +119,10 @@ def lqer_quantize_params(
                      f' param tree, got {base!r}')
   planned, plain, num_quantized = _plan(
       params, abstract_params, rules, calibration, base, allow_extra_params)
-  budget = _budget(planned, budget_bits, num_quantized)
+  budget = _budget(planned, budget_bits, num_quantized, params)
   out = jobs.run(planned, max_group_bytes, progress, budget)
+  if budget is not None:
+    budget.params = None  # the float params are the caller's to free
   ptq_out = ptq.quantize_params(
       flax.traverse_util.unflatten_dict(plain), abstract_params,
       quant_stats, allow_extra_params=allow_extra_params,
@@ -133,7 +135,7 @@ def lqer_quantize_params(
   return flax.traverse_util.unflatten_dict(out)
 
 
-def _budget(planned, budget_bits, num_quantized):
+def _budget(planned, budget_bits, num_quantized, params):
   """The `allocation.Budget` of rank 'auto', checked both ways."""
   auto = [j.name for j in planned if j.rule.auto_rank]
   if auto and budget_bits is None:
@@ -148,10 +150,14 @@ def _budget(planned, budget_bits, num_quantized):
   bits = budget.bits_per_weight
   if isinstance(bits, bool) or not isinstance(bits, int | float) or bits < 0:
     raise ValueError(f'budget_bits must be a number >= 0, got {bits!r}')
+  if budget.probe is not None and budget.sensitivity is not None:
+    raise ValueError('Budget: give either probe (damage measured on the'
+                     ' factors) or sensitivity (of the PTQ error), not both')
   if budget.normalize not in allocation.NORMALIZE:
     raise ValueError(f'Budget.normalize must be one of'
                      f' {allocation.NORMALIZE}, got {budget.normalize!r}')
-  return dataclasses.replace(budget, num_weights=num_quantized)
+  budget.num_weights, budget.params = num_quantized, params
+  return budget
 
 
 def _split_third_argument(value):

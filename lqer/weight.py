@@ -84,6 +84,19 @@ class WithLqer(ptq.WithAux[qarray.QArray]):
                                 flax_util.unbox(self.b_scale),
                                 jnp.dtype(dtype))
 
+  def reconstructed(self) -> jax.Array:
+    """W_hat = deq(array) [/ input_scale] + A B, float32, in W's shape."""
+    base = qarray.dequantize(self.array).reshape(self.shape).astype(
+        jnp.float32)
+    layout = self.layout
+    if self.input_scale is not None:
+      base = divide_along(base, self.input_scale, layout.contracting_axes)
+    if not self.rank:
+      return base
+    a, b = layout.merge_factors(*self.factors())
+    return base + layout.from_matrix(
+        jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
+
   @property
   def rank(self) -> int:
     return flax_util.unbox(self.a).shape[-1]

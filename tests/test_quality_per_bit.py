@@ -355,33 +355,129 @@ def test_budget_and_auto_need_each_other(mlp):
 
 
 @pytest.mark.parametrize('output', ['gaussian', 'softmax'])
-def test_output_sensitivity_estimates_the_first_order_output_change(
+def test_output_damage_estimates_the_first_order_output_change(
     mlp, ptq, output):
   """Hutchinson's estimate (vjp with random cotangents) against the exact
-  value from a jvp per weight: ||J_w D_w||^2 / ||f||^2, or with 'softmax'
-  (f as logits) sum_t m_tᵀ (diag p_t - p_t p_tᵀ) m_t / positions, m = J_w D_w."""
+  value from a jvp per weight and perturbation D: ||J_w D||^2 / ||f||^2, or
+  with 'softmax' (f as logits) sum_t m_tᵀ (diag p_t - p_t p_tᵀ) m_t /
+  positions, m = J_w D. Two perturbations per weight: its PTQ error, and a
+  random one; `output_sensitivity` is the first."""
   model, x, fp, y_fp, _ = mlp
   ptq = ptq[1]
   apply = lambda p, b: model.apply({'params': p}, b)
   examples = x.reshape(16, -1, x.shape[-1])  # 16 examples of 48 rows
+  names = ('up', 'mid', 'down')
+  rng = np.random.default_rng(5)
+  deltas = {}
+  for name in names:
+    w = fp[name]['kernel']
+    d = qwix.dequantize(ptq[name]['kernel'].array).reshape(w.shape) - w
+    deltas[(name, 'kernel')] = jnp.stack(
+        [d, jnp.std(d) * rng.standard_normal(w.shape)])
+  probe = allocation.OutputProbe(apply, [(examples,)], probes=32,
+                                 output=output)
+  damage = allocation.output_damage(probe, fp, deltas)
   sens = allocation.output_sensitivity(apply, fp, ptq, [(examples,)],
                                        probes=32, output=output)
-  assert set(sens) == {('up', 'kernel'), ('mid', 'kernel'),
-                       ('down', 'kernel')}
+  assert set(sens) == set(damage) == set(deltas)
   probs = np.asarray(jax.nn.softmax(y_fp, axis=-1), np.float64)
-  for name in ('up', 'mid', 'down'):
-    w = fp[name]['kernel']
-    delta = qwix.dequantize(ptq[name]['kernel'].array).reshape(w.shape) - w
-    tangent = jax.tree.map(jnp.zeros_like, fp)
-    tangent[name] = {'kernel': delta}
-    _, moved = jax.jvp(lambda p: apply(p, x), (fp,), (tangent,))
-    m = np.asarray(moved, np.float64)
-    if output == 'gaussian':
-      exact = np.sum(m * m) / np.sum(np.square(np.asarray(y_fp, np.float64)))
-    else:
-      fisher = np.sum(probs * m * m, -1) - np.square(np.sum(probs * m, -1))
-      exact = np.mean(fisher)
-    assert sens[(name, 'kernel')] == pytest.approx(exact, rel=0.2)
+  for name in names:
+    path = (name, 'kernel')
+    assert sens[path] == pytest.approx(damage[path][0], rel=1e-5)
+    for k in range(2):
+      tangent = jax.tree.map(jnp.zeros_like, fp)
+      tangent[name] = {'kernel': deltas[path][k]}
+      _, moved = jax.jvp(lambda p: apply(p, x), (fp,), (tangent,))
+      m = np.asarray(moved, np.float64)
+      if output == 'gaussian':
+        exact = np.sum(m * m) / np.sum(np.square(np.asarray(y_fp,
+                                                            np.float64)))
+      else:
+        fisher = np.sum(probs * m * m, -1) - np.square(np.sum(probs * m, -1))
+        exact = np.mean(fisher)
+      assert damage[path][k] == pytest.approx(exact, rel=0.2)
+
+
+def test_output_damage_names_a_misshapen_perturbation(mlp):
+  model, x, fp, _, _ = mlp
+  probe = allocation.OutputProbe(lambda p, b: model.apply({'params': p}, b),
+                                 [(x[None],)])
+  with pytest.raises(ValueError, match=r'mid/kernel has perturbations of'
+                     r' shape \(3, 3\)'):
+    allocation.output_damage(probe, fp, {('mid', 'kernel'): jnp.zeros(
+        (1, 3, 3))})
+
+
+def test_fitted_values_follow_the_measured_damage():
+  """D(r) = D(0) F(r)^alpha measured at ranks 0, 5, 20 (F the objective's
+  fraction left): alpha is recovered and the values telescope to the
+  damage removed; damage that does not fall gives alpha's floor 0.1."""
+  gains = 10.0 * 0.8 ** np.arange(32)
+  err = 1.25 * gains.sum()
+  left = 1 - np.concatenate([[0], np.cumsum(gains)]) / err
+  for alpha in (0.5, 1.0, 2.5):
+    damage = 3.0 * left[[0, 5, 20]] ** alpha
+    values = allocation._fitted_values(gains, err, [0, 5, 20], damage)
+    want = 3.0 * (left[:-1] ** alpha - left[1:] ** alpha)
+    np.testing.assert_allclose(values, want, rtol=1e-9)
+  flat = allocation._fitted_values(gains, err, [0, 5, 20], [3.0, 3.1, 3.0])
+  np.testing.assert_allclose(flat, 3.0 * (left[:-1] ** 0.1 - left[1:] ** 0.1))
+  assert not allocation._fitted_values(gains, err, [0, 5], [0.0, 0.0]).any()
+
+
+def test_probed_allocation_measures_the_factors_it_cuts(mlp, ptq):
+  """With Budget(probe=...), the damage is measured on each weight's own
+  error left at ranks 0, the uniform rank and its largest: at rank 0 it is
+  the PTQ error's (RTN is Qwix's PTQ) and it falls with the rank. Of the
+  candidates from the allocation to the uniform rank, the one whose
+  weights move the output least is kept, within the budget."""
+  model, x, fp, y_fp, _ = mlp
+  apply = lambda p, b: model.apply({'params': p}, b)
+  batches = [(x.reshape(16, -1, x.shape[-1]),)]
+  budget = allocation.Budget(0.5, probe=allocation.OutputProbe(apply,
+                                                               batches))
+  _, params = _quantize(mlp, _rules(rank='auto', max_rank=64),
+                        budget_bits=budget)
+  sens = allocation.output_sensitivity(apply, fp, ptq[1], batches)
+  n = sum(w.size for w in jax.tree.leaves(fp))
+  assert 0.5 * n - 10240 < _extra_bits(mlp, ptq, params) <= 0.5 * n
+  for path, (at, values) in budget.damage.items():
+    assert at == [0, 5, 64]
+    assert values[0] == pytest.approx(sens[path], rel=1e-4)
+    assert values[0] > values[1] > values[2]
+  assert list(budget.chosen) == [1.0, 0.5, 0.0]
+  kept = min(budget.chosen, key=budget.chosen.get)
+  f32 = qwix.quantize_model(model, LqerProvider(
+      _rules(rank='auto'), compute_dtype=jnp.float32))
+  assert budget.chosen[kept] == pytest.approx(_rel(
+      f32.apply({'params': params}, x), y_fp) ** 2, rel=1e-3)
+  assert budget.ranks == {(p, 'kernel'): params[p]['kernel'].rank
+                          for p in ('up', 'mid', 'down')}
+  assert budget.params is None
+
+
+def test_probe_distance_against_numpy(mlp):
+  """KL(p_fp ‖ p_hat) per position ('softmax') and ||f_hat - f||^2 /
+  ||f||^2 ('gaussian') when a weight is replaced, two batches."""
+  model, x, fp, y_fp, _ = mlp
+  apply = lambda p, b: model.apply({'params': p}, b)
+  w = fp['mid']['kernel']
+  w_hat = w + 0.05 * jnp.std(w) * jax.random.normal(KEY, w.shape)
+  moved = jax.tree.map(lambda a: a, fp)
+  moved['mid'] = {'kernel': w_hat}
+  f = np.asarray(y_fp, np.float64)
+  g = np.asarray(apply(moved, x), np.float64)
+  log_p = f - np.log(np.sum(np.exp(f - f.max(-1, keepdims=True)), -1,
+                            keepdims=True)) - f.max(-1, keepdims=True)
+  log_q = g - np.log(np.sum(np.exp(g - g.max(-1, keepdims=True)), -1,
+                            keepdims=True)) - g.max(-1, keepdims=True)
+  want = {'softmax': np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1)),
+          'gaussian': np.sum((g - f) ** 2) / np.sum(f ** 2)}
+  for output, value in want.items():
+    probe = allocation.OutputProbe(apply, [(x[:400],), (x[400:],)],
+                                   output=output)
+    got = probe.distance(fp, {('mid', 'kernel'): w_hat})
+    assert got == pytest.approx(value, rel=1e-4)
 
 
 def test_sensitivity_steers_the_allocation(mlp):
