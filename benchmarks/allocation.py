@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from lqer import allocation
+from lqer import probe as probe_lib
 from lqer import evaluation
 from lqer.cli import FACTOR_QTYPES
 from lqer.reporting import report
@@ -70,13 +71,13 @@ def main():
     probed = how in ('sensitivity', 'fisher', 'probe')
     for seed in args.probe_seeds if probed else [None]:
       if how == 'probe':
-        budget = allocation.Budget(args.budget, probe=allocation.OutputProbe(
+        budget = allocation.Budget(args.budget, probe=probe_lib.OutputProbe(
             lambda p, *b: task.module.apply({'params': p}, *b), probe,
             seed=seed, output=task.probe_output))
         label = f'auto (probe, seed {seed})'
       elif probed:
         start = time.perf_counter()
-        sens = allocation.output_sensitivity(
+        sens = probe_lib.output_sensitivity(
             lambda p, *b: task.module.apply({'params': p}, *b), task.params,
             ptq, probe, seed=seed,
             output='softmax' if how == 'fisher' else 'gaussian')

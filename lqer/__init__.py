@@ -4,12 +4,13 @@ LQER (plain SVD), L2QER (activation-scaled) and QERA (the closed-form optimum
 for the calibration distribution) on top of any Qwix weight quantizer.
 """
 
-from lqer.allocation import Budget, OutputProbe, output_damage, output_sensitivity
+from lqer.allocation import Budget
 from lqer.calibration import LqerCalibrationProvider
 from lqer.decompose import METHODS, SOLVERS
 from lqer.lora import from_lora, lora_rules, to_lora
 from lqer.packing import PackedInt4, pack_params
 from lqer.params import lqer_quantize_params
+from lqer.probe import OutputProbe, output_damage, output_sensitivity
 from lqer.provider import LqerProvider
 from lqer.reporting import LayerReport, Report, report
 from lqer.rule import LqerRule

@@ -25,6 +25,7 @@ import numpy as np
 import qwix
 
 from lqer import allocation
+from lqer import probe as probe_lib
 from lqer import calibration
 from lqer import checkpoint
 from lqer.calibration import LqerCalibrationProvider
@@ -88,7 +89,7 @@ class Task:
   # prose that neither calibration nor evaluation reads.
   encode: Callable[[str], Any] | None = None
   train_data: Any = None
-  # Batches of the --budget rows' `allocation.OutputProbe` (default: the
+  # Batches of the --budget rows' `lqer.probe.OutputProbe` (default: the
   # first calibration batch), and its `output` ('softmax': logits).
   probe_batches: list[Any] | None = None
   probe_output: str = 'gaussian'
@@ -283,7 +284,7 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   gives Qwix's numbers). act_bits: every row but FP quantizes activations
   dynamically. Methods are `METHOD_LABELS`' keys; 'smoothquant' has no rank
   and runs once. budget: per method, a row with ranks allocated under that
-  many extra bits per weight (the damage probed by `allocation.OutputProbe`
+  many extra bits per weight (the damage probed by `lqer.probe.OutputProbe`
   on `task.probe_batches`, inside the row's offline time),
   then the uniform rank spending the same bits.
   rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
@@ -314,7 +315,7 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   yield row('PTQ' if base == 'rtn' else base.upper(), None,
             task.score(ptq_model, maybe_pack(ptq_params)), bpw, secs)
   num_weights = ptq_total['num_weights']
-  probe = allocation.OutputProbe(
+  probe = probe_lib.OutputProbe(
       lambda p, *b: task.module.apply({'params': p}, *b),
       task.probe_batches or task.calib_batches[:1], output=task.probe_output)
   for method in methods if budget is not None else ():
