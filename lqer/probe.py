@@ -40,9 +40,12 @@ def output_sensitivity(apply_fn, fp_params, ptq_params, batches, *,
 @dataclasses.dataclass(frozen=True)
 class OutputProbe:
   """How `output_damage` probes a model: apply_fn(params, *batch) -> output
-  pytree, `batches` a list of argument tuples (examples on axis 0), the
-  number of random directions per example, their seed, and 'gaussian'
-  (any output) or 'softmax' (logits: Fisher directions)."""
+  pytree, params as given to `lqer_quantize_params` (for NNX, the pure
+  dict: e.g. `m = make_model(); nnx.update(m, params); return m(*batch)`),
+  `batches` a list of
+  argument tuples (examples on axis 0), the number of random directions
+  per example, their seed, and 'gaussian' (any output) or 'softmax'
+  (logits: Fisher directions)."""
 
   apply_fn: Callable[..., Any]
   batches: Sequence[Any]

@@ -321,8 +321,17 @@ def test_nnx_einsum_auto_rank_int8_factors():
   rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=32,
                     rank='auto', method='qera', factor_qtype='int8')]
   make = lambda: Attn(nnx.Rngs(0))
-  qmodel, fp, stats = nnx_flow.quantized(make, rules, x, budget_bits=1.0)
+
+  def apply(params, x):  # the probe's model: NNX params are a pure dict
+    model = make()
+    nnx.update(model, params)
+    return model(x)
+
+  budget = allocation.Budget(1.0, probe=probe_lib.OutputProbe(apply, [(x,)]))
+  qmodel, fp, stats = nnx_flow.quantized(make, rules, x, budget_bits=budget)
   assert qmodel.o.a.dtype == jnp.int8 and qmodel.o.rank > 0
+  assert set(budget.damage) == {('qkv',), ('o',)} and len(budget.chosen) == 3
+  assert budget.ranks == {('qkv',): qmodel.qkv.rank, ('o',): qmodel.o.rank}
   y = nnx.jit(lambda m, x: m(x))(qmodel, x)
   ptq = nnx_flow.ptq(make, rules, x, fp, stats)
   assert _rel(y, ref) < 0.8 * _rel(ptq(x), ref)
