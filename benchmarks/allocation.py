@@ -33,9 +33,11 @@ def main():
   p.add_argument('--factor-bits', type=int, choices=[16, 8, 4], default=8)
   p.add_argument('--method', default='qera')
   p.add_argument('--normalize', nargs='+',
-                 default=[*allocation.NORMALIZE, 'sensitivity', 'fisher',
+                 default=[*allocation.NORMALIZE[1:], 'sensitivity', 'fisher',
                           'probe'],
-                 help="'sensitivity': output_sensitivity of the PTQ error"
+                 help="'gradient' (the default valuation): the output-gradient"
+                 " statistics of the task's gradient batches (gathered once,"
+                 " their seconds printed); 'sensitivity': output_sensitivity of the PTQ error"
                  " with Gaussian directions; 'fisher': with output='softmax'"
                  " (logits); 'probe': Budget(probe=OutputProbe(...)), the"
                  " damage measured on the factors (lqer eval's; the task's"
@@ -52,6 +54,8 @@ def main():
       task.params, task.module_path, args.bits, args.tile_size, rank,
       args.method, factor_qtype=FACTOR_QTYPES[args.factor_bits])[0]
   stats = evaluation.calibrate(task, rules_for(1))
+  if 'gradient' in args.normalize:
+    stats = evaluation.output_gradients(task, rules_for(1), stats)
   _, ptq, _ = evaluation.quantize(task, rules_for(None), stats)
   ptq_total = report(task.params, ptq).total()
   rows = []
@@ -66,14 +70,14 @@ def main():
     return extra
 
   spent = []
-  probe = task.probe_batches or task.calib_batches[:1]
+  probe = task.gradient_batches or task.calib_batches[:1]
   for how in args.normalize:
     probed = how in ('sensitivity', 'fisher', 'probe')
     for seed in args.probe_seeds if probed else [None]:
       if how == 'probe':
         budget = allocation.Budget(args.budget, probe=probe_lib.OutputProbe(
             lambda p, *b: task.module.apply({'params': p}, *b), probe,
-            seed=seed, output=task.probe_output))
+            seed=seed, output=task.output))
         label = f'auto (probe, seed {seed})'
       elif probed:
         start = time.perf_counter()

@@ -27,6 +27,7 @@ runs after a warm-up (first calls, compilation included, shown apart).
 
     python benchmarks/offline_pass.py [--json FILE] [--dims 4096 11008]
     python benchmarks/offline_pass.py --gptq-only --dims 128 384  # quick
+    python benchmarks/offline_pass.py --gptq-only --gptq-weights 1 --gptq-reps 0
 
 Qwix's eager GPTQ costs (1 + --gptq-reps) passes over the block (0: the
 warm-up call alone is timed). On a CPU shared with other jobs, pin the run
@@ -182,7 +183,7 @@ def gptq_comparison(args, fp, stats):
         (name, leaf['kernel'].T, r['sum_of_xtx'] / r['count']))
   rows = []
   for members in groups.values():
-    names, ws, hs = zip(*members)
+    names, ws, hs = zip(*members[:args.gptq_weights])
     # Groups of 128 inputs where they divide the weight (lqer eval's rule),
     # else per channel.
     how = qarray.HowToQuantize(
@@ -247,6 +248,10 @@ def main():
   p.add_argument('--gptq-reps', type=int, default=3,
                  help='timed GPTQ runs per variant after the warm-up (0: the'
                  ' warm-up call alone)')
+  p.add_argument('--gptq-weights', type=int, default=None,
+                 help='GPTQ: time only the first N weights of each shape'
+                 ' group (Qwix\'s eager GPTQ of a 7B block takes hours here;'
+                 ' --gptq-weights 1 --gptq-reps 0 times one weight a shape)')
   p.add_argument('--peak-only', choices=['svd', 'qera'],
                  help=argparse.SUPPRESS)
   args = p.parse_args()

@@ -5,7 +5,7 @@ for the calibration distribution) on top of any Qwix weight quantizer.
 """
 
 from lqer.allocation import Budget
-from lqer.calibration import LqerCalibrationProvider
+from lqer.calibration import LqerCalibrationProvider, output_gradients
 from lqer.decompose import METHODS, SOLVERS
 from lqer.lora import from_lora, lora_rules, to_lora
 from lqer.packing import PackedInt4, pack_params
@@ -35,6 +35,7 @@ __all__ = [
     'load_quantized',
     'lqer_quantize_params',
     'output_damage',
+    'output_gradients',
     'output_sensitivity',
     'pack_params',
     'quantize_checkpoint',

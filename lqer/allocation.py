@@ -3,18 +3,21 @@
 A weight's rank-i term removes g_i = ||T A_i||^2 = sigma_i^2 from its
 method's objective ||T (E - A B)||_F^2 (`decompose.component_energy`); on
 the calibration distribution that is output error removed. To compare
-layers, gains are put on one scale (`Budget`): by default each is the
-fraction of its layer's output energy ||T W||_F^2 it removes times the
-layer's size (the report's size-weighted total); with a probe
+layers, gains are put on one scale (`Budget`): by default, with
+output-gradient statistics (`calibration.output_gradients`), each is the
+output damage it removes (its gain weighted per output channel by the
+output gradient's second moment), without them the fraction of its
+layer's output energy ||T W||_F^2 it removes times the layer's size (the
+report's size-weighted total); with a probe
 (`lqer.probe`), the output damage it undoes, measured on the weight's own
 factors (`_fitted_values`); with a measured `output_sensitivity`, the
 output change (first order) from that weight's PTQ error alone times the
 fraction of the weight's error the term removes. Each term costs the same
-bits within a weight (`component_bits`), and gains decrease with i, so taking
-terms by gain per bit, largest first, while they fit is the greedy solution
-of this knapsack (optimal up to the last term) and always takes a prefix of
-each weight's terms: its rank. Ties go to the earlier weight (param order),
-so the allocation is deterministic.
+bits within a weight (`component_bits`), and values are made non-increasing
+in i (`_decreasing`), so taking terms by value per bit, largest first, while
+they fit is the greedy solution of this knapsack (optimal up to the last
+term) and always takes a prefix of each weight's terms: its rank. Ties go
+to the earlier weight (param order), so the allocation is deterministic.
 """
 
 import dataclasses
@@ -55,11 +58,15 @@ class Budget:
   """`bits_per_weight` extra bits, averaged over `num_weights` (every
   element of every weight the call quantizes; set by lqer_quantize_params).
 
-  How terms of different weights compare: with `probe`, by the model output
-  damage each undoes, measured on the factors themselves (`measure`,
-  `_fitted_values`); with `sensitivity` (from `output_sensitivity`), by the
-  damage of the weight's PTQ error times the fraction of its objective the
-  term removes; else by `normalize` (`_normalized`), default 'size': the
+  How terms of different weights compare (`values`: {path: each term's
+  value}): by default, when the calibration statistics hold output
+  gradients (`calibration.output_gradients`), 'gradient': the output
+  damage each term removes, its gain weighted per output channel by
+  E[g_o^2] (`jobs._damage_gains`); with `probe`, by the output damage each
+  undoes, measured on the factors themselves (`measure`, `_fitted_values`);
+  with `sensitivity` (from `output_sensitivity`), by the damage of the
+  weight's PTQ error times the fraction of its objective the term removes;
+  else by `normalize` (`_normalized`), without output gradients 'size': the
   fraction of the layer's output energy removed times its size, so the
   greedy lowers the report's size-weighted total output error.
   `params`: the float params the probe differentiates (set by
@@ -71,13 +78,14 @@ class Budget:
 
   bits_per_weight: float
   num_weights: int = 0
-  normalize: str = 'size'
+  normalize: str | None = None
   sensitivity: dict | None = None
   probe: OutputProbe | None = None
   params: Any = dataclasses.field(default=None, repr=False)
   spent_bits: int = 0
   ranks: dict = dataclasses.field(default_factory=dict)
   damage: dict = dataclasses.field(default_factory=dict)
+  values: dict = dataclasses.field(default_factory=dict)
   steps: tuple[float, ...] = (1.0, 0.5, 0.0)
   chosen: dict = dataclasses.field(default_factory=dict)
   _left: int = 0
@@ -123,23 +131,45 @@ class Budget:
                                              errors.items()})
     self.damage = {p: (r, damage[p]) for p, (r, _) in errors.items()}
 
+  def _valuation(self, spectra) -> str:
+    """How `allocate` values terms: 'probe', 'error' (sensitivity), or the
+    normalisation (None: 'gradient' where every weight has output-gradient
+    statistics, else 'size')."""
+    if self.probe is not None:
+      return 'probe'
+    if self.sensitivity is not None:
+      return 'error'
+    missing = [p for p, s in spectra.items() if s[2] is None]
+    if self.normalize == 'gradient' and missing:
+      raise ValueError(
+          f"Budget(normalize='gradient'): {'/'.join(map(str, missing[0]))}"
+          f' (and {len(missing) - 1} more) has no output-gradient statistics'
+          ' (sum_of_g2); run lqer.calibration.output_gradients over the'
+          ' calibration statistics first')
+    if self.normalize is None:
+      return 'size' if missing else 'gradient'
+    return self.normalize
+
   def allocate(self, spectra: dict) -> dict:
     """{path: rank} from each 'auto' weight's (gains (k,), (||T W||^2,
-    ||T E||^2))."""
+    ||T E||^2), gradient-weighted gains (k,) or None)."""
     paths = list(spectra)
     rows = []
+    how = self._valuation(spectra)
     for order, path in enumerate(paths):
       g = np.maximum(np.asarray(spectra[path][0], np.float64), 0)
       if path in self.damage:
         g = _fitted_values(g, spectra[path][1][1], *self.damage[path])
+      elif how == 'gradient':
+        g = np.maximum(np.asarray(spectra[path][2], np.float64), 0)
       else:
-        how = 'error' if self.sensitivity is not None else self.normalize
         g = _normalized(g, *spectra[path][1], how)
         if how == 'size':
           g = g * self._sizes[path]
         if self.sensitivity is not None:
           g = g * self.sensitivity[path]
-      g = np.minimum.accumulate(g)
+      self.values[path] = g
+      g = _decreasing(g)
       for i, gain in enumerate(g):
         if gain > 0:
           rows.append((gain / self._costs[path], order, i))
@@ -172,7 +202,23 @@ class Budget:
     self.chosen = dict(zip(self.steps, distances))
 
 
-NORMALIZE = ('output', 'size', 'error', 'none', 'sqrt', 'log')
+NORMALIZE = (None, 'gradient', 'output', 'size', 'error', 'none', 'sqrt',
+             'log')
+
+
+def _decreasing(gains):
+  """The closest non-increasing sequence (pooled adjacent violators): each
+  run of terms whose gains rise is given their mean, so any rank's total
+  at a run's end is kept and the greedy, taking prefixes, values a term
+  after a small one at what the pair is worth together."""
+  blocks = []  # [mean, count]
+  for g in gains:
+    blocks.append([float(g), 1])
+    while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+      (m1, n1), (m2, n2) = blocks.pop(-2), blocks.pop()
+      blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+  return np.concatenate([np.full(n, m) for m, n in blocks]) if blocks else (
+      np.zeros(0))
 
 
 def _fitted_values(gains, err_energy, ranks, damage):

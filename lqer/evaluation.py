@@ -25,7 +25,6 @@ import numpy as np
 import qwix
 
 from lqer import allocation
-from lqer import probe as probe_lib
 from lqer import calibration
 from lqer import checkpoint
 from lqer.calibration import LqerCalibrationProvider
@@ -89,10 +88,11 @@ class Task:
   # prose that neither calibration nor evaluation reads.
   encode: Callable[[str], Any] | None = None
   train_data: Any = None
-  # Batches of the --budget rows' `lqer.probe.OutputProbe` (default: the
-  # first calibration batch), and its `output` ('softmax': logits).
-  probe_batches: list[Any] | None = None
-  probe_output: str = 'gaussian'
+  # Batches of the --budget rows' output-gradient statistics
+  # (`calibration.output_gradients`; default: the calibration batches), and
+  # the model output's kind ('softmax': logits).
+  gradient_batches: list[Any] | None = None
+  output: str = 'gaussian'
 
 
 def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
@@ -131,10 +131,10 @@ def smollm2_task(calib_text=None, eval_text=None, n_calib=8192,
           m, p, evals, window, progress=True)},
       module_path=r'layers_\d+/(attn|mlp)/.*',
       encode=encode, train_data=train,
-      # --budget's probe: 4 windows spread over the calibration, 256 tokens
-      # each (64 samples; 1 window gave 16 and lost to the uniform rank).
-      probe_batches=[(windows[::max(1, len(windows) // 4), :256][:4],)],
-      probe_output='softmax',
+      # --budget's output gradients: 4 windows spread over the calibration,
+      # 256 tokens each (one backward pass).
+      gradient_batches=[(windows[::max(1, len(windows) // 4), :256][:4],)],
+      output='softmax',
   )
 
 
@@ -242,6 +242,20 @@ def calibrate(task: Task, rules) -> Any:
   return calibration.run(cal, task.params, task.calib_batches, progress=True)
 
 
+def output_gradients(task: Task, rules, stats):
+  """stats with the output-gradient statistics of `task.gradient_batches`
+  (`calibration.output_gradients`); prints their seconds."""
+  start = time.perf_counter()
+  grad_model = qwix.quantize_model(
+      task.module, LqerCalibrationProvider(rules, output_gradients=True))
+  stats = calibration.output_gradients(
+      grad_model, task.params, task.gradient_batches or task.calib_batches,
+      stats, output=task.output, progress=True)
+  print(f'output-gradient statistics: {time.perf_counter() - start:.1f} s',
+        file=sys.stderr)
+  return stats
+
+
 def quantize(task: Task, rules, stats, base='rtn', compute_dtype=jnp.float32,
              budget_bits=None):
   """(LQER model, params, offline seconds) for the rules. The seconds are
@@ -284,8 +298,8 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   gives Qwix's numbers). act_bits: every row but FP quantizes activations
   dynamically. Methods are `METHOD_LABELS`' keys; 'smoothquant' has no rank
   and runs once. budget: per method, a row with ranks allocated under that
-  many extra bits per weight (the damage probed by `lqer.probe.OutputProbe`
-  on `task.probe_batches`, inside the row's offline time),
+  many extra bits per weight (terms valued by the output-gradient
+  statistics of `task.gradient_batches`, gathered once, before the rows),
   then the uniform rank spending the same bits.
   rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
   if act_bits is None and set(methods) & set(ACT_METHODS):
@@ -315,18 +329,12 @@ def run(task: Task, bits: int, tile_size, ranks: Sequence[int],
   yield row('PTQ' if base == 'rtn' else base.upper(), None,
             task.score(ptq_model, maybe_pack(ptq_params)), bpw, secs)
   num_weights = ptq_total['num_weights']
-  probe = probe_lib.OutputProbe(
-      lambda p, *b: task.module.apply({'params': p}, *b),
-      task.probe_batches or task.calib_batches[:1], output=task.probe_output)
+  if budget is not None:
+    stats = output_gradients(task, rules_for(1, 'qera'), stats)
   for method in methods if budget is not None else ():
-    allocated = allocation.Budget(budget, probe=probe)
     model, params, secs = quantize(
         task, rules_for('auto', method, **rule_kw), stats, base,
-        compute_dtype, allocated)
-    print(f'{METHOD_LABELS[method]} auto: output divergence on the probe'
-          ' batches of the allocated ranks / half-way / uniform: '
-          + ' / '.join(f'{d:.5g}' for d in allocated.chosen.values()),
-          file=sys.stderr)
+        compute_dtype, allocation.Budget(budget))
     bpw = make_report(task.params, params).total()['bits_per_weight']
     yield row(METHOD_LABELS[method], 'auto',
               task.score(model, maybe_pack(params)), bpw, secs)

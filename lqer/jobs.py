@@ -129,7 +129,8 @@ def _allocated(jobs, fits, budget, max_group_bytes, factors):
   if budget.probe is not None:
     budget.measure({j.path: _errors_left(j, fits[j.path], budget.probe_ranks(j))
                     for j in jobs})
-  ranks = budget.allocate({p: (f.gains, f.energy) for p, f in fits.items()})
+  ranks = budget.allocate({p: (f.gains, f.energy, f.damage_gains)
+                           for p, f in fits.items()})
   cut = lambda ranks: {path: w for chunk in _chunks(jobs, max_group_bytes)
                        for path, w in _cut_auto(chunk, fits, ranks,
                                                 factors).items()}
@@ -189,6 +190,7 @@ class _Fit:
   b_scale: jax.Array | None = None
   gains: np.ndarray | None = None
   energy: tuple[float, float] | None = None  # ||T W||^2, ||T E||^2
+  damage_gains: np.ndarray | None = None
 
   def dequantized(self):
     if self.a_scale is None:
@@ -310,7 +312,23 @@ def _fit_auto(chunk: list[Job], factors: _CholeskyCache):
       ws, fit.qs, fit.input_scales, fit.a, **extra)
   return {job.path: dataclasses.replace(
       fit.take(i), gains=np.asarray(gains[i]),
-      energy=(float(out[i]), float(err[i]))) for i, job in enumerate(chunk)}
+      energy=(float(out[i]), float(err[i])),
+      damage_gains=_damage_gains(job, np.asarray(gains[i]), fit.b[i]))
+          for i, job in enumerate(chunk)}
+
+
+def _damage_gains(job: Job, gains, b):
+  """Each term's gain weighted by the output gradient's second moment per
+  output channel, g_i sum_o E[g_o^2] B_io^2 / ||B_i||^2 (B's rows: the
+  terms' output directions), when the statistics have it (else None): the
+  output damage, to first order, the term removes if the input error and
+  the gradient are independent (`calibration.output_gradients`)."""
+  if job.stats is None or 'sum_of_g2' not in job.stats:
+    return None
+  h = np.asarray(job.stats['sum_of_g2'], np.float64) / max(
+      float(job.stats['grad_count']), 1.0)
+  b = np.square(np.asarray(b, np.float64)).reshape(-1, *b.shape[-2:]).sum(0)
+  return gains * (b @ h) / np.maximum(b.sum(-1), 1e-30)
 
 
 def _errors_left(job: Job, fit: _Fit, ranks):
@@ -324,10 +342,14 @@ def _errors_left(job: Job, fit: _Fit, ranks):
 
 def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):
   """Weights of rank 'auto' cut to their allocated ranks (and quantized)."""
-  rank = chunk[0].rank
+  # The chunk's largest allocated rank, rounded up to 8 (fewer programs to
+  # compile): the columns beyond it are cut from every weight of the chunk.
+  top = max(ranks[j.path] for j in chunk)
+  rank = min(chunk[0].rank, max(8, -(-top // 8) * 8))
   fit = _Fit(*[None if x[0] is None else _stack(x) for x in zip(
       *[(fits[j.path].qs, fits[j.path].input_scales, fits[j.path].a,
          fits[j.path].b) for j in chunk])])
+  fit = dataclasses.replace(fit, a=fit.a[..., :rank], b=fit.b[..., :rank, :])
   keep = jnp.arange(rank)[None, :] < jnp.asarray(
       [ranks[j.path] for j in chunk])[:, None]
   fit = _quantized(chunk, jnp.stack([j.weight for j in chunk]), fit,

@@ -106,13 +106,6 @@ def output_damage(probe: OutputProbe, fp_params, deltas) -> dict:
           f' {deltas[p].shape[1:]}, but the params hold'
           f' {getattr(flat_fp.get(p), "shape", "no such weight")}')
 
-  def direction(k, x):
-    if probe.output == 'gaussian':
-      return jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
-    p = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
-    y = jax.random.categorical(k, x.astype(jnp.float32), axis=-1)
-    return (jax.nn.one_hot(y, x.shape[-1]) - p).astype(x.dtype)
-
   def example(params, weights, deltas, inputs, key):
     """One example's squared <J_w^T v, D_k> (gradients of the probed
     weights only), mean over probes, and its output energy (or positions)."""
@@ -125,7 +118,7 @@ def output_damage(probe: OutputProbe, fp_params, deltas) -> dict:
     leaves, treedef = jax.tree.flatten(out)
 
     def one(k):
-      vs = [direction(kk, x)
+      vs = [direction(probe.output, kk, x)
             for kk, x in zip(jax.random.split(k, len(leaves)), leaves)]
       grads = pullback(jax.tree.unflatten(treedef, vs))[0]
       return [jnp.tensordot(d, g.astype(jnp.float32), g.ndim)
@@ -157,6 +150,16 @@ def output_damage(probe: OutputProbe, fp_params, deltas) -> dict:
     energy += float(e)
   return {p: v / energy for p, v in zip(paths, moved)}
 
+
+def direction(output, key, x):
+  """A random direction v over an output array x: N(0, I) ('gaussian'), or
+  per position onehot(y) - p, y ~ p = softmax(x) ('softmax': E[v v^T] is
+  the Fisher of the prediction)."""
+  if output == 'gaussian':
+    return jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype)
+  p = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
+  y = jax.random.categorical(key, x.astype(jnp.float32), axis=-1)
+  return (jax.nn.one_hot(y, x.shape[-1]) - p).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)

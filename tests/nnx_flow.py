@@ -10,13 +10,18 @@ from flax import nnx
 import lqer
 
 
-def quantized(make, rules, x, **quantize_kw):
-  """(LQER model, float params, statistics): make() calibrated on x, then
-  quantized by lqer_quantize_params(**quantize_kw) into an LqerProvider model
-  (float32 compute)."""
+def quantized(make, rules, x, gradients=False, **quantize_kw):
+  """(LQER model, float params, statistics): make() calibrated on x (with
+  `gradients`, output gradients too), then quantized by
+  lqer_quantize_params(**quantize_kw) into an LqerProvider model (float32
+  compute)."""
   cal = qwix.quantize_model(make(), lqer.LqerCalibrationProvider(rules), x)
   cal(x)
   stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
+  if gradients:
+    tapped = qwix.quantize_model(make(), lqer.LqerCalibrationProvider(
+        rules, output_gradients=True), x)
+    stats = lqer.output_gradients(tapped, None, [(x,)], stats)
   model = qwix.quantize_model(
       make(), lqer.LqerProvider(rules, compute_dtype=jnp.float32), x)
   fp = nnx.to_pure_dict(nnx.state(make(), nnx.Param))

@@ -663,3 +663,108 @@ def test_report_fields_table_errors_and_bits():
       sum(w * d['output_error'] for w, d in zip(n, dicts)) / n.sum())
   assert total['bits_per_weight'] == pytest.approx(
       sum(w * d['bits_per_weight'] for w, d in zip(n, dicts)) / n.sum())
+
+
+# ------------------------------------------------------ output gradients --
+
+
+def _tapped_reference(weights, x, v):
+  """The cotangent at each op's output for output direction v, from the
+  model written out with a zero perturbation added after each op."""
+  def f(d_up, d_qkv, d_o):
+    h = nn.gelu(x @ weights['up'] + d_up)
+    h = jnp.einsum('btd,ndh->btnh', h, weights['qkv']) + d_qkv
+    return jnp.einsum('btnh,nhd->btd', nn.gelu(h), weights['o']) + d_o
+  zeros = (jnp.zeros(x.shape[:2] + (32,)), jnp.zeros(x.shape[:2] + (2, 8)),
+           jnp.zeros(x.shape[:2] + (12,)))
+  y, pullback = jax.vjp(f, *zeros)
+  return y, dict(zip(('up', 'qkv', 'o'), pullback(v)))
+
+
+class _Tapped(nn.Module):
+  """A Dense, a Gemma-style einsum contracting its middle axis, and an
+  einsum contracting two axes."""
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(0.3)
+    h = nn.gelu(nn.Dense(32, use_bias=False, name='up')(x))
+    h = jnp.einsum('btd,ndh->btnh', h, self.param('qkv', init, (2, 32, 8)))
+    return jnp.einsum('btnh,nhd->btd', nn.gelu(h),
+                      self.param('o', init, (2, 8, 12)))
+
+
+class _NnxTapped(nnx.Module):
+
+  def __init__(self, weights):
+    self.up = nnx.Linear(16, 32, use_bias=False, rngs=nnx.Rngs(0))
+    self.up.kernel.value = weights['up']
+    self.qkv = nnx.Param(weights['qkv'])
+    self.o = nnx.Param(weights['o'])
+
+  def __call__(self, x):
+    h = jnp.einsum('btd,ndh->btnh', nn.gelu(self.up(x)), self.qkv)
+    return jnp.einsum('btnh,nhd->btd', nn.gelu(h), self.o)
+
+
+@pytest.mark.parametrize('output', ['gaussian', 'softmax'])
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_output_gradients_sum_each_ops_squared_cotangent(api, output):
+  """sum_of_g2 is sum_t g_{t,o}^2 of the cotangent at the op's output for
+  the direction each batch draws (the same draw rebuilt here), output
+  channels in the kernel's order (qkv's (N, H) with its contraction in the
+  middle); grad_count the tokens; two batches."""
+  batches = [(jax.random.normal(jax.random.key(i), (2, 5, 16)),)
+             for i in range(2)]
+  model = _Tapped()
+  params = model.init(KEY, *batches[0])['params']
+  weights = {'up': params['up']['kernel'], 'qkv': params['qkv'],
+             'o': params['o']}
+  rules = [LqerRule(module_path='.*', weight_qtype='int4', rank=2,
+                    method='qera')]
+  if api == 'linen':
+    cal = qwix.quantize_model(model, LqerCalibrationProvider(rules))
+    stats = lqer.calibration.run(cal, params, batches)
+    tapped = qwix.quantize_model(model, LqerCalibrationProvider(
+        rules, output_gradients=True))
+    got = lqer.calibration.output_gradients(tapped, params, batches, stats,
+                                            output=output, seed=3)
+    got = {'up': got['up']['kernel_lqer'], 'qkv': got['qkv_lqer'],
+           'o': got['o_lqer']}
+  else:
+    make = lambda: _NnxTapped(weights)
+    cal = qwix.quantize_model(make(), LqerCalibrationProvider(rules),
+                              *batches[0])
+    for batch in batches:
+      cal(*batch)
+    stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
+    tapped = qwix.quantize_model(make(), LqerCalibrationProvider(
+        rules, output_gradients=True), *batches[0])
+    got = lqer.calibration.output_gradients(tapped, None, batches, stats,
+                                            output=output, seed=3)
+    got = {'up': got['up']['kernel_lqer'], 'qkv': got['qkv_lqer'],
+           'o': got['o_lqer']}
+  want = {k: 0.0 for k in weights}
+  for i, (x,) in enumerate(batches):
+    y, _ = _tapped_reference(weights, x, jnp.zeros((2, 5, 12)))
+    key = jax.random.split(jax.random.fold_in(jax.random.key(3), i), 1)[0]
+    _, cot = _tapped_reference(weights, x,
+                               lqer.probe.direction(output, key, y))
+    for k, g in cot.items():
+      want[k] = want[k] + np.sum(np.square(np.asarray(g, np.float64)).reshape(
+          10, -1), axis=0)
+  for k in weights:
+    np.testing.assert_allclose(got[k]['sum_of_g2'], want[k], rtol=1e-4)
+    assert float(got[k]['grad_count']) == 20
+    assert int(got[k]['count']) == 20  # the input statistics are kept
+
+
+def test_output_gradients_refuse_a_model_without_taps():
+  x = jnp.ones((2, 5, 16))
+  model = _Tapped()
+  params = model.init(KEY, x)['params']
+  rules = [LqerRule(module_path='nothing', weight_qtype='int4', rank=2)]
+  tapped = qwix.quantize_model(model, LqerCalibrationProvider(
+      rules, output_gradients=True))
+  with pytest.raises(ValueError, match='taps no op'):
+    lqer.output_gradients(tapped, params, [(x,)], {})

@@ -287,6 +287,88 @@ def test_allocation_follows_the_spectrum():
   assert ranks['decay'] >= 0.6 * spent
 
 
+class _Scaled(nn.Module):
+  """Dense layers whose outputs are scaled per channel, then summed: how
+  much each output channel matters is known exactly."""
+  scales: dict
+
+  @nn.compact
+  def __call__(self, x):
+    return sum(nn.Dense(x.shape[-1], use_bias=False, name=k)(x) * c
+               for k, c in self.scales.items())
+
+
+def _gradient_allocation(scales, budget, **rule_kw):
+  """(ranks, Budget, params, tokens) of _Scaled(scales) allocated under
+  `budget` from calibration and output-gradient statistics (8 batches)."""
+  rng = np.random.default_rng(5)
+  batches = [(jnp.asarray(reference.correlated_outlier_activations(
+      rng, 512, 128)),) for _ in range(8)]
+  model = _Scaled(scales)
+  fp = model.init(KEY, *batches[0])['params']
+  rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=32,
+                    rank='auto', method='qera', max_rank=32, **rule_kw)]
+  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules))
+  stats = lqer.calibration.run(cal, fp, batches)
+  tapped = qwix.quantize_model(model, lqer.LqerCalibrationProvider(
+      rules, output_gradients=True))
+  stats = lqer.calibration.output_gradients(tapped, fp, batches, stats)
+  qmodel = qwix.quantize_model(model, LqerProvider(rules))
+  abstract = jax.eval_shape(qmodel.init, KEY, *batches[0])['params']
+  params = lqer_quantize_params(fp, abstract, calibration=stats,
+                                budget_bits=budget)
+  return ({k: params[k]['kernel'].rank for k in scales}, budget, params,
+          np.concatenate([np.asarray(b[0]) for b in batches]))
+
+
+def test_output_gradients_steer_the_allocation():
+  """Two same-shaped layers, one output scaled 10x and one 0.1x: with
+  output-gradient statistics (the default valuation when present), the
+  loud one takes the budget, whichever it is; by size alone they tie."""
+  for loud, quiet in (('a', 'b'), ('b', 'a')):
+    ranks, budget, _, _ = _gradient_allocation(
+        {loud: 10.0, quiet: 0.1}, allocation.Budget(0.5))
+    assert set(budget.values) == {('a', 'kernel'), ('b', 'kernel')}
+    assert ranks[loud] >= 4 * max(ranks[quiet], 1), ranks
+  ranks, _, _, _ = _gradient_allocation(
+      {'a': 10.0, 'b': 0.1}, allocation.Budget(0.5, normalize='size'))
+  assert abs(ranks['a'] - ranks['b']) <= 2, ranks
+
+
+def test_gradient_values_are_the_output_damage_removed():
+  """y = (x W) diag(c): the output change of an error D is exactly
+  ||X D diag(c)||^2, so the values of a weight's first r terms add up to
+  the output energy ||X A_r B_r diag(c)||^2 / tokens of its factors
+  (float32, unquantized), up to the gradient statistics' sampling."""
+  c = np.linspace(0.1, 3.0, 128)
+  ranks, budget, params, x = _gradient_allocation(
+      {'a': c}, allocation.Budget(4.0), factor_dtype=jnp.float32)
+  w = params['a']['kernel']
+  r = ranks['a']
+  assert 0 < r < 32
+  ab = np.asarray(w.a, np.float64) @ np.asarray(w.b, np.float64)
+  removed = np.sum(np.square(x.astype(np.float64) @ ab * c)) / len(x)
+  assert np.sum(budget.values[('a', 'kernel')][:r]) == pytest.approx(
+      removed, rel=0.05)
+
+
+def test_gradient_normalisation_needs_the_statistics(mlp):
+  with pytest.raises(ValueError, match=r"up/kernel .*output_gradients"):
+    _quantize(mlp, _rules(rank='auto'),
+              budget_bits=allocation.Budget(0.5, normalize='gradient'))
+
+
+def test_decreasing_pools_rising_runs():
+  got = allocation._decreasing(np.array([5, 1, 3, 2, 2, 4, 0.5]))
+  np.testing.assert_allclose(got, [5, 2.4, 2.4, 2.4, 2.4, 2.4, 0.5])
+  g = np.random.default_rng(0).random(50)
+  got = allocation._decreasing(g)
+  assert np.all(np.diff(got) <= 1e-12)
+  assert np.sum(got) == pytest.approx(np.sum(g))
+  np.testing.assert_array_equal(allocation._decreasing(np.sort(g)[::-1]),
+                                np.sort(g)[::-1])
+
+
 def test_allocated_and_quantized_checkpoints_round_trip(mlp, tmp_path):
   model, x, fp, _, _ = mlp
   rules = _rules(rank='auto', factor_qtype='int4')
@@ -302,8 +384,10 @@ def test_allocated_and_quantized_checkpoints_round_trip(mlp, tmp_path):
                                 qmodel.apply({'params': params}, x))
 
 
-def test_nnx_einsum_auto_rank_int8_factors():
-  """Gemma's layouts under NNX: allocated ranks and int8 factors."""
+@pytest.mark.parametrize('valuation', ['gradient', 'probe'])
+def test_nnx_einsum_auto_rank_int8_factors(valuation):
+  """Gemma's layouts under NNX: allocated ranks and int8 factors, terms
+  valued by output gradients (the default) or by a probe."""
 
   class Attn(nnx.Module):
     def __init__(self, rngs):
@@ -327,10 +411,20 @@ def test_nnx_einsum_auto_rank_int8_factors():
     nnx.update(model, params)
     return model(x)
 
-  budget = allocation.Budget(1.0, probe=probe_lib.OutputProbe(apply, [(x,)]))
-  qmodel, fp, stats = nnx_flow.quantized(make, rules, x, budget_bits=budget)
+  if valuation == 'probe':
+    budget = allocation.Budget(1.0, probe=probe_lib.OutputProbe(apply,
+                                                                 [(x,)]))
+    qmodel, fp, stats = nnx_flow.quantized(make, rules, x,
+                                           budget_bits=budget)
+    assert set(budget.damage) == {('qkv',), ('o',)}
+    assert len(budget.chosen) == 3
+  else:
+    budget = allocation.Budget(1.0)
+    qmodel, fp, stats = nnx_flow.quantized(make, rules, x,
+                                           budget_bits=budget, gradients=True)
+    assert 'sum_of_g2' in stats['qkv_lqer'] and not budget.damage
+  assert set(budget.values) == {('qkv',), ('o',)}
   assert qmodel.o.a.dtype == jnp.int8 and qmodel.o.rank > 0
-  assert set(budget.damage) == {('qkv',), ('o',)} and len(budget.chosen) == 3
   assert budget.ranks == {('qkv',): qmodel.qkv.rank, ('o',): qmodel.o.rank}
   y = nnx.jit(lambda m, x: m(x))(qmodel, x)
   ptq = nnx_flow.ptq(make, rules, x, fp, stats)
