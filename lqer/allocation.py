@@ -62,7 +62,7 @@ class Budget:
   value}): by default, when the calibration statistics hold output
   gradients (`calibration.output_gradients`), 'gradient': the output
   damage each term removes, its gain weighted per output channel by
-  E[g_o^2] (`jobs._damage_gains`); with `probe`, by the output damage each
+  E[g_o^2] (`damage_gains`); with `probe`, by the output damage each
   undoes, measured on the factors themselves (`measure`, `_fitted_values`);
   with `sensitivity` (from `output_sensitivity`), by the damage of the
   weight's PTQ error times the fraction of its objective the term removes;
@@ -204,6 +204,21 @@ class Budget:
 
 NORMALIZE = (None, 'gradient', 'output', 'size', 'error', 'none', 'sqrt',
              'log')
+
+
+def damage_gains(gains, b, stats):
+  """Each term's gain weighted by the output gradient's second moment per
+  output channel, g_i sum_o E[g_o^2] B_io^2 / ||B_i||^2 (B (*, k, out):
+  the terms' output directions), or None without output-gradient
+  statistics: the output damage, to first order, the term removes if the
+  layer's input and the gradient are independent
+  (`calibration.output_gradients`)."""
+  if stats is None or 'sum_of_g2' not in stats:
+    return None
+  h = np.asarray(stats['sum_of_g2'], np.float64) / max(
+      float(stats['grad_count']), 1.0)
+  b = np.square(np.asarray(b, np.float64)).reshape(-1, *b.shape[-2:]).sum(0)
+  return gains * (b @ h) / np.maximum(b.sum(-1), 1e-30)
 
 
 def _decreasing(gains):

@@ -19,6 +19,7 @@ import numpy as np
 from qwix._src.core import qarray
 from qwix._src.providers import ptq
 
+from lqer import allocation
 from lqer import bases
 from lqer import decompose
 from lqer import factor
@@ -313,22 +314,9 @@ def _fit_auto(chunk: list[Job], factors: _CholeskyCache):
   return {job.path: dataclasses.replace(
       fit.take(i), gains=np.asarray(gains[i]),
       energy=(float(out[i]), float(err[i])),
-      damage_gains=_damage_gains(job, np.asarray(gains[i]), fit.b[i]))
+      damage_gains=allocation.damage_gains(np.asarray(gains[i]), fit.b[i],
+                                           job.stats))
           for i, job in enumerate(chunk)}
-
-
-def _damage_gains(job: Job, gains, b):
-  """Each term's gain weighted by the output gradient's second moment per
-  output channel, g_i sum_o E[g_o^2] B_io^2 / ||B_i||^2 (B's rows: the
-  terms' output directions), when the statistics have it (else None): the
-  output damage, to first order, the term removes if the input error and
-  the gradient are independent (`calibration.output_gradients`)."""
-  if job.stats is None or 'sum_of_g2' not in job.stats:
-    return None
-  h = np.asarray(job.stats['sum_of_g2'], np.float64) / max(
-      float(job.stats['grad_count']), 1.0)
-  b = np.square(np.asarray(b, np.float64)).reshape(-1, *b.shape[-2:]).sum(0)
-  return gains * (b @ h) / np.maximum(b.sum(-1), 1e-30)
 
 
 def _errors_left(job: Job, fit: _Fit, ranks):
