@@ -35,10 +35,11 @@ def main():
   p.add_argument('--normalize', nargs='+',
                  default=[*allocation.NORMALIZE[1:], 'sensitivity', 'fisher',
                           'probe'],
-                 help="'gradient' (the default valuation): the output-gradient"
-                 " statistics of the task's gradient batches (gathered once,"
-                 " their seconds printed); 'sensitivity': output_sensitivity of the PTQ error"
-                 " with Gaussian directions; 'fisher': with output='softmax'"
+                 help="'gradient' (the default valuation): the"
+                 " output-gradient statistics of the task's gradient batches"
+                 " (gathered once, their seconds printed); 'sensitivity':"
+                 " output_sensitivity of the PTQ error with Gaussian"
+                 " directions; 'fisher': with output='softmax'"
                  " (logits); 'probe': Budget(probe=OutputProbe(...)), the"
                  " damage measured on the factors (lqer eval's; the task's"
                  " probe output)")

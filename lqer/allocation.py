@@ -156,6 +156,7 @@ class Budget:
     paths = list(spectra)
     rows = []
     how = self._valuation(spectra)
+    self.values = {}
     for order, path in enumerate(paths):
       g = np.maximum(np.asarray(spectra[path][0], np.float64), 0)
       if path in self.damage:

@@ -183,10 +183,9 @@ def output_gradients(grad_model, params, batches, stats, *,
                              *batches[0]).get('quant_stats', {})
     apply = lambda params, h, batch: grad_model.apply(
         {'params': params, 'quant_stats': h}, *batch)
-  if not any(str(p[-2]).endswith(GRAD_SUFFIX) for p in
-             flax.traverse_util.flatten_dict(nnx.to_pure_dict(handles) if
-                                             isinstance(handles, nnx.State)
-                                             else handles)):
+  flat_taps = lambda tree: flax.traverse_util.flatten_dict(
+      nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree)
+  if not any(str(p[-2]).endswith(GRAD_SUFFIX) for p in flat_taps(handles)):
     raise ValueError(
         'output_gradients: the model taps no op; quantize it with'
         ' LqerCalibrationProvider(rules, output_gradients=True), with rules'
@@ -208,10 +207,8 @@ def output_gradients(grad_model, params, batches, stats, *,
     grads = step(params, handles, tuple(batch),
                  jax.random.fold_in(jax.random.key(seed), i))
     total = jax.tree.map(jnp.add, total, grads)
-  if isinstance(total, nnx.State):
-    total = nnx.to_pure_dict(total)
   flat = flax.traverse_util.flatten_dict(stats)
-  for path, value in flax.traverse_util.flatten_dict(total).items():
+  for path, value in flat_taps(total).items():
     if not path[-2].endswith(GRAD_SUFFIX):
       continue
     weight = path[:-2] + (path[-2][:-len(GRAD_SUFFIX)] + stats_lib.SUFFIX,)
