@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import qwix
 from qwix._src.core import qarray
 
-from lqer import packing
+from lqer.quant import packing
 
 ROWS, COLS, GROUP = 2048, 5632, 128
 
@@ -37,10 +37,12 @@ def _median_seconds(fn, args, repeats):
 
 def _unpack(p: packing.PackedInt4):
   """The packed path's dequantization (one block = the whole weight)."""
-  return [packing._dequantize(nibbles, p.scale[:, i * (COLS // 2):
-                                               (i + 1) * (COLS // 2)],
-                              jnp.float32)
-          for i, nibbles in enumerate(packing._signed_nibbles(p.packed))]
+  return [
+    packing._dequantize(
+      nibbles, p.scale[:, i * (COLS // 2) : (i + 1) * (COLS // 2)], jnp.float32
+    )
+    for i, nibbles in enumerate(packing._signed_nibbles(p.packed))
+  ]
 
 
 def main():
@@ -48,13 +50,12 @@ def main():
   parser.add_argument('--repeats', type=int, default=50)
   args = parser.parse_args()
   w = jax.random.normal(jax.random.key(0), (ROWS, COLS))
-  q = qwix.quantize(w, jnp.int4, channelwise_axes=[1],
-                    tiled_axes={0: GROUP})
+  q = qwix.quantize(w, jnp.int4, channelwise_axes=[1], tiled_axes={0: GROUP})
   packed = packing.pack(q)
   rows = {
-      'Qwix dequantize (s4 -> f32 * scale)': (qarray.dequantize, (q,)),
-      'packed uint8 pairs -> f32 * scale': (_unpack, (packed,)),
-      'float32 copy (x * 2) of the same size': (lambda a: a * 2, (w,)),
+    'Qwix dequantize (s4 -> f32 * scale)': (qarray.dequantize, (q,)),
+    'packed uint8 pairs -> f32 * scale': (_unpack, (packed,)),
+    'float32 copy (x * 2) of the same size': (lambda a: a * 2, (w,)),
   }
   print(f'devices: {jax.devices()}')
   print('| operation | ms | ns / weight |')

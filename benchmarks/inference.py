@@ -48,8 +48,9 @@ class SwiGluStack(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i in range(self.layers):
-      dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,
-                                       name=f'{name}_{i}')
+      dense = lambda n, name: nn.Dense(
+        n, use_bias=False, dtype=self.dtype, name=f'{name}_{i}'
+      )
       h = nn.silu(dense(self.ff, 'gate')(x)) * dense(self.ff, 'up')(x)
       x = x + dense(self.d, 'down')(h)
     return x
@@ -59,8 +60,11 @@ def stored_bytes(tree) -> int:
   """Bytes as stored: bits of each leaf's dtype (int4 = 4 bits)."""
   total = 0
   for leaf in jax.tree.leaves(tree):
-    bits = 4 if jnp.dtype(leaf.dtype).name in ('int4', 'uint4') else (
-        jnp.dtype(leaf.dtype).itemsize * 8)
+    bits = (
+      4
+      if jnp.dtype(leaf.dtype).name in ('int4', 'uint4')
+      else (jnp.dtype(leaf.dtype).itemsize * 8)
+    )
     total += leaf.size * bits // 8
   return total
 
@@ -71,8 +75,9 @@ def causal_attention(q, k, v):
   b, t, n, h = q.shape
   q = q.reshape(b, t, k.shape[2], -1, h)
   logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k) / jnp.sqrt(h)
-  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits,
-                     jnp.finfo(logits.dtype).min)
+  logits = jnp.where(
+    jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(logits.dtype).min
+  )
   out = jnp.einsum('BKGTS,BSKH->BTKGH', jax.nn.softmax(logits, -1), v)
   return out.reshape(b, t, n, h)
 
@@ -95,16 +100,19 @@ class GemmaBlocks(nn.Module):
   def __call__(self, x):
     n, k, d, h, f = self.heads, self.kv_heads, self.d, self.head_dim, self.ff
     for i in range(self.layers):
-      einsum = lambda shape, eq, name: nn.Einsum(shape, eq, use_bias=False,
-                                                 name=f'{name}_{i}')
+      einsum = lambda shape, eq, name: nn.Einsum(
+        shape, eq, use_bias=False, name=f'{name}_{i}'
+      )
       y = nn.RMSNorm(name=f'attn_norm_{i}')(x)
       q = einsum((n, d, h), 'BTD,NDH->BTNH', 'q')(y)
       key, value = einsum((2, k, d, h), 'BSD,CKDH->CBSKH', 'kv')(y)
       x = x + einsum((n, h, d), 'BTNH,NHD->BTD', 'out')(
-          causal_attention(q, key, value))
+        causal_attention(q, key, value)
+      )
       y = nn.RMSNorm(name=f'mlp_norm_{i}')(x)
       gate, up = jnp.moveaxis(
-          einsum((2, f, d), '...D,NFD->...NF', 'gating')(y), -2, 0)
+        einsum((2, f, d), '...D,NFD->...NF', 'gating')(y), -2, 0
+      )
       x = x + einsum((f, d), '...F,FD->...D', 'down')(nn.gelu(gate) * up)
     return x
 
@@ -115,20 +123,20 @@ def mlp_variants(model, fp, x0, ptq_rules, rules):
   bf16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), fp)
   ptq_model, ptq = ptq_variant(model, fp, x0, ptq_rules)
   lqer_model = lambda cd: qwix.quantize_model(
-      model, lqer.LqerProvider(rules, compute_dtype=cd))
+    model, lqer.LqerProvider(rules, compute_dtype=cd)
+  )
   params = lqer_params(model, fp, x0, rules)
   ptq_lqer = qwix.quantize_model(model, lqer.LqerProvider(ptq_rules))
   return {
-      'FP32': (model, fp),
-      'bf16': (bf16_model, bf16),
-      'Qwix PTQ int4': (ptq_model, ptq),
-      'LQER int4 (Qwix matmul)': (lqer_model(None), params),
-      'LQER int4 (f32 at use)': (lqer_model(jnp.float32), params),
-      'LQER int4 (auto)': (lqer_model('auto'), params),
-      'PTQ int4 packed (auto)': (ptq_lqer, lqer.pack_params(ptq)),
-      'LQER int4 packed (auto)': (lqer_model('auto'),
-                                  lqer.pack_params(params)),
-      **w4a8_variants(model, fp, x0, ptq_rules, rules),
+    'FP32': (model, fp),
+    'bf16': (bf16_model, bf16),
+    'Qwix PTQ int4': (ptq_model, ptq),
+    'LQER int4 (Qwix matmul)': (lqer_model(None), params),
+    'LQER int4 (f32 at use)': (lqer_model(jnp.float32), params),
+    'LQER int4 (auto)': (lqer_model('auto'), params),
+    'PTQ int4 packed (auto)': (ptq_lqer, lqer.pack_params(ptq)),
+    'LQER int4 packed (auto)': (lqer_model('auto'), lqer.pack_params(params)),
+    **w4a8_variants(model, fp, x0, ptq_rules, rules),
   }
 
 
@@ -138,26 +146,33 @@ def w4a8_variants(model, fp, x0, ptq_rules, rules):
   act = lambda r, **kw: dataclasses.replace(r, act_qtype=jnp.int8, **kw)
   a8_ptq = [act(r) for r in ptq_rules]
   a8_rules = [act(r, method='svdquant') for r in rules]
-  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(
-      a8_rules, second_moment=False))
+  cal = qwix.quantize_model(
+    model, lqer.LqerCalibrationProvider(a8_rules, second_moment=False)
+  )
   x_cal = jax.random.normal(jax.random.key(2), (8, 128, x0.shape[-1]))
-  _, stats = cal.apply({'params': fp, **cal.init(jax.random.key(0), x0)},
-                       x_cal, mutable='quant_stats')
+  _, stats = cal.apply(
+    {'params': fp, **cal.init(jax.random.key(0), x0)},
+    x_cal,
+    mutable='quant_stats',
+  )
   svdquant = lambda cd: qwix.quantize_model(
-      model, lqer.LqerProvider(a8_rules, compute_dtype=cd))
-  abstract = jax.eval_shape(svdquant(None).init, jax.random.key(0),
-                            x0)['params']
-  params = lqer.lqer_quantize_params(fp, abstract,
-                                     calibration=stats['quant_stats'])
+    model, lqer.LqerProvider(a8_rules, compute_dtype=cd)
+  )
+  abstract = jax.eval_shape(svdquant(None).init, jax.random.key(0), x0)[
+    'params'
+  ]
+  params = lqer.lqer_quantize_params(
+    fp, abstract, calibration=stats['quant_stats']
+  )
   ptq_model, ptq = ptq_variant(model, fp, x0, a8_ptq)
   return {
-      'Qwix PTQ W4A8': (ptq_model, ptq),
-      'PTQ W4A8 packed (auto)': (
-          qwix.quantize_model(model, lqer.LqerProvider(a8_ptq)),
-          lqer.pack_params(ptq)),
-      'SVDQuant W4A8 (Qwix matmul)': (svdquant(None), params),
-      'SVDQuant W4A8 packed (auto)': (svdquant('auto'),
-                                      lqer.pack_params(params)),
+    'Qwix PTQ W4A8': (ptq_model, ptq),
+    'PTQ W4A8 packed (auto)': (
+      qwix.quantize_model(model, lqer.LqerProvider(a8_ptq)),
+      lqer.pack_params(ptq),
+    ),
+    'SVDQuant W4A8 (Qwix matmul)': (svdquant(None), params),
+    'SVDQuant W4A8 packed (auto)': (svdquant('auto'), lqer.pack_params(params)),
   }
 
 
@@ -165,10 +180,12 @@ def gemma_variants(model, fp, x0, ptq_rules, rules):
   """FP32, Qwix PTQ and LQER packed (the Gemma block table)."""
   lqer_model = qwix.quantize_model(model, lqer.LqerProvider(rules))
   return {
-      'FP32': (model, fp),
-      'Qwix PTQ int4': ptq_variant(model, fp, x0, ptq_rules),
-      'LQER int4 packed (auto)': (
-          lqer_model, lqer.pack_params(lqer_params(model, fp, x0, rules))),
+    'FP32': (model, fp),
+    'Qwix PTQ int4': ptq_variant(model, fp, x0, ptq_rules),
+    'LQER int4 packed (auto)': (
+      lqer_model,
+      lqer.pack_params(lqer_params(model, fp, x0, rules)),
+    ),
   }
 
 
@@ -207,53 +224,67 @@ def measure(variants, shapes, d, repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(prm, xin))
         times[name].append(time.perf_counter() - start)
-    out[(b, t)] = {name: (statistics.median(times[name]), fns[name][3])
-                   for name in fns}
+    out[(b, t)] = {
+      name: (statistics.median(times[name]), fns[name][3]) for name in fns
+    }
   return out
 
 
 def table_rows(timed, variants, fp_bytes, ptq):
   """One result dict per shape and variant: ratios vs FP32 and Qwix PTQ."""
   # The branch's cost: each LQER variant against PTQ on the same matmul.
-  same_path = {'LQER int4 (Qwix matmul)': 'Qwix PTQ int4',
-               'LQER int4 packed (auto)': 'PTQ int4 packed (auto)',
-               'SVDQuant W4A8 (Qwix matmul)': 'Qwix PTQ W4A8',
-               'SVDQuant W4A8 packed (auto)': 'PTQ W4A8 packed (auto)'}
+  same_path = {
+    'LQER int4 (Qwix matmul)': 'Qwix PTQ int4',
+    'LQER int4 packed (auto)': 'PTQ int4 packed (auto)',
+    'SVDQuant W4A8 (Qwix matmul)': 'Qwix PTQ W4A8',
+    'SVDQuant W4A8 packed (auto)': 'PTQ W4A8 packed (auto)',
+  }
   results = []
   for (b, t), by_name in timed.items():
     fp_med, ptq_med = by_name['FP32'][0], by_name['Qwix PTQ int4'][0]
     for name, (med, temp) in by_name.items():
       base = same_path.get(name)
       prm = variants[name][1]
-      results.append({
-          'shape': f'{b}x{t}', 'variant': name, 'median_ms': med * 1e3,
-          'vs_fp32': med / fp_med, 'vs_ptq': med / ptq_med,
-          'vs_same_path_ptq': (med / by_name[base][0]
-                               if base in by_name else None),
+      results.append(
+        {
+          'shape': f'{b}x{t}',
+          'variant': name,
+          'median_ms': med * 1e3,
+          'vs_fp32': med / fp_med,
+          'vs_ptq': med / ptq_med,
+          'vs_same_path_ptq': (
+            med / by_name[base][0] if base in by_name else None
+          ),
           'temp_vs_fp32_weights': temp / fp_bytes,
           'param_bytes_vs_ptq': stored_bytes(prm) / stored_bytes(ptq),
-          'param_bytes_vs_fp32': stored_bytes(prm) / fp_bytes})
+          'param_bytes_vs_fp32': stored_bytes(prm) / fp_bytes,
+        }
+      )
   return results
 
 
 def print_table(results):
   print(f'devices: {jax.devices()}')
-  print('| shape | variant | median ms | vs FP32 | vs Qwix PTQ |'
-        ' branch: vs PTQ on same matmul |'
-        ' temp mem / FP32 weights | param bytes / PTQ | param bytes / FP32 |')
+  print(
+    '| shape | variant | median ms | vs FP32 | vs Qwix PTQ |'
+    ' branch: vs PTQ on same matmul |'
+    ' temp mem / FP32 weights | param bytes / PTQ | param bytes / FP32 |'
+  )
   print('|---|---|---|---|---|---|---|---|---|')
   for r in results:
     same = r['vs_same_path_ptq']
-    print(f"| {r['shape']} | {r['variant']} | {r['median_ms']:.2f} |"
-          f" {r['vs_fp32']:.2f} | {r['vs_ptq']:.2f} |"
-          f" {'' if same is None else f'{same:.2f}'} |"
-          f" {r['temp_vs_fp32_weights']:.2f} | {r['param_bytes_vs_ptq']:.3f} |"
-          f" {r['param_bytes_vs_fp32']:.3f} |")
+    print(
+      f'| {r["shape"]} | {r["variant"]} | {r["median_ms"]:.2f} |'
+      f' {r["vs_fp32"]:.2f} | {r["vs_ptq"]:.2f} |'
+      f' {"" if same is None else f"{same:.2f}"} |'
+      f' {r["temp_vs_fp32_weights"]:.2f} | {r["param_bytes_vs_ptq"]:.3f} |'
+      f' {r["param_bytes_vs_fp32"]:.3f} |'
+    )
 
 
 MODELS = {  # --model: (module, variants, default d, ff, layers, shapes)
-    'mlp': (SwiGluStack, mlp_variants, 2048, 5632, 4, '1x1,1x128,8x128'),
-    'gemma-block': (GemmaBlocks, gemma_variants, 640, 2048, 1, '1x1,1x128'),
+  'mlp': (SwiGluStack, mlp_variants, 2048, 5632, 4, '1x1,1x128,8x128'),
+  'gemma-block': (GemmaBlocks, gemma_variants, 640, 2048, 1, '1x1,1x128'),
 }
 
 
@@ -270,18 +301,19 @@ def main():
   args = p.parse_args()
   module, make_variants, d, ff, layers, shapes = MODELS[args.model]
   d, ff, layers = args.d or d, args.ff or ff, args.layers or layers
-  shapes = [tuple(map(int, s.split('x')))
-            for s in (args.shapes or shapes).split(',')]
+  shapes = [
+    tuple(map(int, s.split('x'))) for s in (args.shapes or shapes).split(',')
+  ]
   model = module(d=d, ff=ff, layers=layers)
   x0 = jnp.ones((1, 1, d))
   fp = jax.jit(model.init)(jax.random.key(0), x0)['params']
   ptq_rules = [qwix.QuantizationRule(weight_qtype=jnp.int4, tile_size=128)]
-  rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=128,
-                         rank=args.rank)]
+  rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=128, rank=args.rank)]
   variants = make_variants(model, fp, x0, ptq_rules, rules)
   timed = measure(variants, shapes, d, args.repeats)
-  results = table_rows(timed, variants, stored_bytes(fp),
-                       variants['Qwix PTQ int4'][1])
+  results = table_rows(
+    timed, variants, stored_bytes(fp), variants['Qwix PTQ int4'][1]
+  )
   print_table(results)
   if args.json:
     with open(args.json, 'w') as f:

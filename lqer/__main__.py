@@ -1,5 +1,5 @@
 """`python -m lqer ...` is the `lqer` command."""
 
-from lqer.cli import main
+from lqer.cli.main import main
 
 main()

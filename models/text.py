@@ -16,33 +16,34 @@ import functools
 import importlib
 import inspect
 import os
+from pydoc_data import topics as _topics
 import re
 from typing import Sequence
 
 import numpy as np
-from pydoc_data import topics as _topics
 
 MIN_WORDS = 6
 MAX_WORDS = 40
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-_BULLET = re.compile(r"^\s*(?:\*|-|\d+\.)\s+")
+_SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=[A-Z])')
+_BULLET = re.compile(r'^\s*(?:\*|-|\d+\.)\s+')
 
 
 def prose_text() -> str:
   """Returns all pydoc topics, concatenated in sorted key order."""
   topics = _topics.topics
-  return "\n\n".join(topics[key] for key in sorted(topics))
+  return '\n\n'.join(topics[key] for key in sorted(topics))
 
 
 def read_text_file(path: str | os.PathLike) -> str:
   """Reads a user-provided UTF-8 text file."""
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding='utf-8') as f:
     return f.read()
 
 
-def split_tokens(token_ids: Sequence[int] | np.ndarray, n_calib: int,
-                 n_eval: int) -> tuple[np.ndarray, np.ndarray]:
+def split_tokens(
+  token_ids: Sequence[int] | np.ndarray, n_calib: int, n_eval: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Splits a token stream into disjoint calibration and evaluation ranges.
 
   Args:
@@ -59,10 +60,10 @@ def split_tokens(token_ids: Sequence[int] | np.ndarray, n_calib: int,
   token_ids = np.asarray(token_ids)
   if n_calib < 0 or n_eval < 0 or n_calib + n_eval > len(token_ids):
     raise ValueError(
-        f"cannot take {n_calib} calibration + {n_eval} evaluation tokens "
-        f"from {len(token_ids)} without overlap"
+      f'cannot take {n_calib} calibration + {n_eval} evaluation tokens '
+      f'from {len(token_ids)} without overlap'
     )
-  return token_ids[:n_calib], token_ids[len(token_ids) - n_eval:]
+  return token_ids[:n_calib], token_ids[len(token_ids) - n_eval :]
 
 
 def _indent(line: str) -> int:
@@ -76,22 +77,28 @@ def _paragraph_sentences(paragraph: str) -> list[str]:
   indented lines, e.g. ``"Sets"`` before its description) is dropped.
   """
   lines = paragraph.splitlines()
-  if (len(lines) > 1 and not _BULLET.match(lines[0])
-      and _indent(lines[1]) > _indent(lines[0])):
+  if (
+    len(lines) > 1
+    and not _BULLET.match(lines[0])
+    and _indent(lines[1]) > _indent(lines[0])
+  ):
     lines = lines[1:]
-  lines = [_BULLET.sub("", line).strip() for line in lines]
-  text = " ".join(" ".join(lines).split())  # Collapse runs of whitespace.
+  lines = [_BULLET.sub('', line).strip() for line in lines]
+  text = ' '.join(' '.join(lines).split())  # Collapse runs of whitespace.
   return _SENTENCE_END.split(text)
 
 
 def _is_prose_sentence(sentence: str) -> bool:
-  """Keeps capitalised, terminated sentences of ``MIN_WORDS..MAX_WORDS`` words."""
+  """Keeps capitalised, terminated sentences of ``MIN_WORDS..MAX_WORDS``
+  words."""
   n_words = len(sentence.split())
-  return (MIN_WORDS <= n_words <= MAX_WORDS
-          and sentence[0].isupper()
-          and sentence[-1] in ".!?"
-          and "::=" not in sentence
-          and ">>>" not in sentence)
+  return (
+    MIN_WORDS <= n_words <= MAX_WORDS
+    and sentence[0].isupper()
+    and sentence[-1] in '.!?'
+    and '::=' not in sentence
+    and '>>>' not in sentence
+  )
 
 
 @functools.cache
@@ -103,8 +110,8 @@ def _all_sentences() -> tuple[str, ...]:
 def text_sentences(text: str) -> tuple[str, ...]:
   """Distinct prose sentences of any text, in order of first appearance."""
   found = {}
-  for paragraph in re.split(r"\n\s*\n", text):
-    if paragraph.startswith((" ", "\t")):  # Indented: code or grammar.
+  for paragraph in re.split(r'\n\s*\n', text):
+    if paragraph.startswith((' ', '\t')):  # Indented: code or grammar.
       continue
     for sentence in _paragraph_sentences(paragraph):
       if _is_prose_sentence(sentence):
@@ -128,9 +135,10 @@ def sentences(n: int, offset: int = 0) -> list[str]:
   """
   pool = _all_sentences()
   if n < 0 or offset < 0 or offset + n > len(pool):
-    raise ValueError(f"requested sentences [{offset}, {offset + n}) "
-                     f"but only {len(pool)} exist")
-  return list(pool[offset:offset + n])
+    raise ValueError(
+      f'requested sentences [{offset}, {offset + n}) but only {len(pool)} exist'
+    )
+  return list(pool[offset : offset + n])
 
 
 def split_sentences(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
@@ -138,19 +146,49 @@ def split_sentences(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
   sentences."""
   total = num_sentences()
   if n_calib + n_eval > total:
-    raise ValueError(f"cannot take {n_calib} + {n_eval} sentences out of {total}")
+    raise ValueError(
+      f'cannot take {n_calib} + {n_eval} sentences out of {total}'
+    )
   return sentences(n_calib), sentences(n_eval, offset=total - n_eval)
 
 
 # Standard-library modules whose docstrings make the "other text" of README's
 # runs: library documentation, not the language reference of prose_text().
 DOCSTRING_MODULES = (
-    "argparse", "asyncio", "collections", "concurrent.futures", "contextlib",
-    "dataclasses", "decimal", "difflib", "email", "fractions", "functools",
-    "heapq", "http.server", "inspect", "itertools", "json", "logging",
-    "multiprocessing", "pathlib", "pickle", "re", "shutil", "socket",
-    "sqlite3", "statistics", "subprocess", "tarfile", "threading", "typing",
-    "unittest", "urllib.request", "xml.etree.ElementTree", "zipfile")
+  'argparse',
+  'asyncio',
+  'collections',
+  'concurrent.futures',
+  'contextlib',
+  'dataclasses',
+  'decimal',
+  'difflib',
+  'email',
+  'fractions',
+  'functools',
+  'heapq',
+  'http.server',
+  'inspect',
+  'itertools',
+  'json',
+  'logging',
+  'multiprocessing',
+  'pathlib',
+  'pickle',
+  're',
+  'shutil',
+  'socket',
+  'sqlite3',
+  'statistics',
+  'subprocess',
+  'tarfile',
+  'threading',
+  'typing',
+  'unittest',
+  'urllib.request',
+  'xml.etree.ElementTree',
+  'zipfile',
+)
 
 
 def docstring_text() -> str:
@@ -159,11 +197,11 @@ def docstring_text() -> str:
   docs = []
   for name in DOCSTRING_MODULES:
     for attr, obj in vars(importlib.import_module(name)).items():
-      doc = None if attr.startswith("_") else inspect.getdoc(obj)
+      doc = None if attr.startswith('_') else inspect.getdoc(obj)
       if doc:
         docs.append(doc)
-  return "\n\n".join(docs)
+  return '\n\n'.join(docs)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   print(docstring_text())

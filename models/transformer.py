@@ -61,11 +61,13 @@ class NnxBlock(nnx.Module):
 
   def __init__(self, d_model, num_heads, d_ff, *, rngs):
     hd = d_model // num_heads
-    qkv = lambda: nnx.Einsum('btd,dhk->bthk', (d_model, num_heads, hd),
-                             (num_heads, hd), rngs=rngs)
+    qkv = lambda: nnx.Einsum(
+      'btd,dhk->bthk', (d_model, num_heads, hd), (num_heads, hd), rngs=rngs
+    )
     self.query, self.key, self.value = qkv(), qkv(), qkv()
-    self.out = nnx.Einsum('bthk,hkd->btd', (num_heads, hd, d_model),
-                          (d_model,), rngs=rngs)
+    self.out = nnx.Einsum(
+      'bthk,hkd->btd', (num_heads, hd, d_model), (d_model,), rngs=rngs
+    )
     self.norm1 = nnx.LayerNorm(d_model, rngs=rngs)
     self.norm2 = nnx.LayerNorm(d_model, rngs=rngs)
     self.fc1 = nnx.Linear(d_model, d_ff, rngs=rngs)
@@ -81,11 +83,21 @@ class NnxBlock(nnx.Module):
 class NnxTransformer(nnx.Module):
   """NNX twin of Transformer."""
 
-  def __init__(self, d_in=16, d_model=64, num_heads=4, d_ff=256,
-               num_layers=2, d_out=32, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    d_in=16,
+    d_model=64,
+    num_heads=4,
+    d_ff=256,
+    num_layers=2,
+    d_out=32,
+    *,
+    rngs: nnx.Rngs,
+  ):
     self.embed = nnx.Linear(d_in, d_model, rngs=rngs)
-    self.blocks = nnx.List([NnxBlock(d_model, num_heads, d_ff, rngs=rngs)
-                            for _ in range(num_layers)])
+    self.blocks = nnx.List(
+      [NnxBlock(d_model, num_heads, d_ff, rngs=rngs) for _ in range(num_layers)]
+    )
     self.norm = nnx.LayerNorm(d_model, rngs=rngs)
     self.head = nnx.Linear(d_model, d_out, rngs=rngs)
 

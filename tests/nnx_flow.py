@@ -3,9 +3,9 @@ modules."""
 
 import dataclasses
 
+from flax import nnx
 import jax.numpy as jnp
 import qwix
-from flax import nnx
 
 import lqer
 
@@ -19,20 +19,25 @@ def quantized(make, rules, x, gradients=False, **quantize_kw):
   cal(x)
   stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
   if gradients:
-    tapped = qwix.quantize_model(make(), lqer.LqerCalibrationProvider(
-        rules, output_gradients=True), x)
+    tapped = qwix.quantize_model(
+      make(), lqer.LqerCalibrationProvider(rules, output_gradients=True), x
+    )
     stats = lqer.output_gradients(tapped, None, [(x,)], stats)
   model = qwix.quantize_model(
-      make(), lqer.LqerProvider(rules, compute_dtype=jnp.float32), x)
+    make(), lqer.LqerProvider(rules, compute_dtype=jnp.float32), x
+  )
   fp = nnx.to_pure_dict(nnx.state(make(), nnx.Param))
-  nnx.update(model, lqer.lqer_quantize_params(fp, model, calibration=stats,
-                                              **quantize_kw))
+  nnx.update(
+    model,
+    lqer.lqer_quantize_params(fp, model, calibration=stats, **quantize_kw),
+  )
   return model, fp, stats
 
 
 def ptq(make, rules, x, fp, stats):
   """The same model under plain PTQ (the first rule without a rank)."""
-  model = qwix.quantize_model(make(), lqer.LqerProvider(
-      [dataclasses.replace(rules[0], rank=None)]), x)
+  model = qwix.quantize_model(
+    make(), lqer.LqerProvider([dataclasses.replace(rules[0], rank=None)]), x
+  )
   nnx.update(model, lqer.lqer_quantize_params(fp, model, calibration=stats))
   return model

@@ -18,15 +18,28 @@ from qwix.contrib import awq as qwix_awq
 from qwix.contrib import gptq as qwix_gptq
 
 import lqer
-from lqer import LqerCalibrationProvider, LqerProvider, LqerRule
+from lqer import LqerCalibrationProvider
+from lqer import LqerProvider
+from lqer import LqerRule
 from lqer import lqer_quantize_params
-from lqer import stats as stats_lib
+from lqer.quant import stats as stats_lib
 from tests import reference
 
 KEY = jax.random.key(0)
-REPORT_KEYS = ('path', 'shape', 'qtype', 'group_size', 'rank', 'method',
-               'weight_error_base', 'weight_error', 'output_error_base',
-               'output_error', 'snr_db', 'bits_per_weight')
+REPORT_KEYS = (
+  'path',
+  'shape',
+  'qtype',
+  'group_size',
+  'rank',
+  'method',
+  'weight_error_base',
+  'weight_error',
+  'output_error_base',
+  'output_error',
+  'snr_db',
+  'bits_per_weight',
+)
 
 
 # ---------------------------------------------------------------- helpers --
@@ -35,7 +48,8 @@ REPORT_KEYS = ('path', 'shape', 'qtype', 'group_size', 'rank', 'method',
 def _outliers(seed, n, d, scale=30.0):
   """(n, d) correlated tokens with 4 channels ~30x larger than the rest."""
   return reference.correlated_outlier_activations(
-      np.random.default_rng(seed), n, d, scale=scale)
+    np.random.default_rng(seed), n, d, scale=scale
+  )
 
 
 def _rel(a, b):
@@ -46,8 +60,11 @@ def _rel(a, b):
 def _np_sums(x):
   """count, sum |x|, x^T x of (..., in) tokens, in float64 NumPy."""
   x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
-  return {'count': x.shape[0], 'sum_of_abs': np.abs(x).sum(0),
-          'sum_of_xtx': x.T @ x}
+  return {
+    'count': x.shape[0],
+    'sum_of_abs': np.abs(x).sum(0),
+    'sum_of_xtx': x.T @ x,
+  }
 
 
 def _assert_stats_close(got, want, rtol=1e-5):
@@ -58,8 +75,9 @@ def _assert_stats_close(got, want, rtol=1e-5):
     w = np.asarray(want[key], np.float64)
     assert g.shape == w.shape, key
     # Off-diagonal sums of x^T x cancel; measure them on the matrix's scale.
-    np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max(),
-                               err_msg=key)
+    np.testing.assert_allclose(
+      g, w, rtol=rtol, atol=rtol * np.abs(w).max(), err_msg=key
+    )
 
 
 def _linen_inputs(model, params, x):
@@ -67,8 +85,9 @@ def _linen_inputs(model, params, x):
   seen = {}
 
   def interceptor(next_fun, args, kwargs, context):
-    if (context.method_name == '__call__'
-        and isinstance(context.module, (nn.Dense, nn.DenseGeneral))):
+    if context.method_name == '__call__' and isinstance(
+      context.module, (nn.Dense, nn.DenseGeneral)
+    ):
       seen['/'.join(context.module.path)] = np.asarray(args[0])
     return next_fun(*args, **kwargs)
 
@@ -82,8 +101,7 @@ def _calibrate_linen(model, rules, fp, batches, jit=False):
   init = cal.init(KEY, batches[0])
   assert all(int(s['count']) == 0 for s in _stat_leaves(init['quant_stats']))
   v = {'params': fp, 'quant_stats': init['quant_stats']}
-  apply = (jax.jit(cal.apply, static_argnames='mutable') if jit
-           else cal.apply)
+  apply = jax.jit(cal.apply, static_argnames='mutable') if jit else cal.apply
   for b in batches:
     _, new = apply(v, b, mutable='quant_stats')
     v = {**v, **new}
@@ -118,7 +136,6 @@ class _Mlp(nn.Module):
 
 
 class _NnxMlp(nnx.Module):
-
   def __init__(self, *, rngs):
     self.fc1 = nnx.Linear(32, 64, rngs=rngs)
     self.fc2 = nnx.Linear(64, 32, rngs=rngs)
@@ -148,8 +165,9 @@ def _check_inference(model, rules, params, x, want):
   want = np.asarray(want, np.float64)
   exact = qwix.quantize_model(model, _float32_provider(rules))
   y = np.asarray(jax.jit(exact.apply)({'params': params}, x), np.float64)
-  np.testing.assert_allclose(y.reshape(want.shape), want, rtol=1e-4,
-                             atol=1e-4 * np.abs(want).max())
+  np.testing.assert_allclose(
+    y.reshape(want.shape), want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+  )
   default = qwix.quantize_model(model, LqerProvider(rules))
   y = jax.jit(default.apply)({'params': params}, x)
   assert _rel(np.reshape(y, want.shape), want) < 1e-2
@@ -175,8 +193,11 @@ def test_linen_stats_are_exact_token_means(jit):
   x = _outliers(0, 23, 32)
   fp = model.init(KEY, x[:1])['params']
   rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method='qera')]
-  batches = [x[:10].reshape(2, 5, 32), x[10:16].reshape(3, 2, 32),
-             x[16:].reshape(1, 7, 32)]
+  batches = [
+    x[:10].reshape(2, 5, 32),
+    x[10:16].reshape(3, 2, 32),
+    x[16:].reshape(1, 7, 32),
+  ]
   split = _calibrate_linen(model, rules, fp, batches, jit=jit)
   whole = _calibrate_linen(model, rules, fp, [x], jit=jit)
   inputs = _linen_inputs(model, fp, x)
@@ -189,11 +210,13 @@ def test_linen_stats_are_exact_token_means(jit):
     _assert_stats_close(got, _np_sums(inp))
   # The means are token means: a batch of 10 tokens weighs 10/23, not 1/3.
   got = _stats_at(split, 'Dense_0', 'kernel_lqer')
-  r = np.asarray(lqer.stats.second_moment(got))
-  np.testing.assert_allclose(r, x.astype(np.float64).T @ x / 23, rtol=1e-4,
-                             atol=1e-4 * np.abs(r).max())
-  np.testing.assert_allclose(lqer.stats.abs_mean(got), np.abs(x).mean(0),
-                             rtol=1e-5)
+  r = np.asarray(lqer.quant.stats.second_moment(got))
+  np.testing.assert_allclose(
+    r, x.astype(np.float64).T @ x / 23, rtol=1e-4, atol=1e-4 * np.abs(r).max()
+  )
+  np.testing.assert_allclose(
+    lqer.quant.stats.abs_mean(got), np.abs(x).mean(0), rtol=1e-5
+  )
 
 
 def test_nnx_stats_are_exact_token_means_eager_and_jit():
@@ -222,8 +245,9 @@ def test_nnx_stats_are_exact_token_means_eager_and_jit():
     got = _stats_at(stats_of(eager), name, 'kernel_lqer')
     _assert_stats_close(got, want[name])
     _assert_stats_close(got, _stats_at(stats_of(whole), name, 'kernel_lqer'))
-    _assert_stats_close(_stats_at(stats_of(jitted), name, 'kernel_lqer'),
-                        want[name])
+    _assert_stats_close(
+      _stats_at(stats_of(jitted), name, 'kernel_lqer'), want[name]
+    )
   # The float model is left alone.
   assert not nnx.state(model, qwix.QuantStat)
 
@@ -248,8 +272,15 @@ def test_multi_axis_stats_follow_kernel_order(kind):
   kernel = np.asarray(fp['kernel'], np.float64)
   assert kernel.shape[:2] == tuple(x.shape[o] for o in order)
   x_flat = np.transpose(x, (0, 1, *order)).reshape(-1, a * b)
-  rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method='qera',
-                    solver='exact', factor_dtype=jnp.float32)]
+  rules = [
+    LqerRule(
+      weight_qtype=jnp.int4,
+      rank=4,
+      method='qera',
+      solver='exact',
+      factor_dtype=jnp.float32,
+    )
+  ]
   stats = _calibrate_linen(model, rules, fp, [x[:1], x[1:]])
   got = _stats_at(stats, 'kernel_lqer')
   assert got['sum_of_abs'].shape == (a * b,)
@@ -257,15 +288,17 @@ def test_multi_axis_stats_follow_kernel_order(kind):
   _assert_stats_close(got, _np_sums(x_flat))
   # The other order would be wrong: the check above can tell them apart.
   other = np.transpose(x, (0, 1, *order[::-1])).reshape(-1, a * b)
-  assert not np.allclose(got['sum_of_xtx'], _np_sums(other)['sum_of_xtx'],
-                         rtol=1e-3)
+  assert not np.allclose(
+    got['sum_of_xtx'], _np_sums(other)['sum_of_xtx'], rtol=1e-3
+  )
   _, abstract = _abstract(model, rules, x)
   params = lqer_quantize_params(fp, abstract, calibration=stats)
   k = params['kernel']
   w_m = kernel.reshape(a * b, out)
   deq = np.asarray(qwix.dequantize(k.array), np.float64).reshape(a * b, out)
-  ab = (np.asarray(k.a, np.float64).reshape(a * b, -1)
-        @ np.asarray(k.b, np.float64))
+  ab = np.asarray(k.a, np.float64).reshape(a * b, -1) @ np.asarray(
+    k.b, np.float64
+  )
   r = x_flat.astype(np.float64).T @ x_flat / len(x_flat)
   ref = reference.qera_product(w_m - deq, r, 4, rules[0].qera_damping)
   assert _rel(ab, ref) < 1e-3
@@ -282,8 +315,14 @@ def test_single_dense_matches_numpy(method, qtype, tile):
   model = nn.Dense(64, use_bias=False)
   fp = model.init(KEY, x)['params']
   w = np.asarray(fp['kernel'], np.float64)
-  rule = LqerRule(weight_qtype=qtype, tile_size=tile, rank=8, method=method,
-                  solver='exact', factor_dtype=jnp.float32)
+  rule = LqerRule(
+    weight_qtype=qtype,
+    tile_size=tile,
+    rank=8,
+    method=method,
+    solver='exact',
+    factor_dtype=jnp.float32,
+  )
   stats = _calibrate_linen(model, [rule], fp, [x[:200], x[200:]])
   _, abstract = _abstract(model, [rule], x)
   params = lqer_quantize_params(fp, abstract, calibration=stats)
@@ -292,8 +331,9 @@ def test_single_dense_matches_numpy(method, qtype, tile):
   assert k.a.dtype == jnp.float32 and k.input_scale is None
   deq = np.asarray(qwix.dequantize(k.array), np.float64)
   # The base is Qwix PTQ's RTN, bit for bit.
-  ptq_abs = jax.eval_shape(qwix.quantize_model(
-      model, qwix.PtqProvider([rule])).init, KEY, x)['params']
+  ptq_abs = jax.eval_shape(
+    qwix.quantize_model(model, qwix.PtqProvider([rule])).init, KEY, x
+  )['params']
   ptq = qwix.quantize_params(fp, ptq_abs)['kernel'].array
   np.testing.assert_array_equal(k.array.qvalue, ptq.qvalue)
   e = w - deq
@@ -302,15 +342,20 @@ def test_single_dense_matches_numpy(method, qtype, tile):
     ra, rb = reference.l2qer_factors(e, np.abs(x64).mean(0), 8)
     ref = ra @ rb
   else:
-    ref = reference.qera_product(e, x64.T @ x64 / len(x), 8,
-                                 rule.qera_damping)
+    ref = reference.qera_product(e, x64.T @ x64 / len(x), 8, rule.qera_damping)
   ab = np.asarray(k.a, np.float64) @ np.asarray(k.b, np.float64)
   assert _rel(ab, ref) < 1e-3, _rel(ab, ref)
-  _check_inference(model, [rule], params, x,
-                   x64 @ deq + (x64 @ np.asarray(k.a, np.float64)) @ k.b)
+  _check_inference(
+    model,
+    [rule],
+    params,
+    x,
+    x64 @ deq + (x64 @ np.asarray(k.a, np.float64)) @ k.b,
+  )
   # And it helps: the output error falls well below the RTN base's.
   assert reference.output_error(x, w, deq + ab) < 0.5 * reference.output_error(
-      x, w, deq)
+    x, w, deq
+  )
 
 
 # ----------------------------------- QERA is the optimum on every layer ----
@@ -326,9 +371,16 @@ def test_qera_beats_l2qer_and_svd_on_every_layer_and_rank():
   errors = {}
   for rank in (4, 8, 16):
     for method in ('svd', 'l2qer', 'qera'):
-      rules = [LqerRule(weight_qtype=jnp.int4, rank=rank, method=method,
-                        solver='exact', factor_dtype=jnp.float32,
-                        qera_damping=1e-6)]
+      rules = [
+        LqerRule(
+          weight_qtype=jnp.int4,
+          rank=rank,
+          method=method,
+          solver='exact',
+          factor_dtype=jnp.float32,
+          qera_damping=1e-6,
+        )
+      ]
       _, abstract = _abstract(model, rules, x)
       params = lqer_quantize_params(fp, abstract, calibration=stats)
       rep = lqer.report(fp, params, stats)
@@ -336,8 +388,9 @@ def test_qera_beats_l2qer_and_svd_on_every_layer_and_rank():
       for layer in rep.layers:
         assert layer.rank == rank and layer.method == method
         errors[layer.path, rank, method] = layer.output_error
-        base = errors.setdefault((layer.path, rank, 'base'),
-                                 layer.output_error_base)
+        base = errors.setdefault(
+          (layer.path, rank, 'base'), layer.output_error_base
+        )
         assert layer.output_error_base == pytest.approx(base, rel=1e-6)
   for (path, rank, method), err in errors.items():
     if method != 'qera':
@@ -346,8 +399,10 @@ def test_qera_beats_l2qer_and_svd_on_every_layer_and_rank():
     assert err <= errors[path, rank, 'svd'] * (1 + 1e-4), (path, rank)
     assert err < errors[path, rank, 'base']
   # On these outlier-heavy inputs the gap is large on the first layer.
-  assert errors['Dense_0/kernel', 8, 'qera'] < 0.5 * errors[
-      'Dense_0/kernel', 8, 'svd']
+  assert (
+    errors['Dense_0/kernel', 8, 'qera']
+    < 0.5 * errors['Dense_0/kernel', 8, 'svd']
+  )
 
 
 # --------------------------------------------------------------- errors ----
@@ -373,19 +428,25 @@ def _with_rule(mlp_setup, **kw):
 def test_missing_stats_name_the_weight(mlp_setup, method):
   fp, abstract, stats = _with_rule(mlp_setup, method=method)
   del stats['Dense_0']
-  with pytest.raises(ValueError, match=r'Dense_0/kernel.*calibration statistics'
-                     ) as err:
+  with pytest.raises(
+    ValueError, match=r'Dense_0/kernel.*calibration statistics'
+  ) as err:
     lqer_quantize_params(fp, abstract, calibration=stats)
   assert 'none were found' in str(err.value) or 'missing' in str(err.value)
-  with pytest.raises(ValueError, match=r'Dense_0/kernel.*calibration statistics'):
+  with pytest.raises(
+    ValueError, match=r'Dense_0/kernel.*calibration statistics'
+  ):
     lqer_quantize_params(fp, abstract, calibration=None)
 
 
 @pytest.mark.parametrize('base', ['gptq', 'awq'])
 def test_calibrated_bases_need_stats_even_for_svd(mlp_setup, base):
   fp, abstract, _ = _with_rule(mlp_setup, method='svd')
-  with pytest.raises(ValueError, match=rf'Dense_0/kernel: base {base!r} needs'
-                     ' calibration statistics'):
+  with pytest.raises(
+    ValueError,
+    match=rf'Dense_0/kernel: base {base!r} needs'
+    ' calibration statistics',
+  ):
     lqer_quantize_params(fp, abstract, calibration=None, base=base)
 
 
@@ -404,26 +465,34 @@ def test_uncalibrated_zero_stats_are_rejected(mlp_setup):
   cal = qwix.quantize_model(model, LqerCalibrationProvider(rules))
   zero = cal.init(KEY, x)['quant_stats']  # init only: count 0
   _, abstract = _abstract(model, rules, x)
-  with pytest.raises(ValueError, match='Dense_0/kernel: calibration'
-                     ' statistics saw no tokens'):
+  with pytest.raises(
+    ValueError, match='Dense_0/kernel: calibration statistics saw no tokens'
+  ):
     lqer_quantize_params(fp, abstract, calibration=zero)
 
 
-@pytest.mark.parametrize('method,key', [('qera', 'sum_of_xtx'),
-                                        ('l2qer', 'sum_of_abs')])
+@pytest.mark.parametrize(
+  'method,key', [('qera', 'sum_of_xtx'), ('l2qer', 'sum_of_abs')]
+)
 def test_nan_stats_name_the_weight(mlp_setup, method, key):
   fp, abstract, stats = _with_rule(mlp_setup, method=method)
   stats['Dense_1']['kernel_lqer'][key][..., 3] = np.nan
-  with pytest.raises(ValueError, match=rf'Dense_1/kernel: calibration'
-                     rf' statistic {key} holds NaN'):
+  with pytest.raises(
+    ValueError,
+    match=rf'Dense_1/kernel: calibration'
+    rf' statistic {key} holds NaN',
+  ):
     lqer_quantize_params(fp, abstract, calibration=stats)
 
 
 def test_stats_of_another_width_name_the_weight(mlp_setup):
   fp, abstract, stats = _with_rule(mlp_setup, method='qera')
   stats['Dense_0'] = stats['Dense_1']  # 64 input channels, kernel has 32
-  with pytest.raises(ValueError, match='Dense_0/kernel: statistics are for 64'
-                     ' input channels but the kernel contracts 32'):
+  with pytest.raises(
+    ValueError,
+    match='Dense_0/kernel: statistics are for 64'
+    ' input channels but the kernel contracts 32',
+  ):
     lqer_quantize_params(fp, abstract, calibration=stats)
 
 
@@ -434,14 +503,19 @@ def test_stats_without_second_moment_name_the_weight(mlp_setup, method, base):
   model, x, fp, _ = mlp_setup
   rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method=method)]
   cal = qwix.quantize_model(
-      model, LqerCalibrationProvider(rules, second_moment=False))
-  _, new = cal.apply({'params': fp, **cal.init(KEY, x)}, x,
-                     mutable='quant_stats')
+    model, LqerCalibrationProvider(rules, second_moment=False)
+  )
+  _, new = cal.apply(
+    {'params': fp, **cal.init(KEY, x)}, x, mutable='quant_stats'
+  )
   stats = new['quant_stats']
   assert 'sum_of_xtx' not in stats['Dense_0']['kernel_lqer']
   _, abstract = _abstract(model, rules, x)
-  with pytest.raises(ValueError, match=r'Dense_0/kernel.*'
-                     r'(sum_of_xtx|E\[x\^T x\]|second.moment)'):
+  with pytest.raises(
+    ValueError,
+    match=r'Dense_0/kernel.*'
+    r'(sum_of_xtx|E\[x\^T x\]|second.moment)',
+  ):
     lqer_quantize_params(fp, abstract, calibration=stats, base=base)
 
 
@@ -465,8 +539,13 @@ def dense_setup():
   x = _outliers(6, 512, 32)
   model = nn.Dense(64, use_bias=False)
   fp = model.init(KEY, x)['params']
-  rule = LqerRule(weight_qtype=jnp.int4, rank=4, method='qera',
-                  solver='exact', factor_dtype=jnp.float32)
+  rule = LqerRule(
+    weight_qtype=jnp.int4,
+    rank=4,
+    method='qera',
+    solver='exact',
+    factor_dtype=jnp.float32,
+  )
   stats = _calibrate_linen(model, [rule], fp, [x[:100], x[100:]])
   qmodel, abstract = _abstract(model, [rule], x)
   return model, x, fp, rule, stats, qmodel, abstract
@@ -480,8 +559,9 @@ def test_gptq_base_equals_qwix_gptq_and_qera_beats_it(dense_setup):
   gcal = qwix.quantize_model(model, qwix_gptq.GptqCalibrationProvider(grules))
   gvars = gcal.init(KEY, x)
   _, gstats = gcal.apply({'params': fp, **gvars}, x, mutable='quant_stats')
-  ptq_abs = jax.eval_shape(qwix.quantize_model(
-      model, qwix.PtqProvider(grules)).init, KEY, x)['params']
+  ptq_abs = jax.eval_shape(
+    qwix.quantize_model(model, qwix.PtqProvider(grules)).init, KEY, x
+  )['params']
   theirs = qwix_gptq.quantize_params(fp, ptq_abs, gstats['quant_stats'])
   theirs = theirs['kernel'].array
   params = lqer_quantize_params(fp, abstract, calibration=stats, base='gptq')
@@ -493,22 +573,30 @@ def test_gptq_base_equals_qwix_gptq_and_qera_beats_it(dense_setup):
   np.testing.assert_allclose(ours.scale, theirs.scale, rtol=1e-5)
   err_gptq = reference.output_error(x, w, deq_theirs)
   err_rtn = reference.output_error(
-      x, w, np.asarray(qwix.dequantize(qwix.quantize_params(
-          fp, ptq_abs)['kernel'].array), np.float64))
+    x,
+    w,
+    np.asarray(
+      qwix.dequantize(qwix.quantize_params(fp, ptq_abs)['kernel'].array),
+      np.float64,
+    ),
+  )
   assert err_gptq < err_rtn
   k = params['kernel']
   ab = np.asarray(k.a, np.float64) @ np.asarray(k.b, np.float64)
   # The factors reconstruct the error of the GPTQ base, not of RTN's.
-  ref = reference.qera_product(w - deq_ours, x.astype(np.float64).T @ x
-                               / len(x), 4, rule.qera_damping)
+  ref = reference.qera_product(
+    w - deq_ours, x.astype(np.float64).T @ x / len(x), 4, rule.qera_damping
+  )
   assert _rel(ab, ref) < 1e-3
   err_lqer = reference.output_error(x, w, deq_ours + ab)
   assert err_lqer < 0.7 * err_gptq
   rep = lqer.report(fp, params, stats).layers[0]
-  rtn = lqer.report(fp, lqer_quantize_params(fp, abstract, calibration=stats),
-                    stats).layers[0]
+  rtn = lqer.report(
+    fp, lqer_quantize_params(fp, abstract, calibration=stats), stats
+  ).layers[0]
   assert rep.output_error_base == pytest.approx(
-      reference.output_error(x, w, deq_ours), rel=1e-3)
+    reference.output_error(x, w, deq_ours), rel=1e-3
+  )
   assert rep.output_error == pytest.approx(err_lqer, rel=1e-3)
   assert rep.output_error_base < rtn.output_error_base
   assert rep.output_error < rep.output_error_base
@@ -531,10 +619,12 @@ def test_awq_base_inference_matches_numpy_and_qera_beats_awq(dense_setup):
   # Qwix's own AWQ on the same mean |x| gives the same scales.
   arules = [qwix_awq.AwqRule(module_path='.*', weight_qtype=jnp.int4)]
   acal = qwix.quantize_model(model, qwix_awq.AwqCalibrationProvider(arules))
-  _, astats = acal.apply({'params': fp, **acal.init(KEY, x)}, x,
-                         mutable='quant_stats')
-  ptq_abs = jax.eval_shape(qwix.quantize_model(
-      model, qwix.PtqProvider(arules)).init, KEY, x)['params']
+  _, astats = acal.apply(
+    {'params': fp, **acal.init(KEY, x)}, x, mutable='quant_stats'
+  )
+  ptq_abs = jax.eval_shape(
+    qwix.quantize_model(model, qwix.PtqProvider(arules)).init, KEY, x
+  )['params']
   theirs = qwix_awq.quantize_params(fp, ptq_abs, astats['quant_stats'])
   np.testing.assert_allclose(s, theirs['kernel'].awq_scale, rtol=1e-5)
   err_awq = reference.output_error(x, w, base)
@@ -547,8 +637,11 @@ def test_awq_base_inference_matches_numpy_and_qera_beats_awq(dense_setup):
   # and the f32 AWQ scale per input channel.
   n_in, n_out = 32, 64
   assert rep.bits_per_weight == pytest.approx(
-      4 + 32 * n_out / (n_in * n_out) + 32 * 4 * (n_in + n_out)
-      / (n_in * n_out) + 32 * n_in / (n_in * n_out))
+    4
+    + 32 * n_out / (n_in * n_out)
+    + 32 * 4 * (n_in + n_out) / (n_in * n_out)
+    + 32 * n_in / (n_in * n_out)
+  )
 
 
 # ------------------------------------------------------------------ NNX ----
@@ -558,8 +651,9 @@ def test_nnx_qera_flow_beats_ptq():
   model = _NnxMlp(rngs=nnx.Rngs(0))
   data = _outliers(7, 40 * 16, 32).reshape(40, 16, 32)
   cal_batches, x_eval = [data[:20], data[20:32]], data[32:]
-  rules = [LqerRule(weight_qtype=jnp.int4, rank=8, method='qera',
-                    solver='exact')]
+  rules = [
+    LqerRule(weight_qtype=jnp.int4, rank=8, method='qera', solver='exact')
+  ]
   cal = qwix.quantize_model(model, LqerCalibrationProvider(rules), data[:1])
   for b in cal_batches:
     cal(b)
@@ -568,7 +662,8 @@ def test_nnx_qera_flow_beats_ptq():
   for name in ('fc1', 'fc2'):
     assert int(stats[name]['kernel_lqer']['count']) == 32 * 16
   abstract = nnx.eval_shape(
-      lambda: qwix.quantize_model(model, LqerProvider(rules), data[:1]))
+    lambda: qwix.quantize_model(model, LqerProvider(rules), data[:1])
+  )
   nnx.update(abstract, lqer_quantize_params(fp, abstract, calibration=stats))
   assert isinstance(abstract.fc1.kernel, lqer.WithLqer)
   assert abstract.fc2.kernel.rule.method == 'qera'
@@ -592,15 +687,26 @@ def test_report_fields_table_errors_and_bits():
   fp = model.init(KEY, x)['params']
   k = 4
   rules = [
-      # (32, 64): int4 per-channel, bf16 factors.
-      LqerRule(module_path='Dense_0', weight_qtype=jnp.int4, rank=k,
-               method='qera', solver='exact'),
-      # (64, 64): plain int8 PTQ.
-      LqerRule(module_path='Dense_1', weight_qtype=jnp.int8),
-      # (64, 32): int4 in groups of 16, f32 factors.
-      LqerRule(module_path='Dense_2', weight_qtype=jnp.int4, tile_size=16,
-               rank=k, method='l2qer', solver='exact',
-               factor_dtype=jnp.float32),
+    # (32, 64): int4 per-channel, bf16 factors.
+    LqerRule(
+      module_path='Dense_0',
+      weight_qtype=jnp.int4,
+      rank=k,
+      method='qera',
+      solver='exact',
+    ),
+    # (64, 64): plain int8 PTQ.
+    LqerRule(module_path='Dense_1', weight_qtype=jnp.int8),
+    # (64, 32): int4 in groups of 16, f32 factors.
+    LqerRule(
+      module_path='Dense_2',
+      weight_qtype=jnp.int4,
+      tile_size=16,
+      rank=k,
+      method='l2qer',
+      solver='exact',
+      factor_dtype=jnp.float32,
+    ),
   ]
   stats = _calibrate_linen(model, rules, fp, [x[:64], x[64:]])
   _, abstract = _abstract(model, rules, x)
@@ -632,37 +738,52 @@ def test_report_fields_table_errors_and_bits():
     if isinstance(q, lqer.WithLqer):
       hat = base + np.asarray(q.a, np.float64) @ np.asarray(q.b, np.float64)
     np.testing.assert_allclose(
-        d['output_error'], reference.output_error(inputs[name], w, hat),
-        rtol=1e-3, err_msg=name)
+      d['output_error'],
+      reference.output_error(inputs[name], w, hat),
+      rtol=1e-3,
+      err_msg=name,
+    )
     np.testing.assert_allclose(
-        d['output_error_base'],
-        reference.output_error(inputs[name], w, base), rtol=1e-3,
-        err_msg=name)
+      d['output_error_base'],
+      reference.output_error(inputs[name], w, base),
+      rtol=1e-3,
+      err_msg=name,
+    )
     np.testing.assert_allclose(
-        d['weight_error'], np.linalg.norm(w - hat) / np.linalg.norm(w),
-        rtol=1e-4, err_msg=name)
+      d['weight_error'],
+      np.linalg.norm(w - hat) / np.linalg.norm(w),
+      rtol=1e-4,
+      err_msg=name,
+    )
     np.testing.assert_allclose(
-        d['snr_db'], 10 * np.log10(np.sum(w**2) / np.sum((w - hat)**2)),
-        rtol=1e-4, err_msg=name)
+      d['snr_db'],
+      10 * np.log10(np.sum(w**2) / np.sum((w - hat) ** 2)),
+      rtol=1e-4,
+      err_msg=name,
+    )
   assert by['Dense_0']['output_error'] < by['Dense_0']['output_error_base']
   assert by['Dense_2']['output_error'] < by['Dense_2']['output_error_base']
   # Bits per weight, counted by hand: values, f32 scales, factors.
   n_in, n_out = 32, 64  # 4 + 1 + 3
   assert by['Dense_0']['bits_per_weight'] == pytest.approx(
-      4 + 32 * n_out / (n_in * n_out) + 16 * k * (n_in + n_out)
-      / (n_in * n_out))
+    4 + 32 * n_out / (n_in * n_out) + 16 * k * (n_in + n_out) / (n_in * n_out)
+  )
   assert by['Dense_1']['bits_per_weight'] == pytest.approx(8 + 32 / 64)
   n_in, n_out = 64, 32  # 4 + 2 + 6
   assert by['Dense_2']['bits_per_weight'] == pytest.approx(
-      4 + 32 * (n_in // 16) * n_out / (n_in * n_out)
-      + 32 * k * (n_in + n_out) / (n_in * n_out))
+    4
+    + 32 * (n_in // 16) * n_out / (n_in * n_out)
+    + 32 * k * (n_in + n_out) / (n_in * n_out)
+  )
   total = rep.total()
   n = np.array([32 * 64, 64 * 64, 64 * 32], float)
   assert total['num_weights'] == n.sum()
   assert total['output_error'] == pytest.approx(
-      sum(w * d['output_error'] for w, d in zip(n, dicts)) / n.sum())
+    sum(w * d['output_error'] for w, d in zip(n, dicts)) / n.sum()
+  )
   assert total['bits_per_weight'] == pytest.approx(
-      sum(w * d['bits_per_weight'] for w, d in zip(n, dicts)) / n.sum())
+    sum(w * d['bits_per_weight'] for w, d in zip(n, dicts)) / n.sum()
+  )
 
 
 # ------------------------------------------------------ output gradients --
@@ -671,12 +792,17 @@ def test_report_fields_table_errors_and_bits():
 def _tapped_reference(weights, x, v):
   """The cotangent at each op's output for output direction v, from the
   model written out with a zero perturbation added after each op."""
+
   def f(d_up, d_qkv, d_o):
     h = nn.gelu(x @ weights['up'] + d_up)
     h = jnp.einsum('btd,ndh->btnh', h, weights['qkv']) + d_qkv
     return jnp.einsum('btnh,nhd->btd', nn.gelu(h), weights['o']) + d_o
-  zeros = (jnp.zeros(x.shape[:2] + (32,)), jnp.zeros(x.shape[:2] + (2, 8)),
-           jnp.zeros(x.shape[:2] + (12,)))
+
+  zeros = (
+    jnp.zeros(x.shape[:2] + (32,)),
+    jnp.zeros(x.shape[:2] + (2, 8)),
+    jnp.zeros(x.shape[:2] + (12,)),
+  )
   y, pullback = jax.vjp(f, *zeros)
   return y, dict(zip(('up', 'qkv', 'o'), pullback(v)))
 
@@ -690,12 +816,12 @@ class _Tapped(nn.Module):
     init = nn.initializers.normal(0.3)
     h = nn.gelu(nn.Dense(32, use_bias=False, name='up')(x))
     h = jnp.einsum('btd,ndh->btnh', h, self.param('qkv', init, (2, 32, 8)))
-    return jnp.einsum('btnh,nhd->btd', nn.gelu(h),
-                      self.param('o', init, (2, 8, 12)))
+    return jnp.einsum(
+      'btnh,nhd->btd', nn.gelu(h), self.param('o', init, (2, 8, 12))
+    )
 
 
 class _NnxTapped(nnx.Module):
-
   def __init__(self, weights):
     self.up = nnx.Linear(16, 32, use_bias=False, rngs=nnx.Rngs(0))
     self.up.kernel.value = weights['up']
@@ -714,45 +840,63 @@ def test_output_gradients_sum_each_ops_squared_cotangent(api, output):
   the direction each batch draws (the same draw rebuilt here), output
   channels in the kernel's order (qkv's (N, H) with its contraction in the
   middle); grad_count the tokens; two batches."""
-  batches = [(jax.random.normal(jax.random.key(i), (2, 5, 16)),)
-             for i in range(2)]
+  batches = [
+    (jax.random.normal(jax.random.key(i), (2, 5, 16)),) for i in range(2)
+  ]
   model = _Tapped()
   params = model.init(KEY, *batches[0])['params']
-  weights = {'up': params['up']['kernel'], 'qkv': params['qkv'],
-             'o': params['o']}
-  rules = [LqerRule(module_path='.*', weight_qtype='int4', rank=2,
-                    method='qera')]
+  weights = {
+    'up': params['up']['kernel'],
+    'qkv': params['qkv'],
+    'o': params['o'],
+  }
+  rules = [
+    LqerRule(module_path='.*', weight_qtype='int4', rank=2, method='qera')
+  ]
   if api == 'linen':
     cal = qwix.quantize_model(model, LqerCalibrationProvider(rules))
-    stats = lqer.calibration.run(cal, params, batches)
-    tapped = qwix.quantize_model(model, LqerCalibrationProvider(
-        rules, output_gradients=True))
-    got = lqer.calibration.output_gradients(tapped, params, batches, stats,
-                                            output=output, seed=3)
-    got = {'up': got['up']['kernel_lqer'], 'qkv': got['qkv_lqer'],
-           'o': got['o_lqer']}
+    stats = lqer.calibrate(cal, params, batches)
+    tapped = qwix.quantize_model(
+      model, LqerCalibrationProvider(rules, output_gradients=True)
+    )
+    got = lqer.output_gradients(
+      tapped, params, batches, stats, output=output, seed=3
+    )
+    got = {
+      'up': got['up']['kernel_lqer'],
+      'qkv': got['qkv_lqer'],
+      'o': got['o_lqer'],
+    }
   else:
     make = lambda: _NnxTapped(weights)
-    cal = qwix.quantize_model(make(), LqerCalibrationProvider(rules),
-                              *batches[0])
+    cal = qwix.quantize_model(
+      make(), LqerCalibrationProvider(rules), *batches[0]
+    )
     for batch in batches:
       cal(*batch)
     stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
-    tapped = qwix.quantize_model(make(), LqerCalibrationProvider(
-        rules, output_gradients=True), *batches[0])
-    got = lqer.calibration.output_gradients(tapped, None, batches, stats,
-                                            output=output, seed=3)
-    got = {'up': got['up']['kernel_lqer'], 'qkv': got['qkv_lqer'],
-           'o': got['o_lqer']}
+    tapped = qwix.quantize_model(
+      make(), LqerCalibrationProvider(rules, output_gradients=True), *batches[0]
+    )
+    got = lqer.output_gradients(
+      tapped, None, batches, stats, output=output, seed=3
+    )
+    got = {
+      'up': got['up']['kernel_lqer'],
+      'qkv': got['qkv_lqer'],
+      'o': got['o_lqer'],
+    }
   want = {k: 0.0 for k in weights}
   for i, (x,) in enumerate(batches):
     y, _ = _tapped_reference(weights, x, jnp.zeros((2, 5, 12)))
     key = jax.random.split(jax.random.fold_in(jax.random.key(3), i), 1)[0]
-    _, cot = _tapped_reference(weights, x,
-                               lqer.probe.direction(output, key, y))
+    _, cot = _tapped_reference(
+      weights, x, lqer.offline.probe.direction(output, key, y)
+    )
     for k, g in cot.items():
-      want[k] = want[k] + np.sum(np.square(np.asarray(g, np.float64)).reshape(
-          10, -1), axis=0)
+      want[k] = want[k] + np.sum(
+        np.square(np.asarray(g, np.float64)).reshape(10, -1), axis=0
+      )
   for k in weights:
     np.testing.assert_allclose(got[k]['sum_of_g2'], want[k], rtol=1e-4)
     assert float(got[k]['grad_count']) == 20
@@ -764,7 +908,8 @@ def test_output_gradients_refuse_a_model_without_taps():
   model = _Tapped()
   params = model.init(KEY, x)['params']
   rules = [LqerRule(module_path='nothing', weight_qtype='int4', rank=2)]
-  tapped = qwix.quantize_model(model, LqerCalibrationProvider(
-      rules, output_gradients=True))
+  tapped = qwix.quantize_model(
+    model, LqerCalibrationProvider(rules, output_gradients=True)
+  )
   with pytest.raises(ValueError, match='taps no op'):
     lqer.output_gradients(tapped, params, [(x,)], {})

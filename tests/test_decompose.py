@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqer import decompose
-from lqer import metrics
+from lqer.core import decompose
+from lqer.core import metrics
 from tests import reference
 
 
@@ -39,8 +39,9 @@ def test_l2qer_matches_numpy(rank):
   _, e = _error(rng)
   x = reference.correlated_outlier_activations(rng, 512, 64)
   abs_mean = np.abs(x).mean(0)
-  a, b = decompose.reconstruct(jnp.asarray(e), rank, 'l2qer',
-                               act_abs_mean=jnp.asarray(abs_mean))
+  a, b = decompose.reconstruct(
+    jnp.asarray(e), rank, 'l2qer', act_abs_mean=jnp.asarray(abs_mean)
+  )
   ra, rb = reference.l2qer_factors(e, abs_mean, rank)
   np.testing.assert_allclose(_product(a, b), ra @ rb, rtol=1e-4, atol=1e-5)
 
@@ -55,8 +56,9 @@ def test_qera_matches_numpy_eigen_route(rank, damping):
   chol = decompose.damped_cholesky(jnp.asarray(r, jnp.float32), damping)
   a, b = decompose.reconstruct(jnp.asarray(e), rank, 'qera', chol=chol)
   expected = reference.qera_product(e, r, rank, damping)
-  np.testing.assert_allclose(_product(a, b), expected,
-                             atol=2e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(
+    _product(a, b), expected, atol=2e-4 * np.abs(expected).max()
+  )
 
 
 @pytest.mark.parametrize('rank', [1, 4, 16, 32])
@@ -70,9 +72,11 @@ def test_qera_is_best_on_output_error(rank):
     base = w - e
     chol = decompose.damped_cholesky(jnp.asarray(r, jnp.float32), 1e-6)
     errs = {}
-    for method, kw in [('svd', {}),
-                       ('l2qer', {'act_abs_mean': jnp.abs(x).mean(0)}),
-                       ('qera', {'chol': chol})]:
+    for method, kw in [
+      ('svd', {}),
+      ('l2qer', {'act_abs_mean': jnp.abs(x).mean(0)}),
+      ('qera', {'chol': chol}),
+    ]:
       a, b = decompose.reconstruct(jnp.asarray(e), rank, method, **kw)
       errs[method] = reference.output_error(x, w, base + _product(a, b))
     assert errs['qera'] <= errs['l2qer'] * (1 + 1e-4), errs
@@ -89,8 +93,11 @@ def test_error_non_increasing_in_rank(method):
   prev = np.inf
   for rank in [1, 2, 4, 8, 16, 32, 48]:
     a, b = decompose.reconstruct(jnp.asarray(e), rank, method, **kw)
-    err = reference.output_error(x, w, w - e + _product(a, b)) if (
-        method == 'qera') else np.linalg.norm(e - _product(a, b))
+    err = (
+      reference.output_error(x, w, w - e + _product(a, b))
+      if (method == 'qera')
+      else np.linalg.norm(e - _product(a, b))
+    )
     assert err <= prev * (1 + 1e-5)
     prev = err
 
@@ -111,7 +118,7 @@ def test_randomized_svd_close_to_exact_on_decaying_spectrum():
 def _captured(e, a, b):
   """||E||^2 - ||E - AB||^2 in float64."""
   e = np.asarray(e, np.float64)
-  return np.sum(e**2) - np.sum((e - _product(a, b))**2)
+  return np.sum(e**2) - np.sum((e - _product(a, b)) ** 2)
 
 
 def test_krylov_beats_subspace_iteration_on_quantization_error():
@@ -120,9 +127,16 @@ def test_krylov_beats_subspace_iteration_on_quantization_error():
   exact = _captured(e, *reference.svd_factors(e, 16))
   energy = {}
   for krylov in [False, True]:
-    a, b = decompose.reconstruct(jnp.asarray(e), 16, 'svd',
-                                 solver='randomized', key=jax.random.key(0),
-                                 oversample=8, power_iters=3, krylov=krylov)
+    a, b = decompose.reconstruct(
+      jnp.asarray(e),
+      16,
+      'svd',
+      solver='randomized',
+      key=jax.random.key(0),
+      oversample=8,
+      power_iters=3,
+      krylov=krylov,
+    )
     energy[krylov] = _captured(e, a, b) / exact
   # Same matmuls with E; the Krylov basis keeps every iterate.
   assert 0.9 < energy[False] < energy[True] <= 1 + 1e-5, energy
@@ -133,26 +147,37 @@ def test_krylov_space_as_wide_as_the_matrix_is_exact():
   # 8 iterations of 12 columns > min(40, 30): the basis is capped at the
   # latest blocks that fit and spans the whole column space.
   _, e = _error(np.random.default_rng(9), 40, 30)
-  a, b = decompose.reconstruct(jnp.asarray(e), 5, 'svd', solver='randomized',
-                               key=jax.random.key(0), oversample=7,
-                               power_iters=8, krylov=True)
+  a, b = decompose.reconstruct(
+    jnp.asarray(e),
+    5,
+    'svd',
+    solver='randomized',
+    key=jax.random.key(0),
+    oversample=7,
+    power_iters=8,
+    krylov=True,
+  )
   ra, rb = reference.svd_factors(e, 5)
   np.testing.assert_allclose(_product(a, b), ra @ rb, atol=1e-4)
 
 
-@pytest.mark.parametrize('shape,true_rank', [((12, 300), 12), ((12, 300), 3),
-                                             ((30, 20), 20)])
+@pytest.mark.parametrize(
+  'shape,true_rank', [((12, 300), 12), ((12, 300), 3), ((30, 20), 20)]
+)
 def test_wide_svd_matches_numpy(shape, true_rank):
   rng = np.random.default_rng(10)
   m = rng.normal(size=(shape[0], true_rank)) @ rng.normal(
-      size=(true_rank, shape[1]))
+    size=(true_rank, shape[1])
+  )
   u, s, vt = decompose._wide_svd(jnp.asarray(m, jnp.float32), 5)
   ru, rs, rvt = np.linalg.svd(m, full_matrices=False)
   np.testing.assert_allclose(s, rs[:5], rtol=1e-4, atol=1e-4)
   k = min(5, true_rank)
-  np.testing.assert_allclose(_product(u[:, :k] * s[:k], vt[:k]),
-                             (ru[:, :k] * rs[:k]) @ rvt[:k],
-                             atol=1e-3 * rs[0])
+  np.testing.assert_allclose(
+    _product(u[:, :k] * s[:k], vt[:k]),
+    (ru[:, :k] * rs[:k]) @ rvt[:k],
+    atol=1e-3 * rs[0],
+  )
   # Zero singular values give zero rows, not NaNs.
   assert np.all(np.isfinite(vt))
 
@@ -165,8 +190,9 @@ def test_randomized_is_deterministic_and_batched():
   a2, b2 = decompose.reconstruct(ms, 5, 'svd', solver='randomized', key=key)
   assert np.array_equal(a1, a2) and np.array_equal(b1, b2)
   for i in range(3):
-    ai, bi = decompose.reconstruct(ms[i], 5, 'svd', solver='randomized',
-                                   key=key)
+    ai, bi = decompose.reconstruct(
+      ms[i], 5, 'svd', solver='randomized', key=key
+    )
     assert ai.shape == (50, 5) and bi.shape == (5, 40)
   assert a1.shape == (3, 50, 5)
 
@@ -184,10 +210,14 @@ def test_metrics_match_numpy():
   x = reference.correlated_outlier_activations(rng, 4096, 32)
   r = x.T.astype(np.float64) @ x / len(x)
   np.testing.assert_allclose(
-      metrics.relative_output_error(w, w_hat, jnp.asarray(r, jnp.float32)),
-      reference.output_error(x, w, w_hat), rtol=1e-4)
+    metrics.relative_output_error(w, w_hat, jnp.asarray(r, jnp.float32)),
+    reference.output_error(x, w, w_hat),
+    rtol=1e-4,
+  )
   rel = np.linalg.norm(w - w_hat) / np.linalg.norm(w)
-  np.testing.assert_allclose(metrics.relative_weight_error(w, w_hat), rel,
-                             rtol=1e-5)
-  np.testing.assert_allclose(metrics.snr_db(w, w_hat), -20 * np.log10(rel),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics.relative_weight_error(w, w_hat), rel, rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    metrics.snr_db(w, w_hat), -20 * np.log10(rel), rtol=1e-5
+  )

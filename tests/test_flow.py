@@ -9,8 +9,13 @@ import pytest
 import qwix
 
 import lqer
-from lqer import LqerProvider, LqerRule, lqer_quantize_params
-from models import NnxMLP, NnxTransformer, SimpleMLP, Transformer
+from lqer import LqerProvider
+from lqer import LqerRule
+from lqer import lqer_quantize_params
+from models import NnxMLP
+from models import NnxTransformer
+from models import SimpleMLP
+from models import Transformer
 from tests import reference
 
 KEY = jax.random.key(0)
@@ -55,23 +60,39 @@ def test_one_layer_output_matches_numpy(bits, group):
   w = rng.normal(size=(64, 32)).astype(np.float32)
   x = jnp.asarray(rng.normal(size=(5, 64)), jnp.float32)
   model = nn.Dense(32, use_bias=False)
-  rules = [LqerRule(weight_qtype=f'int{bits}', tile_size=group, rank=6,
-                    solver='exact', factor_dtype=jnp.float32)]
+  rules = [
+    LqerRule(
+      weight_qtype=f'int{bits}',
+      tile_size=group,
+      rank=6,
+      solver='exact',
+      factor_dtype=jnp.float32,
+    )
+  ]
   qmodel, abstract = _linen(model, rules, x)
   params = lqer_quantize_params({'kernel': jnp.asarray(w)}, abstract)
   y = qmodel.apply({'params': params}, x)
   # Ties at +-(qmax + 0.5) round differently under XLA's and NumPy's division,
   # so the base comes from Qwix itself; the rest is NumPy.
-  deq = np.asarray(qwix.dequantize(qwix.quantize(
-      jnp.asarray(w), f'int{bits}' if bits != 8 else jnp.int8,
-      channelwise_axes=[1], tiled_axes={0: group} if group else None)),
-                   np.float64)
+  deq = np.asarray(
+    qwix.dequantize(
+      qwix.quantize(
+        jnp.asarray(w),
+        f'int{bits}' if bits != 8 else jnp.int8,
+        channelwise_axes=[1],
+        tiled_axes={0: group} if group else None,
+      )
+    ),
+    np.float64,
+  )
   assert np.abs(deq - reference.quantize_symmetric(w, bits, group)).max() < (
-      1.01 * np.abs(w).max() / (2 ** (bits - 1) - 0.5))
+    1.01 * np.abs(w).max() / (2 ** (bits - 1) - 0.5)
+  )
   a, b = reference.svd_factors(w - deq, 6)
   stored = params['kernel']
-  np.testing.assert_allclose(np.asarray(stored.a, np.float64) @ stored.b,
-                             a @ b, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(stored.a, np.float64) @ stored.b, a @ b, atol=1e-4
+  )
   np.testing.assert_allclose(y, x @ deq + (x @ a) @ b, rtol=1e-4, atol=1e-4)
 
 
@@ -96,8 +117,9 @@ def test_beats_ptq_on_every_transformer_layer(qtype):
   rules = [LqerRule(weight_qtype=qtype, rank=16)]
   stats_model = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules))
   variables = stats_model.init(KEY, x)
-  _, new = stats_model.apply({'params': fp, **variables}, x,
-                             mutable='quant_stats')
+  _, new = stats_model.apply(
+    {'params': fp, **variables}, x, mutable='quant_stats'
+  )
   _, abstract = _linen(model, rules, x)
   params = lqer_quantize_params(fp, abstract)
   rep = lqer.report(fp, params, new['quant_stats'])
@@ -115,8 +137,10 @@ def test_error_non_increasing_in_rank_end_to_end():
   for rank in [None, 2, 8, 16]:
     rules = [LqerRule(weight_qtype=jnp.int4, rank=rank, solver='exact')]
     qmodel, abstract = _linen(model, rules, x)
-    err = _rel(qmodel.apply({'params': lqer_quantize_params(
-        fp, abstract, rules)}, x), y_fp)
+    err = _rel(
+      qmodel.apply({'params': lqer_quantize_params(fp, abstract, rules)}, x),
+      y_fp,
+    )
     assert err <= prev * 1.02, (rank, err, prev)
     prev = err
 
@@ -137,7 +161,6 @@ def test_jit_equals_eager_and_pass_is_deterministic():
 
 
 class _Bf16MLP(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.gelu(nn.Dense(64, dtype=x.dtype)(x))
@@ -157,25 +180,38 @@ def test_bf16_activations_and_act_quantization():
     ptq_model, ptq_abs = _linen(model, rules, x, qwix.PtqProvider)
     ptq_params = qwix.quantize_params(fp, ptq_abs)
     # Same output dtype as Qwix PTQ (its f32 scales decide it).
-    assert y16.dtype == ptq_model.apply({'params': ptq_params},
-                                        x.astype(jnp.bfloat16)).dtype
+    assert (
+      y16.dtype
+      == ptq_model.apply({'params': ptq_params}, x.astype(jnp.bfloat16)).dtype
+    )
     assert _rel(y16.astype(jnp.float32), y_fp) < 0.1
     y_ptq = ptq_model.apply({'params': ptq_params}, x)
     y = qmodel.apply({'params': params}, x)
     assert _rel(y, y_fp) < _rel(y_ptq, y_fp)
 
 
-@pytest.mark.parametrize('qtype,calib', [
-    (jnp.int8, 'absmax'), ('int3', 'absmax'), ('int2', 'absmax'),
-    ('nf4', 'absmax'), (jnp.float8_e4m3fn, 'absmax'), (jnp.int4, 'absmax,0.9'),
-    (jnp.int4, 'minmax')])
+@pytest.mark.parametrize(
+  'qtype,calib',
+  [
+    (jnp.int8, 'absmax'),
+    ('int3', 'absmax'),
+    ('int2', 'absmax'),
+    ('nf4', 'absmax'),
+    (jnp.float8_e4m3fn, 'absmax'),
+    (jnp.int4, 'absmax,0.9'),
+    (jnp.int4, 'minmax'),
+  ],
+)
 def test_qwix_weight_settings_keep_working(qtype, calib):
   model = SimpleMLP()
   x = jax.random.normal(KEY, (8, 16))
   fp = model.init(KEY, x)['params']
   y_fp = model.apply({'params': fp}, x)
-  rules = [LqerRule(weight_qtype=qtype, weight_calibration_method=calib,
-                    tile_size=8, rank=8)]
+  rules = [
+    LqerRule(
+      weight_qtype=qtype, weight_calibration_method=calib, tile_size=8, rank=8
+    )
+  ]
   qmodel, abstract = _linen(model, rules, x)
   ptq_model, ptq_abs = _linen(model, rules, x, qwix.PtqProvider)
   ptq_params = qwix.quantize_params(fp, ptq_abs)
@@ -199,20 +235,22 @@ def test_rank_none_is_plain_ptq_and_unmatched_pass_through():
   params = lqer_quantize_params(fp, abstract)
   k0 = params['Dense_0']['kernel']
   assert type(k0) is qwix._src.providers.ptq.WithAux
-  np.testing.assert_array_equal(params['Dense_1']['kernel'],
-                                fp['Dense_1']['kernel'])
+  np.testing.assert_array_equal(
+    params['Dense_1']['kernel'], fp['Dense_1']['kernel']
+  )
   qmodel.apply({'params': params}, x)
 
 
-@pytest.mark.parametrize('kind', ['dense_general_in', 'dense_general_out',
-                                  'einsum', 'einsum_batch'])
+@pytest.mark.parametrize(
+  'kind', ['dense_general_in', 'dense_general_out', 'einsum', 'einsum_batch']
+)
 def test_multi_axis_kernels(kind):
   x = jax.random.normal(KEY, (3, 4, 8))
   model = {
-      'dense_general_in': nn.DenseGeneral(12, axis=(-2, -1)),
-      'dense_general_out': nn.DenseGeneral((3, 5)),
-      'einsum': nn.Einsum((8, 6), 'btd,df->bft'),
-      'einsum_batch': nn.Einsum((4, 8, 6), 'btd,tdf->btf'),
+    'dense_general_in': nn.DenseGeneral(12, axis=(-2, -1)),
+    'dense_general_out': nn.DenseGeneral((3, 5)),
+    'einsum': nn.Einsum((8, 6), 'btd,df->bft'),
+    'einsum_batch': nn.Einsum((4, 8, 6), 'btd,tdf->btf'),
   }[kind]
   fp = model.init(KEY, x)['params']
   y_fp = model.apply({'params': fp}, x)
@@ -226,8 +264,11 @@ def test_multi_axis_kernels(kind):
   assert _rel(y, y_fp) < _rel(y_ptq, y_fp)
   # Full rank recovers the float output (per batch slice for batch axes).
   full = params['kernel'].layout.max_rank
-  rules = [LqerRule(weight_qtype=jnp.int4, rank=full, solver='exact',
-                    factor_dtype=jnp.float32)]
+  rules = [
+    LqerRule(
+      weight_qtype=jnp.int4, rank=full, solver='exact', factor_dtype=jnp.float32
+    )
+  ]
   qmodel, abstract = _linen(model, rules, x)
   y_full = qmodel.apply({'params': lqer_quantize_params(fp, abstract)}, x)
   np.testing.assert_allclose(y_full, y_fp, atol=1e-4)
@@ -240,7 +281,8 @@ def test_nnx_both_flows_and_jit():
   y_fp = model(x)
   fp = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   abstract = nnx.eval_shape(
-      lambda: qwix.quantize_model(model, LqerProvider(rules), x))
+    lambda: qwix.quantize_model(model, LqerProvider(rules), x)
+  )
   nnx.update(abstract, lqer_quantize_params(fp, abstract))
   y = nnx.jit(lambda m, x: m(x))(abstract, x)
   np.testing.assert_allclose(y, abstract(x), rtol=1e-5, atol=1e-5)
@@ -249,7 +291,8 @@ def test_nnx_both_flows_and_jit():
   np.testing.assert_allclose(implicit(x), y, rtol=1e-4, atol=1e-4)
   # Legacy flow: PtqProvider abstract + rules.
   ptq_abs = nnx.eval_shape(
-      lambda: qwix.quantize_model(model, qwix.PtqProvider(rules), x))
+    lambda: qwix.quantize_model(model, qwix.PtqProvider(rules), x)
+  )
   legacy = lqer_quantize_params(fp, ptq_abs, rules)
   nnx.update(abstract, legacy)
   np.testing.assert_allclose(abstract(x), y, rtol=1e-6, atol=1e-6)
@@ -262,9 +305,14 @@ def test_nnx_mlp_seed_style():
   model = NnxMLP(16, 64, 10, rngs=nnx.Rngs(0))
   rules = [LqerRule(weight_qtype=jnp.int4, rank=8)]
   abstract = nnx.eval_shape(
-      lambda: qwix.quantize_model(model, LqerProvider(rules), x))
-  nnx.update(abstract, lqer_quantize_params(
-      nnx.to_pure_dict(nnx.state(model, nnx.Param)), abstract))
+    lambda: qwix.quantize_model(model, LqerProvider(rules), x)
+  )
+  nnx.update(
+    abstract,
+    lqer_quantize_params(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param)), abstract
+    ),
+  )
   assert isinstance(abstract.fc1.kernel, lqer.WithLqer)
   assert _rel(abstract(x), model(x)) < 0.1
 
@@ -273,8 +321,9 @@ def test_rank_too_large_names_path_and_sizes():
   model = SimpleMLP(dhidden=64, dout=10)
   x = jnp.ones((1, 16))
   rules = [LqerRule(weight_qtype=jnp.int4, rank=12)]
-  with pytest.raises(ValueError,
-                     match=r'Dense_1/kernel: rank 12 .* 64 x 10.*<= 10'):
+  with pytest.raises(
+    ValueError, match=r'Dense_1/kernel: rank 12 .* 64 x 10.*<= 10'
+  ):
     _linen(model, rules, x)
   fp = model.init(KEY, x)['params']
   # The earlier project's flow (rules + PtqProvider tree) clips, with a
@@ -309,19 +358,27 @@ def test_missing_param_in_abstract_tree():
   assert 'extra' not in out
 
 
-@pytest.mark.parametrize('kwargs,field', [
-    ({'rank': 0}, 'rank'), ({'rank': -3}, 'rank'), ({'rank': 2.5}, 'rank'),
+@pytest.mark.parametrize(
+  'kwargs,field',
+  [
+    ({'rank': 0}, 'rank'),
+    ({'rank': -3}, 'rank'),
+    ({'rank': 2.5}, 'rank'),
     ({'rank': 4, 'weight_qtype': None}, 'rank'),
-    ({'method': 'pca'}, 'method'), ({'solver': 'lanczos'}, 'solver'),
+    ({'method': 'pca'}, 'method'),
+    ({'solver': 'lanczos'}, 'solver'),
     ({'factor_dtype': jnp.int8}, 'factor_dtype'),
     ({'weight_qtype': 'int33'}, 'weight_qtype'),
     ({'tile_size': -4}, 'tile_size'),
     ({'weight_calibration_method': 'median'}, 'weight_calibration_method'),
     ({'weight_calibration_method': 'absmax,x'}, 'weight_calibration_method'),
     ({'qera_damping': -1.0}, 'qera_damping'),
-    ({'weight_qtype': 'int2', 'weight_calibration_method': 'minmax'},
-     'weight_calibration_method'),
-])
+    (
+      {'weight_qtype': 'int2', 'weight_calibration_method': 'minmax'},
+      'weight_calibration_method',
+    ),
+  ],
+)
 def test_invalid_rule_settings(kwargs, field):
   settings = {'weight_qtype': jnp.int4, 'rank': 4} | kwargs
   with pytest.raises(ValueError, match=rf'LqerRule\(.*\)\.{field}'):
@@ -336,12 +393,16 @@ def test_qera_factors_each_input_once(monkeypatch):
   rules = [LqerRule(weight_qtype=jnp.int4, rank=4, method='qera')]
   cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules))
   stats = cal.init(KEY, x)['quant_stats']
-  _, new = cal.apply({'params': fp, 'quant_stats': stats}, x,
-                     mutable='quant_stats')
+  _, new = cal.apply(
+    {'params': fp, 'quant_stats': stats}, x, mutable='quant_stats'
+  )
   calls = []
-  original = lqer.decompose.damped_cholesky
-  monkeypatch.setattr(lqer.decompose, 'damped_cholesky',
-                      lambda r, d: calls.append(r.shape) or original(r, d))
+  original = lqer.core.decompose.damped_cholesky
+  monkeypatch.setattr(
+    lqer.decompose,
+    'damped_cholesky',
+    lambda r, d: calls.append(r.shape) or original(r, d),
+  )
   _, abstract = _linen(model, rules, x)
   params = lqer_quantize_params(fp, abstract, calibration=new['quant_stats'])
   # 14 weights, 10 distinct inputs: embed, head, and per block qkv/out/fc1/fc2.
@@ -349,8 +410,9 @@ def test_qera_factors_each_input_once(monkeypatch):
   assert isinstance(params['block_0']['key']['kernel'], lqer.WithLqer)
 
 
-@pytest.mark.parametrize('compute_dtype,tol', [(jnp.float32, 1e-5),
-                                               (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+  'compute_dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)]
+)
 def test_lqer_matmul_path_matches_qwix_path(compute_dtype, tol):
   """lqer's dequantize-at-use matmul computes what Qwix's path does."""
   model = Transformer()
@@ -359,11 +421,13 @@ def test_lqer_matmul_path_matches_qwix_path(compute_dtype, tol):
   rules = [LqerRule(weight_qtype=jnp.int4, tile_size=16, rank=8)]
   _, abstract = _linen(model, rules, x)
   params = lqer_quantize_params(fp, abstract)
-  qwix_path = qwix.quantize_model(model, LqerProvider(rules,
-                                                      compute_dtype=None))
+  qwix_path = qwix.quantize_model(
+    model, LqerProvider(rules, compute_dtype=None)
+  )
   ref = qwix_path.apply({'params': params}, x)
-  fast = qwix.quantize_model(model, LqerProvider(rules,
-                                                 compute_dtype=compute_dtype))
+  fast = qwix.quantize_model(
+    model, LqerProvider(rules, compute_dtype=compute_dtype)
+  )
   y = jax.jit(fast.apply)({'params': params}, x)
   assert y.dtype == ref.dtype
   assert _rel(y, ref) < tol
@@ -373,12 +437,12 @@ def test_forward_does_not_hold_every_dequantized_weight():
   """XLA hoists Qwix's dequantizations; lqer's matmul keeps ~1 layer live."""
 
   class Stack(nn.Module):
-
     @nn.compact
     def __call__(self, x):
       for _ in range(6):
         x = x + nn.Dense(256, use_bias=False)(
-            nn.relu(nn.Dense(512, use_bias=False)(x)))
+          nn.relu(nn.Dense(512, use_bias=False)(x))
+        )
       return x
 
   model = Stack()
@@ -390,10 +454,12 @@ def test_forward_does_not_hold_every_dequantized_weight():
   params = lqer_quantize_params(fp, abstract)
 
   def temp_ratio(compute_dtype, params=params):
-    m = qwix.quantize_model(model, LqerProvider(rules,
-                                                compute_dtype=compute_dtype))
-    compiled = jax.jit(lambda p, x: m.apply({'params': p}, x)).lower(
-        params, x).compile()
+    m = qwix.quantize_model(
+      model, LqerProvider(rules, compute_dtype=compute_dtype)
+    )
+    compiled = (
+      jax.jit(lambda p, x: m.apply({'params': p}, x)).lower(params, x).compile()
+    )
     return compiled.memory_analysis().temp_size_in_bytes / fp_bytes
 
   assert temp_ratio(None) > 0.9  # Qwix's path: every weight in float32

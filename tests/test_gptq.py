@@ -23,9 +23,9 @@ import pytest
 from qwix._src.core import qarray
 from qwix.contrib import gptq_core
 
-from lqer import bases
-from lqer import gptq
-from lqer import layout
+from lqer.core import gptq
+from lqer.core import layout
+from lqer.quant import bases
 
 BLOCK = 32
 DEAD = 5  # an input channel that never fires: diag(H) = 0
@@ -42,9 +42,12 @@ def _problem(rows, cols, seed=0, corr=0.5):
 
 
 def _how(qtype, tile, method):
-  return qarray.HowToQuantize(qtype=qtype, channelwise_axes=[0],
-                              tiled_axes={1: tile} if tile else {},
-                              calibration_method=method)
+  return qarray.HowToQuantize(
+    qtype=qtype,
+    channelwise_axes=[0],
+    tiled_axes={1: tile} if tile else {},
+    calibration_method=method,
+  )
 
 
 class _ZeroPoint:
@@ -70,26 +73,32 @@ def _qwix_gptq(monkeypatch, w, h, how):
 
 
 def _assert_close_to(ours, theirs):
-  steps = np.abs(np.asarray(ours.qvalue, np.int32)
-                 - np.asarray(theirs.qvalue, np.int32))
+  steps = np.abs(
+    np.asarray(ours.qvalue, np.int32) - np.asarray(theirs.qvalue, np.int32)
+  )
   assert steps.max() <= 1 and np.mean(steps != 0) < 1e-3
   np.testing.assert_allclose(ours.scale, theirs.scale, rtol=1e-6)
   assert ours.qvalue.dtype == theirs.qvalue.dtype
   assert ours.scale.shape == theirs.scale.shape
   assert (ours.zero_point is None) == (theirs.zero_point is None)
   if ours.zero_point is not None:
-    zp = np.abs(np.asarray(ours.zero_point, np.int32)
-                - np.asarray(theirs.zero_point, np.int32))
+    zp = np.abs(
+      np.asarray(ours.zero_point, np.int32)
+      - np.asarray(theirs.zero_point, np.int32)
+    )
     assert zp.max() <= 1 and np.mean(zp != 0) < 1e-2
 
 
-@pytest.mark.parametrize('qtype,tile,method', [
+@pytest.mark.parametrize(
+  'qtype,tile,method',
+  [
     (jnp.int4, None, 'absmax'),  # per channel: one scale, from W itself
     (jnp.int4, 16, 'absmax'),  # two groups per block
     (jnp.int4, 88, 'minmax'),  # a group spans blocks, straddles a boundary
     (jnp.int8, 44, 'minmax'),  # groups straddle block boundaries
     (jnp.int8, 8, 'absmax'),  # four groups per block
-])
+  ],
+)
 def test_matches_qwix_gptq(monkeypatch, qtype, tile, method):
   """(32, 176): 5.5 blocks of 32, the last one partial, a dead column."""
   w, h = _problem(32, 176)
@@ -111,7 +120,7 @@ def _numpy_gptq(w, h, bits, percdamp=0.01):
   w[:, dead] = 0
   h += percdamp * np.mean(np.diag(h) * ~dead) * np.eye(len(h))
   u = np.linalg.cholesky(np.linalg.inv(h)).T
-  qmax = 2**(bits - 1) - 1
+  qmax = 2 ** (bits - 1) - 1
   scale = np.abs(w).max(1) / (qmax + 0.5)
   q = np.zeros_like(w)
   for j in range(w.shape[1]):
@@ -139,7 +148,8 @@ def test_numpy_reference_and_beats_rtn_on_objective():
   rtn = qarray.dequantize(qarray.quantize(w, how))
   err_gptq = _objective(w, qarray.dequantize(ours), h)
   assert err_gptq == pytest.approx(
-      _objective(w, q_ref * scale_ref[:, None], h), rel=1e-3)
+    _objective(w, q_ref * scale_ref[:, None], h), rel=1e-3
+  )
   assert err_gptq < 0.6 * _objective(w, rtn, h)
 
 
@@ -148,14 +158,17 @@ def test_stacked_equals_single():
   bfloat16 weight gets a bfloat16 scale (math in float32)."""
   ws, hs = zip(*[_problem(32, 96, seed=s) for s in range(3)])
   how = _how(jnp.int4, 32, 'minmax')
-  stacked = gptq.quantize_stacked(jnp.stack(ws), jnp.stack(hs), how,
-                                  blocksize=BLOCK)
+  stacked = gptq.quantize_stacked(
+    jnp.stack(ws), jnp.stack(hs), how, blocksize=BLOCK
+  )
   for i, (w, h) in enumerate(zip(ws, hs)):
     one = gptq.quantize_weight(w, h, how, blocksize=BLOCK)
-    jax.tree.map(np.testing.assert_array_equal,
-                 jax.tree.map(lambda x: x[i], stacked), one)
-  bf16 = gptq.quantize_weight(ws[0].astype(jnp.bfloat16), hs[0], how,
-                              blocksize=BLOCK)
+    jax.tree.map(
+      np.testing.assert_array_equal, jax.tree.map(lambda x: x[i], stacked), one
+    )
+  bf16 = gptq.quantize_weight(
+    ws[0].astype(jnp.bfloat16), hs[0], how, blocksize=BLOCK
+  )
   assert bf16.scale.dtype == jnp.bfloat16
   assert bf16.qvalue.dtype == jnp.int4
 
@@ -165,12 +178,16 @@ def test_bases_gptq_stacked_equals_gptq():
   problems = [_problem(48, 64, seed=s) for s in range(2)]
   ws = [w.T for w, _ in problems]
   stats = [{'sum_of_xtx': 3 * h, 'count': jnp.float32(3)} for _, h in problems]
-  how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=[1],
-                             tiled_axes={0: 32})
+  how = qarray.HowToQuantize(
+    qtype=jnp.int4, channelwise_axes=[1], tiled_axes={0: 32}
+  )
   kernel = layout.KernelLayout((64, 48), (0,))
   stacked, none = bases.gptq_stacked(ws, how, kernel, stats)
   assert none is None and stacked.qvalue.shape == (2, 64, 48)
   for i, (w, s) in enumerate(zip(ws, stats)):
     one, _ = bases.gptq(w, how, kernel, s)
-    jax.tree.map(np.testing.assert_array_equal,
-                 jax.tree.map(lambda x, i=i: x[i], stacked), one)
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      jax.tree.map(lambda x, i=i: x[i], stacked),
+      one,
+    )

@@ -11,13 +11,17 @@ import pytest
 import qwix
 
 import lqer
-from lqer import LqerProvider, LqerRule, decompose, lqer_quantize_params
-from lqer import allocation
-from lqer import probe as probe_lib
-from lqer import checkpoint
-from lqer import cli
-from lqer import stats as stats_lib
-from tests import nnx_flow, reference
+from lqer import LqerProvider
+from lqer import LqerRule
+from lqer import lqer_quantize_params
+from lqer.checkpoints import tree as checkpoint
+from lqer.cli import main as cli
+from lqer.core import decompose
+from lqer.offline import allocation
+from lqer.offline import probe as probe_lib
+from lqer.quant import stats as stats_lib
+from tests import nnx_flow
+from tests import reference
 
 KEY = jax.random.key(0)
 
@@ -29,26 +33,36 @@ class _Mlp(nn.Module):
   def __call__(self, x):
     h = nn.gelu(nn.Dense(384, use_bias=False, name='up')(x))
     h = nn.DenseGeneral((4, 64), use_bias=False, name='mid')(h)
-    return nn.DenseGeneral(256, axis=(-2, -1), use_bias=False,
-                           name='down')(nn.gelu(h))
+    return nn.DenseGeneral(256, axis=(-2, -1), use_bias=False, name='down')(
+      nn.gelu(h)
+    )
 
 
 def _rules(rank=16, method='qera', **kw):
-  return [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=64,
-                   rank=rank, method=method, **kw)]
+  return [
+    LqerRule(
+      module_path='.*',
+      weight_qtype=jnp.int4,
+      tile_size=64,
+      rank=rank,
+      method=method,
+      **kw,
+    )
+  ]
 
 
 @pytest.fixture(scope='module')
 def mlp():
   model = _Mlp()
-  x = jnp.asarray(reference.correlated_outlier_activations(
-      np.random.default_rng(0), 768, 256))
+  x = jnp.asarray(
+    reference.correlated_outlier_activations(np.random.default_rng(0), 768, 256)
+  )
   fp = model.init(KEY, x)['params']
-  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(
-      _rules()))
+  cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(_rules()))
   v = cal.init(KEY, x)
   _, new = jax.jit(cal.apply, static_argnames='mutable')(
-      {'params': fp, **v}, x, mutable='quant_stats')
+    {'params': fp, **v}, x, mutable='quant_stats'
+  )
   return model, x, fp, model.apply({'params': fp}, x), new['quant_stats']
 
 
@@ -105,12 +119,14 @@ def test_refit_is_the_weighted_least_squares_solution(method):
     stats = {'chol': chol}
   want = np.linalg.lstsq(t @ a_hat, t @ e, rcond=None)[0]
   got = decompose.refit_right(
-      decompose.weigh(jnp.asarray(e), method, **stats),
-      decompose.weigh(jnp.asarray(a_hat, jnp.float32), method, **stats))
+    decompose.weigh(jnp.asarray(e), method, **stats),
+    decompose.weigh(jnp.asarray(a_hat, jnp.float32), method, **stats),
+  )
   assert _rel(got, want) < 1e-3
   # End to end: A's integers and scales as NumPy's, B the refit, rounded.
   qa2, sa2, qb, sb = decompose.quantize_factors(
-      jnp.asarray(e), jnp.asarray(a, jnp.float32), 4, method, **stats)
+    jnp.asarray(e), jnp.asarray(a, jnp.float32), 4, method, **stats
+  )
   np.testing.assert_array_equal(qa2, qa)
   np.testing.assert_allclose(sa2, sa, rtol=1e-6)
   qb_ref, sb_ref = _np_quantize(np.asarray(got, np.float64), 4, axis=1)
@@ -140,10 +156,16 @@ def test_quantized_factors_on_every_path(mlp, ptq):
     # The branch dequantizes at use: equal to float factors A = a * sa.
     a, b = (np.asarray(f, np.float64) for f in k.factors())
     np.testing.assert_allclose(
-        a, np.asarray(k.a, np.float64) * np.asarray(k.a_scale, np.float64),
-        rtol=1e-6)
-    f32 = jax.jit(qwix.quantize_model(model, LqerProvider(
-        _rules(factor_qtype=qtype), compute_dtype=jnp.float32)).apply)
+      a,
+      np.asarray(k.a, np.float64) * np.asarray(k.a_scale, np.float64),
+      rtol=1e-6,
+    )
+    f32 = jax.jit(
+      qwix.quantize_model(
+        model,
+        LqerProvider(_rules(factor_qtype=qtype), compute_dtype=jnp.float32),
+      ).apply
+    )
     packed = lqer.pack_params(params)
     assert isinstance(packed['mid']['kernel'].array, lqer.PackedInt4)
     assert _rel(f32({'params': packed}, x), f32({'params': params}, x)) < 1e-5
@@ -158,8 +180,9 @@ def test_report_counts_factor_bits_as_stored(mlp):
   _, _, fp, _, stats = mlp
   for qtype, value_bits in ((None, 16), ('int8', 8), ('int4', 4)):
     _, params = _quantize(mlp, _rules(factor_qtype=qtype))
-    layer = next(l for l in lqer.report(fp, params, stats).layers
-                 if l.path == 'up/kernel')
+    layer = next(
+      l for l in lqer.report(fp, params, stats).layers if l.path == 'up/kernel'
+    )
     n, k = 256 * 384, 16
     base = 4 + 32 / 64  # int4 values + a float32 scale per 64
     scales = 0 if qtype is None else 2 * k * 16  # bfloat16 scales
@@ -169,9 +192,17 @@ def test_report_counts_factor_bits_as_stored(mlp):
 
 def test_svdquant_quantized_branch_is_absorbed_by_the_residual(mlp):
   model, x, fp, y_fp, _ = mlp
-  rules = lambda q: [LqerRule(
-      module_path='.*', weight_qtype=jnp.int4, act_qtype=jnp.int8,
-      tile_size=64, rank=16, method='svdquant', factor_qtype=q)]
+  rules = lambda q: [
+    LqerRule(
+      module_path='.*',
+      weight_qtype=jnp.int4,
+      act_qtype=jnp.int8,
+      tile_size=64,
+      rank=16,
+      method='svdquant',
+      factor_qtype=q,
+    )
+  ]
   cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules(None)))
   v = cal.init(KEY, x)
   _, stats = cal.apply({'params': fp, **v}, x, mutable='quant_stats')
@@ -179,8 +210,9 @@ def test_svdquant_quantized_branch_is_absorbed_by_the_residual(mlp):
   for q in (None, 'int4'):
     qmodel = qwix.quantize_model(model, LqerProvider(rules(q)))
     abstract = jax.eval_shape(qmodel.init, KEY, x)['params']
-    params = lqer_quantize_params(fp, abstract,
-                                  calibration=stats['quant_stats'])
+    params = lqer_quantize_params(
+      fp, abstract, calibration=stats['quant_stats']
+    )
     errs[q] = _rel(qmodel.apply({'params': params}, x), y_fp)
   assert params['up']['kernel'].a.dtype == jnp.int4
   assert errs['int4'] < 1.1 * errs[None]
@@ -194,10 +226,13 @@ def _damped_objective(params, fp, stats, path, damping=0.01):
   k = params[path]['kernel']
   w = np.asarray(fp[path]['kernel'], np.float64).reshape(k.layout.in_size, -1)
   base = np.asarray(qwix.dequantize(k.array), np.float64).reshape(w.shape)
-  a, b = (np.asarray(f, np.float64) for f in k.layout.merge_factors(
-      *k.factors()))
-  r = np.asarray(stats_lib.second_moment(stats_lib.lookup(
-      stats, (path, 'kernel'))), np.float64)
+  a, b = (
+    np.asarray(f, np.float64) for f in k.layout.merge_factors(*k.factors())
+  )
+  r = np.asarray(
+    stats_lib.second_moment(stats_lib.lookup(stats, (path, 'kernel'))),
+    np.float64,
+  )
   r = r + damping * np.mean(np.diag(r)) * np.eye(len(r))
   d = w - base - a @ b
   return float(np.trace(d.T @ r @ d))
@@ -207,13 +242,16 @@ def test_refinement_never_increases_the_objective(mlp):
   _, _, fp, _, stats = mlp
   history = {p: [] for p in ('up', 'mid', 'down')}
   for iters in range(4):
-    _, params = _quantize(mlp, _rules(refine_iters=iters,
-                                      factor_dtype=jnp.float32))
+    _, params = _quantize(
+      mlp, _rules(refine_iters=iters, factor_dtype=jnp.float32)
+    )
     for path in history:
       history[path].append(_damped_objective(params, fp, stats, path))
   for path, values in history.items():
     assert all(b <= a * (1 + 1e-6) for a, b in zip(values, values[1:])), (
-        path, values)
+      path,
+      values,
+    )
   # Not vacuous: some weight improves.
   assert any(v[-1] < 0.99 * v[0] for v in history.values())
 
@@ -224,8 +262,10 @@ def test_refinement_never_increases_the_objective(mlp):
 def _extra_bits(mlp, ptq, params):
   """Report's bits of everything stored minus PTQ's, summed."""
   _, _, fp, _, stats = mlp
-  return sum((l.bits_per_weight - ptq[2][l.path]) * l.num_weights
-             for l in lqer.report(fp, params, stats).layers)
+  return sum(
+    (l.bits_per_weight - ptq[2][l.path]) * l.num_weights
+    for l in lqer.report(fp, params, stats).layers
+  )
 
 
 @pytest.mark.parametrize('qtype', [None, 'int8'])
@@ -233,8 +273,9 @@ def test_allocation_spends_the_budget_as_the_report_counts(mlp, ptq, qtype):
   _, x, fp, y_fp, _ = mlp
   n = sum(w.size for w in jax.tree.leaves(fp))
   budget = 1.0
-  qmodel, params = _quantize(mlp, _rules(rank='auto', factor_qtype=qtype),
-                             budget_bits=budget)
+  qmodel, params = _quantize(
+    mlp, _rules(rank='auto', factor_qtype=qtype), budget_bits=budget
+  )
   spent = _extra_bits(mlp, ptq, params)
   ranks = {p: params[p]['kernel'].rank for p in ('up', 'mid', 'down')}
   assert spent <= budget * n
@@ -243,15 +284,18 @@ def test_allocation_spends_the_budget_as_the_report_counts(mlp, ptq, qtype):
   cost = max((256 + 384) * (16 if qtype is None else 8 + 32 / 16), 1)
   assert spent > budget * n - cost or max(ranks.values()) == 24, ranks
   assert len(set(ranks.values())) > 1, ranks
-  _, again = _quantize(mlp, _rules(rank='auto', factor_qtype=qtype),
-                       budget_bits=budget)
+  _, again = _quantize(
+    mlp, _rules(rank='auto', factor_qtype=qtype), budget_bits=budget
+  )
   for path in ranks:
-    np.testing.assert_array_equal(again[path]['kernel'].a,
-                                  params[path]['kernel'].a)
+    np.testing.assert_array_equal(
+      again[path]['kernel'].a, params[path]['kernel'].a
+    )
   y = qmodel.apply({'params': params}, x)
   pmodel, ptq_params, _ = ptq
-  assert _rel(y, y_fp) < 0.8 * _rel(pmodel.apply({'params': ptq_params}, x),
-                                    y_fp)
+  assert _rel(y, y_fp) < 0.8 * _rel(
+    pmodel.apply({'params': ptq_params}, x), y_fp
+  )
 
 
 def test_allocation_follows_the_spectrum():
@@ -264,11 +308,11 @@ def test_allocation_follows_the_spectrum():
   fp = {}
   low = rng.normal(size=(d, 4)) @ rng.normal(size=(4, d))
   fp['decay'] = rng.normal(size=(d, d)) * 0.01 + low * np.where(
-      rng.random((d, d)) < 0.02, 30, 1)  # outliers -> structured error
+    rng.random((d, d)) < 0.02, 30, 1
+  )  # outliers -> structured error
   fp['flat'] = rng.normal(size=(d, d))
   fp['small'] = rng.normal(size=(d, d)) * 1e-3 + np.eye(d)
-  params = {k: {'kernel': jnp.asarray(v, jnp.float32)}
-            for k, v in fp.items()}
+  params = {k: {'kernel': jnp.asarray(v, jnp.float32)} for k, v in fp.items()}
 
   class Three(nn.Module):
     @nn.compact
@@ -276,8 +320,16 @@ def test_allocation_follows_the_spectrum():
       return sum(nn.Dense(d, use_bias=False, name=k)(x) for k in fp)
 
   x = jnp.asarray(rng.normal(size=(8, d)), jnp.float32)
-  rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=32,
-                    rank='auto', method='svd', max_rank=64)]
+  rules = [
+    LqerRule(
+      module_path='.*',
+      weight_qtype=jnp.int4,
+      tile_size=32,
+      rank='auto',
+      method='svd',
+      max_rank=64,
+    )
+  ]
   qmodel = qwix.quantize_model(Three(), LqerProvider(rules))
   abstract = jax.eval_shape(qmodel.init, KEY, x)['params']
   out = lqer_quantize_params(params, abstract, budget_bits=0.5)
@@ -290,35 +342,55 @@ def test_allocation_follows_the_spectrum():
 class _Scaled(nn.Module):
   """Dense layers whose outputs are scaled per channel, then summed: how
   much each output channel matters is known exactly."""
+
   scales: dict
 
   @nn.compact
   def __call__(self, x):
-    return sum(nn.Dense(x.shape[-1], use_bias=False, name=k)(x) * c
-               for k, c in self.scales.items())
+    return sum(
+      nn.Dense(x.shape[-1], use_bias=False, name=k)(x) * c
+      for k, c in self.scales.items()
+    )
 
 
 def _gradient_allocation(scales, budget, **rule_kw):
   """(ranks, Budget, params, tokens) of _Scaled(scales) allocated under
   `budget` from calibration and output-gradient statistics (8 batches)."""
   rng = np.random.default_rng(5)
-  batches = [(jnp.asarray(reference.correlated_outlier_activations(
-      rng, 512, 128)),) for _ in range(8)]
+  batches = [
+    (jnp.asarray(reference.correlated_outlier_activations(rng, 512, 128)),)
+    for _ in range(8)
+  ]
   model = _Scaled(scales)
   fp = model.init(KEY, *batches[0])['params']
-  rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=32,
-                    rank='auto', method='qera', max_rank=32, **rule_kw)]
+  rules = [
+    LqerRule(
+      module_path='.*',
+      weight_qtype=jnp.int4,
+      tile_size=32,
+      rank='auto',
+      method='qera',
+      max_rank=32,
+      **rule_kw,
+    )
+  ]
   cal = qwix.quantize_model(model, lqer.LqerCalibrationProvider(rules))
-  stats = lqer.calibration.run(cal, fp, batches)
-  tapped = qwix.quantize_model(model, lqer.LqerCalibrationProvider(
-      rules, output_gradients=True))
-  stats = lqer.calibration.output_gradients(tapped, fp, batches, stats)
+  stats = lqer.calibrate(cal, fp, batches)
+  tapped = qwix.quantize_model(
+    model, lqer.LqerCalibrationProvider(rules, output_gradients=True)
+  )
+  stats = lqer.output_gradients(tapped, fp, batches, stats)
   qmodel = qwix.quantize_model(model, LqerProvider(rules))
   abstract = jax.eval_shape(qmodel.init, KEY, *batches[0])['params']
-  params = lqer_quantize_params(fp, abstract, calibration=stats,
-                                budget_bits=budget)
-  return ({k: params[k]['kernel'].rank for k in scales}, budget, params,
-          np.concatenate([np.asarray(b[0]) for b in batches]))
+  params = lqer_quantize_params(
+    fp, abstract, calibration=stats, budget_bits=budget
+  )
+  return (
+    {k: params[k]['kernel'].rank for k in scales},
+    budget,
+    params,
+    np.concatenate([np.asarray(b[0]) for b in batches]),
+  )
 
 
 def test_output_gradients_steer_the_allocation():
@@ -327,11 +399,13 @@ def test_output_gradients_steer_the_allocation():
   loud one takes the budget, whichever it is; by size alone they tie."""
   for loud, quiet in (('a', 'b'), ('b', 'a')):
     ranks, budget, _, _ = _gradient_allocation(
-        {loud: 10.0, quiet: 0.1}, allocation.Budget(0.5))
+      {loud: 10.0, quiet: 0.1}, allocation.Budget(0.5)
+    )
     assert set(budget.values) == {('a', 'kernel'), ('b', 'kernel')}
     assert ranks[loud] >= 4 * max(ranks[quiet], 1), ranks
   ranks, _, _, _ = _gradient_allocation(
-      {'a': 10.0, 'b': 0.1}, allocation.Budget(0.5, normalize='size'))
+    {'a': 10.0, 'b': 0.1}, allocation.Budget(0.5, normalize='size')
+  )
   assert abs(ranks['a'] - ranks['b']) <= 2, ranks
 
 
@@ -342,20 +416,25 @@ def test_gradient_values_are_the_output_damage_removed():
   (float32, unquantized), up to the gradient statistics' sampling."""
   c = np.linspace(0.1, 3.0, 128)
   ranks, budget, params, x = _gradient_allocation(
-      {'a': c}, allocation.Budget(4.0), factor_dtype=jnp.float32)
+    {'a': c}, allocation.Budget(4.0), factor_dtype=jnp.float32
+  )
   w = params['a']['kernel']
   r = ranks['a']
   assert 0 < r < 32
   ab = np.asarray(w.a, np.float64) @ np.asarray(w.b, np.float64)
   removed = np.sum(np.square(x.astype(np.float64) @ ab * c)) / len(x)
   assert np.sum(budget.values[('a', 'kernel')][:r]) == pytest.approx(
-      removed, rel=0.05)
+    removed, rel=0.05
+  )
 
 
 def test_gradient_normalisation_needs_the_statistics(mlp):
-  with pytest.raises(ValueError, match=r"up/kernel .*output_gradients"):
-    _quantize(mlp, _rules(rank='auto'),
-              budget_bits=allocation.Budget(0.5, normalize='gradient'))
+  with pytest.raises(ValueError, match=r'up/kernel .*output_gradients'):
+    _quantize(
+      mlp,
+      _rules(rank='auto'),
+      budget_bits=allocation.Budget(0.5, normalize='gradient'),
+    )
 
 
 def test_decreasing_pools_rising_runs():
@@ -365,8 +444,9 @@ def test_decreasing_pools_rising_runs():
   got = allocation._decreasing(g)
   assert np.all(np.diff(got) <= 1e-12)
   assert np.sum(got) == pytest.approx(np.sum(g))
-  np.testing.assert_array_equal(allocation._decreasing(np.sort(g)[::-1]),
-                                np.sort(g)[::-1])
+  np.testing.assert_array_equal(
+    allocation._decreasing(np.sort(g)[::-1]), np.sort(g)[::-1]
+  )
 
 
 def test_allocated_and_quantized_checkpoints_round_trip(mlp, tmp_path):
@@ -380,8 +460,9 @@ def test_allocated_and_quantized_checkpoints_round_trip(mlp, tmp_path):
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_array_equal(qmodel.apply({'params': loaded}, x),
-                                qmodel.apply({'params': params}, x))
+  np.testing.assert_array_equal(
+    qmodel.apply({'params': loaded}, x), qmodel.apply({'params': params}, x)
+  )
 
 
 @pytest.mark.parametrize('valuation', ['gradient', 'probe'])
@@ -399,11 +480,20 @@ def test_nnx_einsum_auto_rank_int8_factors(valuation):
       h = jnp.einsum('BTD,DNH->BTNH', x, self.qkv)
       return jnp.einsum('BTNH,NHD->BTD', jax.nn.gelu(h), self.o)
 
-  x = jnp.asarray(reference.correlated_outlier_activations(
-      np.random.default_rng(3), 256, 128)).reshape(4, 64, 128)
+  x = jnp.asarray(
+    reference.correlated_outlier_activations(np.random.default_rng(3), 256, 128)
+  ).reshape(4, 64, 128)
   ref = Attn(nnx.Rngs(0))(x)
-  rules = [LqerRule(module_path='.*', weight_qtype=jnp.int4, tile_size=32,
-                    rank='auto', method='qera', factor_qtype='int8')]
+  rules = [
+    LqerRule(
+      module_path='.*',
+      weight_qtype=jnp.int4,
+      tile_size=32,
+      rank='auto',
+      method='qera',
+      factor_qtype='int8',
+    )
+  ]
   make = lambda: Attn(nnx.Rngs(0))
 
   def apply(params, x):  # the probe's model: NNX params are a pure dict
@@ -412,16 +502,15 @@ def test_nnx_einsum_auto_rank_int8_factors(valuation):
     return model(x)
 
   if valuation == 'probe':
-    budget = allocation.Budget(1.0, probe=probe_lib.OutputProbe(apply,
-                                                                 [(x,)]))
-    qmodel, fp, stats = nnx_flow.quantized(make, rules, x,
-                                           budget_bits=budget)
+    budget = allocation.Budget(1.0, probe=probe_lib.OutputProbe(apply, [(x,)]))
+    qmodel, fp, stats = nnx_flow.quantized(make, rules, x, budget_bits=budget)
     assert set(budget.damage) == {('qkv',), ('o',)}
     assert len(budget.chosen) == 3
   else:
     budget = allocation.Budget(1.0)
-    qmodel, fp, stats = nnx_flow.quantized(make, rules, x,
-                                           budget_bits=budget, gradients=True)
+    qmodel, fp, stats = nnx_flow.quantized(
+      make, rules, x, budget_bits=budget, gradients=True
+    )
     assert 'sum_of_g2' in stats['qkv_lqer'] and not budget.damage
   assert set(budget.values) == {('qkv',), ('o',)}
   assert qmodel.o.a.dtype == jnp.int8 and qmodel.o.rank > 0
@@ -434,18 +523,22 @@ def test_nnx_einsum_auto_rank_int8_factors(valuation):
 # --------------------------------------------------------------- errors --
 
 
-@pytest.mark.parametrize('kw,field', [
+@pytest.mark.parametrize(
+  'kw,field',
+  [
     (dict(factor_qtype='int2'), 'factor_qtype'),
     (dict(max_rank=8), 'max_rank'),
     (dict(rank='auto', max_rank=0), 'max_rank'),
     (dict(refine_iters=-1), 'refine_iters'),
     (dict(rank='auto', refine_iters=1), 'refine_iters'),
     (dict(rank='max'), 'rank'),
-])
+  ],
+)
 def test_bad_settings_name_the_field(kw, field):
   with pytest.raises(ValueError, match=rf'\.{field}: '):
-    LqerRule(**({'module_path': '.*', 'weight_qtype': jnp.int4, 'rank': 8}
-                | kw))
+    LqerRule(
+      **({'module_path': '.*', 'weight_qtype': jnp.int4, 'rank': 8} | kw)
+    )
 
 
 def test_budget_and_auto_need_each_other(mlp):
@@ -454,13 +547,20 @@ def test_budget_and_auto_need_each_other(mlp):
   with pytest.raises(ValueError, match="no weight has a rule with rank='auto'"):
     _quantize(mlp, _rules(rank=8), budget_bits=1.0)
   with pytest.raises(ValueError, match='already spend'):
-    _quantize(mlp, [dataclasses.replace(_rules(rank=128)[0], module_path='up'),
-                    *_rules(rank='auto')], budget_bits=0.1)
+    _quantize(
+      mlp,
+      [
+        dataclasses.replace(_rules(rank=128)[0], module_path='up'),
+        *_rules(rank='auto'),
+      ],
+      budget_bits=0.1,
+    )
 
 
 @pytest.mark.parametrize('output', ['gaussian', 'softmax'])
 def test_output_damage_estimates_the_first_order_output_change(
-    mlp, ptq, output):
+  mlp, ptq, output
+):
   """Hutchinson's estimate (vjp with random cotangents) against the exact
   value from a jvp per weight and perturbation D: ||J_w D||^2 / ||f||^2, or
   with 'softmax' (f as logits) sum_t m_tᵀ (diag p_t - p_t p_tᵀ) m_t /
@@ -477,14 +577,15 @@ def test_output_damage_estimates_the_first_order_output_change(
     w = fp[name]['kernel']
     d = qwix.dequantize(ptq[name]['kernel'].array).reshape(w.shape) - w
     deltas[(name, 'kernel')] = jnp.stack(
-        [d, jnp.std(d) * rng.standard_normal(w.shape)])
-  probe = probe_lib.OutputProbe(apply, [(examples,)], probes=32,
-                                 output=output)
+      [d, jnp.std(d) * rng.standard_normal(w.shape)]
+    )
+  probe = probe_lib.OutputProbe(apply, [(examples,)], probes=32, output=output)
   damage = probe_lib.output_damage(probe, fp, deltas)
   assert set(damage) == set(deltas)
   if output == 'gaussian':  # the same probe, one perturbation per weight
-    sens = probe_lib.output_sensitivity(apply, fp, ptq, [(examples,)],
-                                         probes=32, output=output)
+    sens = probe_lib.output_sensitivity(
+      apply, fp, ptq, [(examples,)], probes=32, output=output
+    )
     assert set(sens) == set(deltas)
     for path, value in sens.items():
       assert value == pytest.approx(damage[path][0], rel=1e-5)
@@ -497,8 +598,7 @@ def test_output_damage_estimates_the_first_order_output_change(
       _, moved = jax.jvp(lambda p: apply(p, x), (fp,), (tangent,))
       m = np.asarray(moved, np.float64)
       if output == 'gaussian':
-        exact = np.sum(m * m) / np.sum(np.square(np.asarray(y_fp,
-                                                            np.float64)))
+        exact = np.sum(m * m) / np.sum(np.square(np.asarray(y_fp, np.float64)))
       else:
         fisher = np.sum(probs * m * m, -1) - np.square(np.sum(probs * m, -1))
         exact = np.mean(fisher)
@@ -507,12 +607,17 @@ def test_output_damage_estimates_the_first_order_output_change(
 
 def test_output_damage_names_a_misshapen_perturbation(mlp):
   model, x, fp, _, _ = mlp
-  probe = probe_lib.OutputProbe(lambda p, b: model.apply({'params': p}, b),
-                                 [(x[None],)])
-  with pytest.raises(ValueError, match=r'mid/kernel has perturbations of'
-                     r' shape \(3, 3\)'):
-    probe_lib.output_damage(probe, fp, {('mid', 'kernel'): jnp.zeros(
-        (1, 3, 3))})
+  probe = probe_lib.OutputProbe(
+    lambda p, b: model.apply({'params': p}, b), [(x[None],)]
+  )
+  with pytest.raises(
+    ValueError,
+    match=r'mid/kernel has perturbations of'
+    r' shape \(3, 3\)',
+  ):
+    probe_lib.output_damage(
+      probe, fp, {('mid', 'kernel'): jnp.zeros((1, 3, 3))}
+    )
 
 
 def test_fitted_values_follow_the_measured_damage():
@@ -541,10 +646,10 @@ def test_probed_allocation_measures_the_factors_it_cuts(mlp, ptq):
   model, x, fp, y_fp, _ = mlp
   apply = lambda p, b: model.apply({'params': p}, b)
   batches = [(x.reshape(16, -1, x.shape[-1]),)]
-  budget = allocation.Budget(0.5, probe=probe_lib.OutputProbe(apply,
-                                                               batches))
-  _, params = _quantize(mlp, _rules(rank='auto', max_rank=64),
-                        budget_bits=budget)
+  budget = allocation.Budget(0.5, probe=probe_lib.OutputProbe(apply, batches))
+  _, params = _quantize(
+    mlp, _rules(rank='auto', max_rank=64), budget_bits=budget
+  )
   sens = probe_lib.output_sensitivity(apply, fp, ptq[1], batches)
   n = sum(w.size for w in jax.tree.leaves(fp))
   assert 0.5 * n - 10240 < _extra_bits(mlp, ptq, params) <= 0.5 * n
@@ -554,12 +659,15 @@ def test_probed_allocation_measures_the_factors_it_cuts(mlp, ptq):
     assert values[0] > values[1] > values[2]
   assert list(budget.chosen) == [1.0, 0.5, 0.0]
   kept = min(budget.chosen, key=budget.chosen.get)
-  f32 = qwix.quantize_model(model, LqerProvider(
-      _rules(rank='auto'), compute_dtype=jnp.float32))
-  assert budget.chosen[kept] == pytest.approx(_rel(
-      f32.apply({'params': params}, x), y_fp) ** 2, rel=1e-3)
-  assert budget.ranks == {(p, 'kernel'): params[p]['kernel'].rank
-                          for p in ('up', 'mid', 'down')}
+  f32 = qwix.quantize_model(
+    model, LqerProvider(_rules(rank='auto'), compute_dtype=jnp.float32)
+  )
+  assert budget.chosen[kept] == pytest.approx(
+    _rel(f32.apply({'params': params}, x), y_fp) ** 2, rel=1e-3
+  )
+  assert budget.ranks == {
+    (p, 'kernel'): params[p]['kernel'].rank for p in ('up', 'mid', 'down')
+  }
   assert budget.params is None
 
 
@@ -574,15 +682,24 @@ def test_probe_distance_against_numpy(mlp):
   moved['mid'] = {'kernel': w_hat}
   f = np.asarray(y_fp, np.float64)
   g = np.asarray(apply(moved, x), np.float64)
-  log_p = f - np.log(np.sum(np.exp(f - f.max(-1, keepdims=True)), -1,
-                            keepdims=True)) - f.max(-1, keepdims=True)
-  log_q = g - np.log(np.sum(np.exp(g - g.max(-1, keepdims=True)), -1,
-                            keepdims=True)) - g.max(-1, keepdims=True)
-  want = {'softmax': np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1)),
-          'gaussian': np.sum((g - f) ** 2) / np.sum(f ** 2)}
+  log_p = (
+    f
+    - np.log(np.sum(np.exp(f - f.max(-1, keepdims=True)), -1, keepdims=True))
+    - f.max(-1, keepdims=True)
+  )
+  log_q = (
+    g
+    - np.log(np.sum(np.exp(g - g.max(-1, keepdims=True)), -1, keepdims=True))
+    - g.max(-1, keepdims=True)
+  )
+  want = {
+    'softmax': np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1)),
+    'gaussian': np.sum((g - f) ** 2) / np.sum(f**2),
+  }
   for output, value in want.items():
-    probe = probe_lib.OutputProbe(apply, [(x[:400],), (x[400:],)],
-                                   output=output)
+    probe = probe_lib.OutputProbe(
+      apply, [(x[:400],), (x[400:],)], output=output
+    )
     got = probe.distance(fp, {('mid', 'kernel'): w_hat})
     assert got == pytest.approx(value, rel=1e-4)
 
@@ -592,9 +709,11 @@ def test_sensitivity_steers_the_allocation(mlp):
   ranks = {}
   for favoured in ('up', 'down'):
     sens = {p: 1e3 if p[0] == favoured else 1e-3 for p in paths}
-    _, params = _quantize(mlp, _rules(rank='auto', max_rank=64),
-                          budget_bits=allocation.Budget(
-                              0.5, sensitivity=sens))
+    _, params = _quantize(
+      mlp,
+      _rules(rank='auto', max_rank=64),
+      budget_bits=allocation.Budget(0.5, sensitivity=sens),
+    )
     ranks[favoured] = {p[0]: params[p[0]]['kernel'].rank for p in paths}
   # The favoured weight takes the budget (0.5 x 262144 bits) in ranks of
   # (in + out) x 16 bits: 10240 for up, 8192 for down; the 8192 bits up
@@ -603,13 +722,18 @@ def test_sensitivity_steers_the_allocation(mlp):
   assert ranks['down'] == {'up': 0, 'mid': 0, 'down': 16}
 
 
-@pytest.mark.parametrize('argv,message', [
+@pytest.mark.parametrize(
+  'argv,message',
+  [
     (['--budget', '0'], '--budget must be > 0'),
-    (['--budget', '1', '--act-bits', '4', '--methods', 'svdquant'],
-     'svdquant rows take --ranks'),
+    (
+      ['--budget', '1', '--act-bits', '4', '--methods', 'svdquant'],
+      'svdquant rows take --ranks',
+    ),
     (['--refine-iters', '-1'], '--refine-iters'),
     (['--calib-tokens', '64', '--plot', 'x.png'], 'two or more'),
-])
+  ],
+)
 def test_cli_refuses_bad_budget_settings_before_loading(argv, message):
   with pytest.raises(SystemExit, match=message):
     cli.main(['eval', '--model', 'minilm', *argv])

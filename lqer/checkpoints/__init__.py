@@ -1,0 +1,3 @@
+"""Checkpoints: param trees to and from safetensors, and checkpoints
+quantized block by block (models bigger than memory).
+"""

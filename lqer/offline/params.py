@@ -1,0 +1,352 @@
+"""`lqer_quantize_params`: the offline pass from float params to LQER params.
+
+plan -> group -> factor. The plan (here) pairs every float param with its
+abstract counterpart and decides, with clear errors, what it becomes: a
+`WithLqer` (a rule with a rank), a plain Qwix weight (no rank;
+`qwix.quantize_params` does it, static activation scales included), or
+itself. `lqer.jobs` groups same-shaped weights with the same settings and
+gives each group its bases and factors in one jitted call, a bounded number
+of bytes at a time.
+"""
+
+import functools
+import re
+from typing import Any, Mapping, Sequence
+import warnings
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+
+from lqer import _qwix
+from lqer.core.paths import path_str
+from lqer.offline import allocation
+from lqer.offline import jobs
+from lqer.quant import bases
+from lqer.quant import factor
+from lqer.quant import stats as stats_lib
+from lqer.quant.rule import LqerRule
+from lqer.quant.rule import match_rule
+from lqer.quant.rule import same_qtype
+from lqer.quant.weight import WithLqer
+from lqer.quant.weight import layout_of
+
+
+def lqer_quantize_params(
+  params: Any,
+  abstract_params: Any,
+  rules_or_quant_stats: Any = None,
+  *,
+  calibration: Any = None,
+  base: Any = 'rtn',
+  allow_extra_params: bool = False,
+  budget_bits: float | None = None,
+  max_group_bytes: int = 1 << 30,
+  progress: bool = False,
+) -> Any:
+  """Quantizes a float param tree into LQER params.
+
+  A drop-in for `qwix.quantize_params(params, abstract, quant_stats)`.
+
+  Args:
+    params: float params, unboxed (Linen) or `nnx.to_pure_dict` (NNX). May be
+      a subtree of the model's params, as with `qwix.quantize_params`.
+    abstract_params: the tree from `LqerProvider` (each reconstructed weight
+      an abstract `WithLqer` carrying its rule) or, with rules, from
+      `qwix.PtqProvider` (plain `WithAux`). For NNX, the abstract model.
+    rules_or_quant_stats: either Qwix's `quant_stats` (static-range
+      activation scales, as the third argument of `qwix.quantize_params`),
+      or a sequence of `LqerRule`s, needed only with a PtqProvider abstract
+      tree: their rank decides which weights get factors.
+    calibration: the `quant_stats` collection from `LqerCalibrationProvider`;
+      required for methods 'l2qer' and 'qera' and for bases 'gptq' / 'awq'.
+    base: the quantizer whose error is reconstructed: 'rtn' (Qwix PTQ,
+      round to nearest), 'gptq' or 'awq' (qwix.contrib, driven by the same
+      statistics), or a param tree already quantized by Qwix (e.g. by
+      `qwix.contrib.gptq.quantize_params` against a PtqProvider tree): its
+      quantized weights are kept as they are and their error reconstructed.
+    allow_extra_params: as in `qwix.quantize_params`.
+    budget_bits: extra bits per weight, averaged over every weight this call
+      quantizes, for the rules with rank='auto': fixed-rank factors and
+      input scales count against it, and the rest is allocated across the
+      'auto' weights by `lqer.allocation` (each weight's rank, 0 allowed,
+      shows in `lqer.report`; checkpoints keep it). Or an
+      `allocation.Budget(bits, probe=...)` (or `normalize=...`) to choose
+      how layers are compared; it records the ranks, the probed damage and
+      the candidate chosen.
+    max_group_bytes: float bytes of weights stacked into one jitted call.
+    progress: show a progress bar over weight groups.
+
+  Returns:
+    The quantized params, same structure as `params` (a pure dict for NNX).
+  """
+  rules, quant_stats = _split_third_argument(rules_or_quant_stats)
+  if isinstance(base, str) and base not in bases.NAMES:
+    raise ValueError(
+      f'base must be one of {bases.NAMES} or a Qwix-quantized'
+      f' param tree, got {base!r}'
+    )
+  planned, plain, num_quantized = _plan(
+    params, abstract_params, rules, calibration, base, allow_extra_params
+  )
+  budget = _budget(planned, budget_bits, num_quantized, params)
+  out = jobs.run_jobs(planned, max_group_bytes, progress, budget)
+  if budget is not None:
+    budget.params = None  # the float params are the caller's to free
+  ptq_out = (
+    qwix.quantize_params(
+      flax.traverse_util.unflatten_dict(plain),
+      abstract_params,
+      quant_stats,
+      allow_extra_params=allow_extra_params,
+    )
+    if plain or quant_stats
+    else {}
+  )
+  if isinstance(abstract_params, nnx.Module) and out:
+    # As qwix.quantize_params: WithLqer -> pure dicts that nnx.update takes.
+    out = flax.traverse_util.flatten_dict(
+      flax.traverse_util.unflatten_dict(nnx.to_pure_dict(nnx.state(out)))
+    )
+  out.update(flax.traverse_util.flatten_dict(ptq_out))
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _budget(planned, budget_bits, num_quantized, params):
+  """The `allocation.Budget` of rank 'auto', checked both ways."""
+  auto = [j.name for j in planned if j.rule.auto_rank]
+  if auto and budget_bits is None:
+    raise ValueError(
+      f"{auto[0]} (and {len(auto) - 1} more): its rule has rank='auto',"
+      ' which needs lqer_quantize_params(..., budget_bits=<extra bits per'
+      ' weight>) to allocate ranks'
+    )
+  if budget_bits is None:
+    return None
+  budget = (
+    budget_bits
+    if isinstance(budget_bits, allocation.Budget)
+    else allocation.Budget(budget_bits)
+  )
+  bits = budget.bits_per_weight
+  if isinstance(bits, bool) or not isinstance(bits, int | float) or bits < 0:
+    raise ValueError(f'budget_bits must be a number >= 0, got {bits!r}')
+  if budget.probe is not None and budget.sensitivity is not None:
+    raise ValueError(
+      'Budget: give either probe (damage measured on the'
+      ' factors) or sensitivity (of the PTQ error), not both'
+    )
+  if budget.normalize not in allocation.NORMALIZE:
+    raise ValueError(
+      f'Budget.normalize must be one of'
+      f' {allocation.NORMALIZE}, got {budget.normalize!r}'
+    )
+  budget.num_weights, budget.params = num_quantized, params
+  return budget
+
+
+def _split_third_argument(value):
+  """(rules, quant_stats) from the third argument of lqer_quantize_params."""
+  if value is None:
+    return None, {}
+  if isinstance(value, Mapping | nnx.State):
+    return None, value
+  if isinstance(value, Sequence) and all(
+    isinstance(r, qwix.QuantizationRule) for r in value
+  ):
+    return list(value), {}
+  raise TypeError(
+    'lqer_quantize_params: the third argument must be a sequence of'
+    ' QuantizationRules (with a PtqProvider abstract tree) or the'
+    f' quant_stats mapping of qwix.quantize_params, got {type(value)}'
+  )
+
+
+def _abstract_at(tree, path):
+  value = _qwix.get_value_from_path(tree, path)
+  return value.get_value() if isinstance(value, nnx.Variable) else value
+
+
+def _plan(
+  params, abstract_params, rules, calibration, base, allow_extra_params
+):
+  """Splits params into LQER jobs and the rest, validating every weight."""
+  planned, plain = [], {}
+  weight_modules = set()
+  num_quantized = 0
+  flat = flax.traverse_util.flatten_dict(params)
+  for path, w in flat.items():
+    abs_w = _abstract_at(abstract_params, path)
+    if abs_w is None and allow_extra_params:
+      continue
+    if not isinstance(abs_w, _qwix.WithAux):
+      plain[path] = w
+      continue
+    w = _fitted_weight(path, w, abs_w)
+    num_quantized += w.size
+    factor.check_tiles(path_str(path), w.shape, abs_w.how)
+    rule = (
+      abs_w.rule
+      if isinstance(abs_w, WithLqer)
+      else (match_rule(rules, path) if rules is not None else None)
+    )
+    weight_modules.add(path_str(path[:-1]))
+    job = _make_job(path, w, abs_w, rule, base)
+    if job is None:
+      plain[path] = w
+      continue
+    factor.check_weight(job.name, job.weight, job.layout, job.rank)
+    needs = bases.NEEDS.get(job.base_kind)
+    if job.method_needs_stats or needs:
+      job.stats = stats_lib.lookup(calibration, path)
+      _check_stats(job, needs)
+    planned.append(job)
+  for rule in rules or ():
+    if rule.weight_qtype is not None and not any(
+      re.fullmatch(rule.module_path, m) for m in weight_modules
+    ):
+      warnings.warn(
+        f'rule {rule} matches no weight of the param tree (its'
+        ' module_path is matched against module paths such as'
+        f' {", ".join(sorted({path_str(p[:-1]) for p in flat})[:4])}'
+        ' ...)',
+        stacklevel=3,
+      )
+  return planned, plain, num_quantized
+
+
+def _fitted_weight(path, w, abs_w):
+  """w as the op reads it (see `factor.check_shape`)."""
+  name = path_str(path)
+  if not isinstance(w, jax.Array | np.ndarray):
+    raise TypeError(
+      f'{name}: params must be a pure dict of arrays, got'
+      f' {type(w).__name__} (unbox Linen params with'
+      ' nn.unbox, NNX state with nnx.to_pure_dict)'
+    )
+  factor.check_shape(name, w.shape, abs_w.shape)
+  return jnp.asarray(w).reshape(abs_w.shape)
+
+
+def _make_job(path, w, abs_w, rule, base):
+  """A `jobs.Job` if this weight needs more than plain Qwix PTQ, else None."""
+  if isinstance(abs_w, WithLqer):
+    rank = abs_w.rank
+    if rule.method == 'svdquant':  # abs_w holds rank + error_rank columns
+      rank = rule.rank
+  else:
+    rank = rule.rank if isinstance(rule, LqerRule) else None
+    if rank == 'auto':
+      rank = 0  # allocated by jobs.run_jobs
+    if rank is None:
+      if isinstance(base, str) and base == 'rtn':
+        return None
+      rule, rank = LqerRule(weight_qtype=abs_w.how.qtype), 0
+  try:
+    layout = layout_of(abs_w)
+  except ValueError as e:
+    raise ValueError(f'{path_str(path)}: {e}') from None
+  if rank > layout.max_rank and not isinstance(abs_w, WithLqer):
+    # The earlier project's flow clipped silently; keep it running, loudly.
+    warnings.warn(
+      f'{path_str(path)}: rank {rank} is larger than the'
+      f' {layout.in_size} x {layout.out_size} matrix allows; using rank'
+      f' {layout.max_rank} (only with rules + a PtqProvider tree;'
+      ' LqerProvider raises)',
+      stacklevel=4,
+    )
+    rank = layout.max_rank
+  if rule.method == 'svdquant' and (not isinstance(base, str) or base == 'awq'):
+    raise ValueError(
+      f"{path_str(path)}: method 'svdquant' quantizes the residual of the"
+      ' smoothed weight, which exists only after smoothing; use base'
+      " 'rtn' or 'gptq' (not 'awq', which rescales channels itself, nor a"
+      ' stored base)'
+    )
+  if isinstance(base, str):
+    fn, kind = bases.BY_NAME[base], base
+  else:
+    q, input_scale = _stored_base(path, base, abs_w)
+    fn = functools.partial(bases.stored, q, input_scale)
+    kind = 'stored' if input_scale is None else 'stored-awq'
+  return jobs.Job(path, w, abs_w.how, layout, rule, rank, fn, kind)
+
+
+def _stored_base(path, tree, abs_w):
+  """(QArray, input_scale) stored at `path` of a Qwix-quantized tree."""
+  name = path_str(path)
+  value = _abstract_at(tree, path)
+  if isinstance(value, _qwix.WithAux):
+    # Qwix's AWQ weights carry awq_scale, lqer's their input_scale.
+    q = value.array
+    input_scale = getattr(
+      value, 'awq_scale', getattr(value, 'input_scale', None)
+    )
+  elif isinstance(value, Mapping) and 'array' in value:  # NNX pure dict
+    arr = value['array']
+    q = qwix.QArray(
+      qvalue=arr['qvalue'],
+      scale=arr['scale'],
+      zero_point=arr.get('zero_point'),
+      qtype=abs_w.how.qtype,
+    )
+    input_scale = value.get('awq_scale', value.get('input_scale'))
+  else:
+    raise ValueError(
+      f'{name}: base= tree holds no quantized weight here'
+      f' (found {type(value).__name__}); pass the tree'
+      ' returned by a Qwix quantize_params for the same model'
+    )
+  q = jax.tree.map(_qwix.unbox, q)
+  if tuple(q.shape) != tuple(abs_w.shape) or not same_qtype(
+    q.qtype, abs_w.how.qtype
+  ):
+    raise ValueError(
+      f'{name}: base= tree holds a {q.qtype} weight of shape'
+      f' {tuple(q.shape)}, the model quantizes it to'
+      f' {abs_w.how.qtype} with shape {tuple(abs_w.shape)}'
+    )
+  if input_scale is not None and len(layout_of(abs_w).contracting_axes) != 1:
+    raise ValueError(f'{name}: an AWQ base needs one contracting axis')
+  return q, None if input_scale is None else _qwix.unbox(input_scale)
+
+
+def _check_stats(job: jobs.Job, base_needs):
+  name = job.name
+  needs = (
+    f'method {job.rule.method!r}'
+    if job.method_needs_stats
+    else f'base {job.base_kind!r}'
+  )
+  if job.stats is None:
+    raise ValueError(
+      f'{name}: {needs} needs calibration statistics, but none were found'
+      f' (looked for {name}{stats_lib.SUFFIX} in `calibration`). Run the'
+      ' model under LqerCalibrationProvider with the same rules first.'
+    )
+  stats_lib.check(job.stats, job.layout, name)
+  wants_xtx = (
+    (job.has_factors and job.rule.method == 'qera')
+    or (base_needs == 'sum_of_xtx')
+    or (job.svdquant and job.rule.error_rank)
+  )
+  if job.svdquant and 'max_of_abs' not in job.stats:
+    raise ValueError(
+      f"{name}: method 'svdquant' needs max |x| per input channel"
+      ' (max_of_abs), which these statistics lack; calibrate with this'
+      ' version of LqerCalibrationProvider'
+    )
+  if wants_xtx and 'sum_of_xtx' not in job.stats:
+    raise ValueError(
+      f'{name}: {needs} needs E[x^T x] (sum_of_xtx), but these statistics'
+      ' were collected with LqerCalibrationProvider(second_moment=False)'
+    )
+  if base_needs and len(job.layout.contracting_axes) != 1:
+    raise ValueError(
+      f'{name}: base {job.base_kind!r} supports kernels with'
+      ' exactly one contracting axis; this one has layout'
+      f' {job.layout}'
+    )
