@@ -21,7 +21,7 @@ the peak memory of the default 'svd' and 'qera' passes, and GPTQ per shape
 group of the block (int4, group 128 where 128 divides the inputs, else per
 channel; H = E[x^T x] of the same statistics):
 Qwix's eager `gptq_core.quantize_weight` one weight at a time against
-lqer's jitted GPTQ (`lqer.gptq`) one weight at a time and stacked (one
+lqer's jitted GPTQ (`lqer.core.gptq`) one weight at a time and stacked (one
 vmapped call per group), interleaved in one process, medians of --gptq-reps
 runs after a warm-up (first calls, compilation included, shown apart).
 

@@ -2,8 +2,12 @@
 
 LQER (plain SVD), L2QER (activation-scaled) and QERA (the closed-form optimum
 for the calibration distribution) on top of any Qwix weight quantizer.
+
+The public API is the flat list below (`lqer.LqerRule`, ...); the
+subpackages hold it by layer (docs/architecture.md).
 """
 
+from lqer._version import __version__
 from lqer.checkpoints.streaming import load_quantized
 from lqer.checkpoints.streaming import quantize_checkpoint
 from lqer.core.decompose import METHODS
@@ -11,6 +15,7 @@ from lqer.core.decompose import SOLVERS
 from lqer.lora.adapters import from_lora
 from lqer.lora.adapters import lora_rules
 from lqer.lora.adapters import to_lora
+from lqer.offline.allocation import Allocation
 from lqer.offline.allocation import Budget
 from lqer.offline.params import lqer_quantize_params
 from lqer.offline.probe import OutputProbe
@@ -29,6 +34,8 @@ from lqer.quant.rule import LqerRule
 from lqer.quant.weight import WithLqer
 
 __all__ = [
+  '__version__',
+  'Allocation',
   'Budget',
   'LayerReport',
   'LqerCalibrationProvider',
@@ -53,4 +60,3 @@ __all__ = [
   'quantize_checkpoint',
   'to_lora',
 ]
-__version__ = '0.1.0'

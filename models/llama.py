@@ -204,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
 class SingleBlock(nn.Module):
   """Decoder block ``layer`` alone, under its param path ``layers_{layer}``,
   so that rules written for the whole model's paths match it as they would
-  there (`lqer.streaming` quantizes one block at a time this way;
+  there (`lqer.checkpoints.streaming` quantizes one block at a time this way;
   ``scanned_hidden`` runs ``layer=0`` over the stacked layers)."""
 
   config: LlamaConfig

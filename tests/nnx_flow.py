@@ -14,7 +14,8 @@ def quantized(make, rules, x, gradients=False, **quantize_kw):
   """(LQER model, float params, statistics): make() calibrated on x (with
   `gradients`, output gradients too), then quantized by
   lqer_quantize_params(**quantize_kw) into an LqerProvider model (float32
-  compute)."""
+  compute); with return_allocation=True, the `lqer.Allocation` as a fourth
+  value."""
   cal = qwix.quantize_model(make(), lqer.LqerCalibrationProvider(rules), x)
   cal(x)
   stats = nnx.to_pure_dict(nnx.state(cal, qwix.QuantStat))
@@ -27,10 +28,12 @@ def quantized(make, rules, x, gradients=False, **quantize_kw):
     make(), lqer.LqerProvider(rules, compute_dtype=jnp.float32), x
   )
   fp = nnx.to_pure_dict(nnx.state(make(), nnx.Param))
-  nnx.update(
-    model,
-    lqer.lqer_quantize_params(fp, model, calibration=stats, **quantize_kw),
-  )
+  out = lqer.lqer_quantize_params(fp, model, calibration=stats, **quantize_kw)
+  if quantize_kw.get('return_allocation'):  # (params, allocation)
+    out, allocation = out
+    nnx.update(model, out)
+    return model, fp, stats, allocation
+  nnx.update(model, out)
   return model, fp, stats
 
 

@@ -399,7 +399,7 @@ def test_qera_factors_each_input_once(monkeypatch):
   calls = []
   original = lqer.core.decompose.damped_cholesky
   monkeypatch.setattr(
-    lqer.decompose,
+    lqer.core.decompose,
     'damped_cholesky',
     lambda r, d: calls.append(r.shape) or original(r, d),
   )

@@ -1,4 +1,4 @@
-"""lqer.gptq: the jitted, batched GPTQ against Qwix's eager one and NumPy.
+"""lqer.core.gptq: the jitted, batched GPTQ against Qwix's eager one and NumPy.
 
 Against `qwix.contrib.gptq_core.quantize_weight` on the same H and settings
 the integers agree (all of them in the cases below; elsewhere, rarely, by

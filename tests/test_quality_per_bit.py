@@ -272,12 +272,18 @@ def _extra_bits(mlp, ptq, params):
 def test_allocation_spends_the_budget_as_the_report_counts(mlp, ptq, qtype):
   _, x, fp, y_fp, _ = mlp
   n = sum(w.size for w in jax.tree.leaves(fp))
-  budget = 1.0
-  qmodel, params = _quantize(
-    mlp, _rules(rank='auto', factor_qtype=qtype), budget_bits=budget
+  budget = allocation.Budget(1.0)  # a value: both calls below reuse it
+  qmodel, (params, alloc) = _quantize(
+    mlp,
+    _rules(rank='auto', factor_qtype=qtype),
+    budget_bits=budget,
+    return_allocation=True,
   )
   spent = _extra_bits(mlp, ptq, params)
   ranks = {p: params[p]['kernel'].rank for p in ('up', 'mid', 'down')}
+  assert alloc.ranks == {(p, 'kernel'): r for p, r in ranks.items()}
+  assert alloc.spent_bits == pytest.approx(spent, rel=1e-12)  # as the report
+  budget = budget.bits_per_weight
   assert spent <= budget * n
   # Greedy stops when no further rank fits, or at a weight's max rank
   # (twice the uniform rank: 2 x 9.1 -> 24 here).
@@ -285,7 +291,9 @@ def test_allocation_spends_the_budget_as_the_report_counts(mlp, ptq, qtype):
   assert spent > budget * n - cost or max(ranks.values()) == 24, ranks
   assert len(set(ranks.values())) > 1, ranks
   _, again = _quantize(
-    mlp, _rules(rank='auto', factor_qtype=qtype), budget_bits=budget
+    mlp,
+    _rules(rank='auto', factor_qtype=qtype),
+    budget_bits=allocation.Budget(budget),
   )
   for path in ranks:
     np.testing.assert_array_equal(
@@ -354,7 +362,7 @@ class _Scaled(nn.Module):
 
 
 def _gradient_allocation(scales, budget, **rule_kw):
-  """(ranks, Budget, params, tokens) of _Scaled(scales) allocated under
+  """(ranks, Allocation, params, tokens) of _Scaled(scales) allocated under
   `budget` from calibration and output-gradient statistics (8 batches)."""
   rng = np.random.default_rng(5)
   batches = [
@@ -382,12 +390,12 @@ def _gradient_allocation(scales, budget, **rule_kw):
   stats = lqer.output_gradients(tapped, fp, batches, stats)
   qmodel = qwix.quantize_model(model, LqerProvider(rules))
   abstract = jax.eval_shape(qmodel.init, KEY, *batches[0])['params']
-  params = lqer_quantize_params(
-    fp, abstract, calibration=stats, budget_bits=budget
+  params, alloc = lqer_quantize_params(
+    fp, abstract, calibration=stats, budget_bits=budget, return_allocation=True
   )
   return (
     {k: params[k]['kernel'].rank for k in scales},
-    budget,
+    alloc,
     params,
     np.concatenate([np.asarray(b[0]) for b in batches]),
   )
@@ -398,10 +406,10 @@ def test_output_gradients_steer_the_allocation():
   output-gradient statistics (the default valuation when present), the
   loud one takes the budget, whichever it is; by size alone they tie."""
   for loud, quiet in (('a', 'b'), ('b', 'a')):
-    ranks, budget, _, _ = _gradient_allocation(
+    ranks, alloc, _, _ = _gradient_allocation(
       {loud: 10.0, quiet: 0.1}, allocation.Budget(0.5)
     )
-    assert set(budget.values) == {('a', 'kernel'), ('b', 'kernel')}
+    assert set(alloc.values) == {('a', 'kernel'), ('b', 'kernel')}
     assert ranks[loud] >= 4 * max(ranks[quiet], 1), ranks
   ranks, _, _, _ = _gradient_allocation(
     {'a': 10.0, 'b': 0.1}, allocation.Budget(0.5, normalize='size')
@@ -415,7 +423,7 @@ def test_gradient_values_are_the_output_damage_removed():
   the output energy ||X A_r B_r diag(c)||^2 / tokens of its factors
   (float32, unquantized), up to the gradient statistics' sampling."""
   c = np.linspace(0.1, 3.0, 128)
-  ranks, budget, params, x = _gradient_allocation(
+  ranks, alloc, params, x = _gradient_allocation(
     {'a': c}, allocation.Budget(4.0), factor_dtype=jnp.float32
   )
   w = params['a']['kernel']
@@ -423,7 +431,7 @@ def test_gradient_values_are_the_output_damage_removed():
   assert 0 < r < 32
   ab = np.asarray(w.a, np.float64) @ np.asarray(w.b, np.float64)
   removed = np.sum(np.square(x.astype(np.float64) @ ab * c)) / len(x)
-  assert np.sum(budget.values[('a', 'kernel')][:r]) == pytest.approx(
+  assert np.sum(alloc.values[('a', 'kernel')][:r]) == pytest.approx(
     removed, rel=0.05
   )
 
@@ -503,18 +511,20 @@ def test_nnx_einsum_auto_rank_int8_factors(valuation):
 
   if valuation == 'probe':
     budget = allocation.Budget(1.0, probe=probe_lib.OutputProbe(apply, [(x,)]))
-    qmodel, fp, stats = nnx_flow.quantized(make, rules, x, budget_bits=budget)
-    assert set(budget.damage) == {('qkv',), ('o',)}
-    assert len(budget.chosen) == 3
+    qmodel, fp, stats, alloc = nnx_flow.quantized(
+      make, rules, x, budget_bits=budget, return_allocation=True
+    )
+    assert set(alloc.damage) == {('qkv',), ('o',)}
+    assert len(alloc.chosen) == 3
   else:
     budget = allocation.Budget(1.0)
-    qmodel, fp, stats = nnx_flow.quantized(
-      make, rules, x, budget_bits=budget, gradients=True
+    qmodel, fp, stats, alloc = nnx_flow.quantized(
+      make, rules, x, budget_bits=budget, gradients=True, return_allocation=True
     )
-    assert 'sum_of_g2' in stats['qkv_lqer'] and not budget.damage
-  assert set(budget.values) == {('qkv',), ('o',)}
+    assert 'sum_of_g2' in stats['qkv_lqer'] and not alloc.damage
+  assert set(alloc.values) == {('qkv',), ('o',)}
   assert qmodel.o.a.dtype == jnp.int8 and qmodel.o.rank > 0
-  assert budget.ranks == {('qkv',): qmodel.qkv.rank, ('o',): qmodel.o.rank}
+  assert alloc.ranks == {('qkv',): qmodel.qkv.rank, ('o',): qmodel.o.rank}
   y = nnx.jit(lambda m, x: m(x))(qmodel, x)
   ptq = nnx_flow.ptq(make, rules, x, fp, stats)
   assert _rel(y, ref) < 0.8 * _rel(ptq(x), ref)
@@ -539,6 +549,12 @@ def test_bad_settings_name_the_field(kw, field):
     LqerRule(
       **({'module_path': '.*', 'weight_qtype': jnp.int4, 'rank': 8} | kw)
     )
+
+
+@pytest.mark.parametrize('bits', [float('nan'), float('inf'), -1.0, True])
+def test_budget_must_be_a_finite_number(bits):
+  with pytest.raises(ValueError, match='budget_bits must be a finite number'):
+    allocation.Budget(bits)
 
 
 def test_budget_and_auto_need_each_other(mlp):
@@ -647,28 +663,31 @@ def test_probed_allocation_measures_the_factors_it_cuts(mlp, ptq):
   apply = lambda p, b: model.apply({'params': p}, b)
   batches = [(x.reshape(16, -1, x.shape[-1]),)]
   budget = allocation.Budget(0.5, probe=probe_lib.OutputProbe(apply, batches))
-  _, params = _quantize(
-    mlp, _rules(rank='auto', max_rank=64), budget_bits=budget
+  _, (params, alloc) = _quantize(
+    mlp,
+    _rules(rank='auto', max_rank=64),
+    budget_bits=budget,
+    return_allocation=True,
   )
   sens = probe_lib.output_sensitivity(apply, fp, ptq[1], batches)
   n = sum(w.size for w in jax.tree.leaves(fp))
   assert 0.5 * n - 10240 < _extra_bits(mlp, ptq, params) <= 0.5 * n
-  for path, (at, values) in budget.damage.items():
+  for path, (at, values) in alloc.damage.items():
     assert at == [0, 5, 64]
     assert values[0] == pytest.approx(sens[path], rel=1e-4)
     assert values[0] > values[1] > values[2]
-  assert list(budget.chosen) == [1.0, 0.5, 0.0]
-  kept = min(budget.chosen, key=budget.chosen.get)
+  assert list(alloc.chosen) == [1.0, 0.5, 0.0]
+  kept = min(alloc.chosen, key=alloc.chosen.get)
   f32 = qwix.quantize_model(
     model, LqerProvider(_rules(rank='auto'), compute_dtype=jnp.float32)
   )
-  assert budget.chosen[kept] == pytest.approx(
+  assert alloc.chosen[kept] == pytest.approx(
     _rel(f32.apply({'params': params}, x), y_fp) ** 2, rel=1e-3
   )
-  assert budget.ranks == {
+  assert alloc.ranks == {
     (p, 'kernel'): params[p]['kernel'].rank for p in ('up', 'mid', 'down')
   }
-  assert budget.params is None
+  assert not hasattr(alloc, 'params')  # the float params are not kept
 
 
 def test_probe_distance_against_numpy(mlp):

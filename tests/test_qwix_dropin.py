@@ -1991,7 +1991,8 @@ def test_qep_quantize_params_without_correction_on_lqer_tree():
 # ===================================== tests/_src/utils/checkpoint_util_test.py
 # process_prequantized_params with an LqerProvider template: rank None as
 # Qwix's PTQ template, and an LQER payload (the factors are plain arrays)
-# into an LQER template with a rank. lqer.checkpoint refuses to load an LQER
+# into an LQER template with a rank. lqer.checkpoints.tree refuses to load an
+# LQER
 # checkpoint into a plain Qwix template and the reverse.
 # Not ported: PrequantizedQtTest (QtProvider templates), the
 # Linen-template TypeError, list / param-with-array-attribute payloads and
@@ -2299,7 +2300,7 @@ def _linen_trees(rank_rules, x):
 
 
 def test_lqer_checkpoint_round_trip_and_cross_loading(tmp_path):
-  """lqer.checkpoint: LQER params round-trip bit-exactly; an LQER
+  """lqer.checkpoints.tree: LQER params round-trip bit-exactly; an LQER
   checkpoint into a plain Qwix template, or a Qwix one into an LQER
   template, raises CheckpointError naming the factors / LqerProvider."""
   x = jax.random.normal(KEY, (5, 32))

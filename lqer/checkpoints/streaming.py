@@ -42,6 +42,7 @@ import numpy as np
 import qwix
 from tqdm.auto import tqdm
 
+from lqer._version import __version__
 from lqer.checkpoints import tree as checkpoint
 from lqer.offline.params import lqer_quantize_params
 from lqer.providers import calibration
@@ -168,16 +169,29 @@ def quantize_checkpoint(
   batch: int = 4,
   progress: bool = True,
 ) -> list[dict]:
-  """Writes the quantized checkpoint of `source` (a Hugging Face directory or
-  `models.hf_checkpoint.CheckpointDir`) to directory `out`, one block at a
-  time. calib_ids: (windows, window) int token ids, run `batch` windows at a
-  time. Returns a record per block: seconds per phase (setup: tracing the
-  block's modules; read, calibrate, quantize, write, forward; read and
-  write run on a background thread during the previous block's forward,
-  and count the time the pass waited for them; a block resumed from its
-  file is not calibrated, quantized or written, nor read when sequential;
-  settings that are not `calibrated` skip calibrate and forward), their
-  total and the process's peak RSS so far."""
+  """Quantizes a Hugging Face checkpoint one decoder block at a time.
+
+  Args:
+    source: a Hugging Face directory or `models.hf_checkpoint.CheckpointDir`.
+    out: the output directory (resumed where a run with the same settings
+      and source stopped).
+    settings: the `Settings` (bits, group, rank, method, base, factors).
+    calib_ids: (windows, window) int token ids.
+    sequential: feed each block the outputs of the quantized blocks before it
+      (True) or of the float ones.
+    mesh: a `jax.sharding.Mesh` with axes ('data', 'model'), or None.
+    batch: calibration windows per step.
+    progress: show a progress bar.
+
+  Returns:
+    A record per block: seconds per phase (setup: tracing the block's
+    modules; read, calibrate, quantize, write, forward; read and write run on
+    a background thread during the previous block's forward, and count the
+    time the pass waited for them; a block resumed from its file is not
+    calibrated, quantized or written, nor read when sequential; settings that
+    are not `calibrated` skip calibrate and forward), their total and the
+    process's peak RSS so far.
+  """
   from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
 
   _check_mesh(mesh)
@@ -303,11 +317,9 @@ class _Clock:
 
 
 def _metadata(ckpt, settings, rules, calib_ids, sequential) -> dict:
-  import lqer  # pylint: disable=g-import-not-at-top
-
   return {
     'format': FORMAT,
-    'lqer_version': lqer.__version__,
+    'lqer_version': __version__,
     'settings': dataclasses.asdict(settings),
     'rules': repr(rules),
     'sequential': sequential,
@@ -383,10 +395,18 @@ def _stored_block(out, i, abstract, fingerprint):
 
 
 def load_quantized(out, *, pack: bool = False, mesh=None):
-  """(model, params, metadata) of a directory written by
-  `quantize_checkpoint`: the LqerProvider-wrapped `LlamaForCausalLM` and its
-  params, packed for the int4 fast path with `pack`, and sharded over `mesh`
-  (axes 'data', 'model') as `quantize_checkpoint` shards them."""
+  """Loads a directory written by `quantize_checkpoint`.
+
+  Args:
+    out: the directory.
+    pack: pack int4 weights for the fast path (`lqer.pack_params`).
+    mesh: a `jax.sharding.Mesh` with axes ('data', 'model') to shard the
+      params over, as `quantize_checkpoint` shards them.
+
+  Returns:
+    (model, params, metadata): the LqerProvider-wrapped `LlamaForCausalLM`,
+    its params, and the directory's `lqer.json`.
+  """
   from models.hf_checkpoint import config_from_hf  # pylint: disable=g-import-not-at-top
   from models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
 

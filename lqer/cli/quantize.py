@@ -5,7 +5,8 @@
         [--calib-tokens N] [--sequential | --no-sequential]
 
 quantizes a Hugging Face checkpoint directory block by block
-(`lqer.streaming`); `lqer eval --load OUT_DIR` scores the result against
+(`lqer.checkpoints.streaming`); `lqer eval --load OUT_DIR` scores the result
+against
 the float model it came from.
 """
 

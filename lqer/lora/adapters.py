@@ -43,9 +43,17 @@ _QWIX_RULE_FIELDS = tuple(
 def lora_rules(
   rules: Sequence[qwix.QuantizationRule], alpha: float, **lora_kw
 ) -> list[qwix.QuantizationRule]:
-  """The `qwix.LoraRule`s that quantize as `rules` do, with adapters of each
-  rule's rank and the given alpha (`lora_kw`: dropout, initializers). A rule
-  without a rank stays a plain Qwix rule (no adapter)."""
+  """Qwix LoRA rules matching LQER rules.
+
+  Args:
+    rules: `LqerRule`s (or plain Qwix rules).
+    alpha: LoRA alpha (the adapters are scaled by alpha / rank).
+    **lora_kw: more `qwix.LoraRule` fields (dropout, initializers).
+
+  Returns:
+    `qwix.LoraRule`s that quantize as `rules` do, with adapters of each
+    rule's rank; a rule without a rank stays a plain Qwix rule (no adapter).
+  """
   out = []
   for rule in rules:
     common = {f: getattr(rule, f) for f in _QWIX_RULE_FIELDS}

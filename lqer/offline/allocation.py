@@ -9,7 +9,8 @@ output damage it removes (its gain weighted per output channel by the
 output gradient's second moment), without them the fraction of its
 layer's output energy ||T W||_F^2 it removes times the layer's size (the
 report's size-weighted total); with a probe
-(`lqer.probe`), the output damage it undoes, measured on the weight's own
+(`lqer.offline.probe`), the output damage it undoes, measured on the weight's
+own
 factors (`_fitted_values`); with a measured `output_sensitivity`, the
 output change (first order) from that weight's PTQ error alone times the
 fraction of the weight's error the term removes. Each term costs the same
@@ -22,6 +23,7 @@ to the earlier weight (param order), so the allocation is deterministic.
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -44,44 +46,132 @@ def fixed_bits(job) -> int:
   return bits
 
 
-@dataclasses.dataclass
-class Budget:
-  """`bits_per_weight` extra bits, averaged over `num_weights` (every
-  element of every weight the call quantizes; set by lqer_quantize_params).
+NORMALIZE = (None, 'gradient', 'output', 'size', 'error', 'none', 'sqrt', 'log')
 
-  How terms of different weights compare (`values`: {path: each term's
-  value}): by default, when the calibration statistics hold output
-  gradients (`calibration.output_gradients`), 'gradient': the output
-  damage each term removes, its gain weighted per output channel by
-  E[g_o^2] (`damage_gains`); with `probe`, by the output damage each
-  undoes, measured on the factors themselves (`measure`, `_fitted_values`);
-  with `sensitivity` (from `output_sensitivity`), by the damage of the
-  weight's PTQ error times the fraction of its objective the term removes;
-  else by `normalize` (`_normalized`), without output gradients 'size': the
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """A budget of extra bits per weight, and how terms of weights compare.
+
+  A plain value: `lqer_quantize_params(..., budget_bits=Budget(...),
+  return_allocation=True)` returns what it decided as an `Allocation`, and
+  the same Budget can be passed to any number of calls.
+
+  How terms of different weights compare: by default, when the calibration
+  statistics hold output gradients (`lqer.output_gradients`), 'gradient':
+  the output damage each term removes, its gain weighted per output channel
+  by E[g_o^2] (`damage_gains`); with `probe`, by the output damage each
+  undoes, measured on the factors themselves (`_fitted_values`); with
+  `sensitivity` (from `output_sensitivity`), by the damage of the weight's
+  PTQ error times the fraction of its objective the term removes; else by
+  `normalize` (`_normalized`), without output gradients 'size': the
   fraction of the layer's output energy removed times its size, so the
   greedy lowers the report's size-weighted total output error.
-  `params`: the float params the probe differentiates (set by
-  lqer_quantize_params); `damage`: {path: (ranks, damage at those ranks)}.
-  With a probe, the ranks kept are the candidate `candidates` gives (λ in
-  `steps`: 1 the allocation, 0 the uniform rank) whose weights move the
-  probed output least; `chosen`: {λ: that distance}.
+
+  Attributes:
+    bits_per_weight: extra bits per weight, averaged over every element of
+      every weight the call quantizes (finite, >= 0).
+    normalize: one of `NORMALIZE` (None: 'gradient' where every weight has
+      output-gradient statistics, else 'size').
+    sensitivity: {path: output damage of that weight's PTQ error}.
+    probe: an `OutputProbe`; the ranks kept are then the candidate (λ in
+      `steps`: 1 the allocation, 0 the uniform rank) whose weights move the
+      probed output least.
+    steps: the probe's candidates.
   """
 
   bits_per_weight: float
-  num_weights: int = 0
   normalize: str | None = None
   sensitivity: dict | None = None
   probe: OutputProbe | None = None
-  params: Any = dataclasses.field(default=None, repr=False)
-  spent_bits: int = 0
-  ranks: dict = dataclasses.field(default_factory=dict)
-  damage: dict = dataclasses.field(default_factory=dict)
-  values: dict = dataclasses.field(default_factory=dict)
   steps: tuple[float, ...] = (1.0, 0.5, 0.0)
-  chosen: dict = dataclasses.field(default_factory=dict)
-  _left: int = 0
-  _costs: dict = dataclasses.field(default_factory=dict)
-  _sizes: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    bits = self.bits_per_weight
+    if (
+      isinstance(bits, bool)
+      or not isinstance(bits, numbers.Real)
+      or not math.isfinite(bits)
+      or bits < 0
+    ):
+      raise ValueError(
+        f'budget_bits must be a finite number >= 0 (extra bits per'
+        f' weight), got {bits!r}'
+      )
+    if self.probe is not None and self.sensitivity is not None:
+      raise ValueError(
+        'Budget: give either probe (damage measured on the'
+        ' factors) or sensitivity (of the PTQ error), not both'
+      )
+    if self.normalize not in NORMALIZE:
+      raise ValueError(
+        f'Budget.normalize must be one of {NORMALIZE}, got {self.normalize!r}'
+      )
+
+
+@dataclasses.dataclass
+class Allocation:
+  """What one allocation decided.
+
+  Attributes:
+    ranks: {path: rank} of every rank='auto' weight.
+    values: {path: each term's value, in allocation order}.
+    damage: with a probe, {path: (ranks, output damage at those ranks)}.
+    chosen: with a probe, {λ: output distance of that candidate}.
+    spent_bits: extra bits spent (fixed-rank factors and input scales
+      included).
+    num_weights: weight elements the budget is averaged over.
+  """
+
+  ranks: dict
+  values: dict
+  damage: dict
+  chosen: dict
+  spent_bits: int
+  num_weights: int
+
+  @property
+  def extra_bits_per_weight(self) -> float:
+    """spent_bits / num_weights."""
+    return self.spent_bits / max(self.num_weights, 1)
+
+
+class Allocator:
+  """One call's allocation under a `Budget`: `lqer_quantize_params` makes
+  one per call, drives it through the offline pass (`jobs.run_jobs`), and
+  `result()` is the `Allocation`.
+
+  Args:
+    budget: the `Budget`.
+    num_weights: weight elements the call quantizes.
+    params: the float params a probe differentiates (None without one).
+  """
+
+  def __init__(self, budget: Budget, num_weights: int, params: Any = None):
+    self.budget = budget
+    self.num_weights = num_weights
+    self.params = params if budget.probe is not None else None
+    self.spent_bits = 0
+    self.ranks, self.values, self.damage, self.chosen = {}, {}, {}, {}
+    self._left = 0
+    self._costs, self._sizes, self._max = {}, {}, {}
+    self._uniform = 1
+
+  @property
+  def probe(self):
+    return self.budget.probe
+
+  def result(self) -> Allocation:
+    """The allocation decided (the float params are dropped)."""
+    self.params = None
+    return Allocation(
+      self.ranks,
+      self.values,
+      self.damage,
+      self.chosen,
+      self.spent_bits,
+      self.num_weights,
+    )
 
   def set_max_ranks(self, jobs):
     """Sets each 'auto' job's rank to the largest it may get: its rule's
@@ -95,10 +185,12 @@ class Budget:
         ' whose ranks should be allocated'
       )
     fixed = sum(fixed_bits(j) for j in jobs)
-    self._left = math.floor(self.bits_per_weight * self.num_weights) - fixed
+    self._left = (
+      math.floor(self.budget.bits_per_weight * self.num_weights) - fixed
+    )
     if self._left < 0:
       raise ValueError(
-        f'budget_bits={self.bits_per_weight}: the fixed-rank factors and'
+        f'budget_bits={self.budget.bits_per_weight}: the fixed-rank factors and'
         f' input scales already spend {fixed / self.num_weights:.4f} extra'
         ' bits per weight; raise the budget or lower the fixed ranks'
       )
@@ -120,7 +212,7 @@ class Budget:
   def measure(self, errors: dict):
     """Probes the damage of each weight's error left at its
     `probe_ranks`: errors {path: (ranks, (K, *W.shape) W - Q - A_:r B_:r)}."""
-    damage = self.probe.damage(
+    damage = self.budget.probe.damage(
       self.params, {p: e for p, (_, e) in errors.items()}
     )
     self.damage = {p: (r, damage[p]) for p, (r, _) in errors.items()}
@@ -129,21 +221,21 @@ class Budget:
     """How `allocate` values terms: 'probe', 'error' (sensitivity), or the
     normalisation (None: 'gradient' where every weight has output-gradient
     statistics, else 'size')."""
-    if self.probe is not None:
+    if self.budget.probe is not None:
       return 'probe'
-    if self.sensitivity is not None:
+    if self.budget.sensitivity is not None:
       return 'error'
     missing = [p for p, s in spectra.items() if s[2] is None]
-    if self.normalize == 'gradient' and missing:
+    if self.budget.normalize == 'gradient' and missing:
       raise ValueError(
         f"Budget(normalize='gradient'): {path_str(missing[0])}"
         f' (and {len(missing) - 1} more) has no output-gradient statistics'
         ' (sum_of_g2); run lqer.providers.calibration.output_gradients over the'
         ' calibration statistics first'
       )
-    if self.normalize is None:
+    if self.budget.normalize is None:
       return 'size' if missing else 'gradient'
-    return self.normalize
+    return self.budget.normalize
 
   def allocate(self, spectra: dict) -> dict:
     """{path: rank} from each 'auto' weight's (gains (k,), (||T W||^2,
@@ -162,8 +254,8 @@ class Budget:
         g = _normalized(g, *spectra[path][1], how)
         if how == 'size':
           g = g * self._sizes[path]
-        if self.sensitivity is not None:
-          g = g * self.sensitivity[path]
+        if self.budget.sensitivity is not None:
+          g = g * self.budget.sensitivity[path]
       self.values[path] = g
       g = _decreasing(g)
       for i, gain in enumerate(g):
@@ -192,7 +284,7 @@ class Budget:
         p: math.floor(lam * r + (1 - lam) * min(uniform, self._max[p]))
         for p, r in ranks.items()
       }
-      for lam in self.steps
+      for lam in self.budget.steps
     ]
 
   def choose(self, ranks: dict, distances: list[float]):
@@ -201,10 +293,7 @@ class Budget:
       self._costs[p] * (r - self.ranks[p]) for p, r in ranks.items()
     )
     self.ranks = ranks
-    self.chosen = dict(zip(self.steps, distances))
-
-
-NORMALIZE = (None, 'gradient', 'output', 'size', 'error', 'none', 'sqrt', 'log')
+    self.chosen = dict(zip(self.budget.steps, distances))
 
 
 def damage_gains(gains, b, stats):

@@ -1,9 +1,10 @@
 """Running the offline pass's jobs: group -> base -> factor.
 
-`lqer.params` plans one `Job` per weight. Same-shaped weights with the same
+`lqer.offline.params` plans one `Job` per weight. Same-shaped weights with the
+same
 settings are grouped and cut into chunks of bounded bytes; each chunk gets
-its bases (`lqer.bases`) and is factored in one jitted call
-(`lqer.factor`), an RTN base fused into it. SVDQuant chunks are smoothed
+its bases (`lqer.quant.bases`) and is factored in one jitted call
+(`lqer.quant.factor`), an RTN base fused into it. SVDQuant chunks are smoothed
 and split first, their residuals quantized after (`_run_svdquant`).
 """
 
@@ -103,15 +104,15 @@ def _chunks(jobs, max_group_bytes):
       yield group[i : i + size]
 
 
-def run_jobs(jobs, max_group_bytes, progress, budget=None):
+def run_jobs(jobs, max_group_bytes, progress, allocator=None):
   """{path: quantized weight} for the planned jobs.
 
-  budget: an `allocation.Budget` when some rules have rank 'auto': those
-  weights are factored at their largest rank first, then cut to the ranks
-  `allocation.allocate` gives them (and quantized, with factor_qtype).
+  allocator: an `allocation.Allocator` when some rules have rank 'auto':
+  those weights are factored at their largest rank first, then cut to the
+  ranks it allocates (and quantized, with factor_qtype).
   """
-  if budget is not None:
-    budget.set_max_ranks(jobs)
+  if allocator is not None:
+    allocator.set_max_ranks(jobs)
   out, auto = {}, {}
   chunks = list(_chunks(jobs, max_group_bytes))
   if progress:
@@ -125,24 +126,24 @@ def run_jobs(jobs, max_group_bytes, progress, budget=None):
     else:
       out.update(_run_chunk(chunk, factors))
   if auto:
-    out.update(_allocated(jobs, auto, budget, max_group_bytes, factors))
+    out.update(_allocated(jobs, auto, allocator, max_group_bytes, factors))
   return out
 
 
-def _allocated(jobs, fits, budget, max_group_bytes, factors):
-  """The 'auto' weights cut to the budget's ranks. With a probe: ranks
+def _allocated(jobs, fits, allocator, max_group_bytes, factors):
+  """The 'auto' weights cut to the allocator's ranks. With a probe: ranks
   from the damage measured on each weight's own factors, and of the
-  candidates between them and the uniform rank (`Budget.candidates`), the
+  candidates between them and the uniform rank (`Allocator.candidates`), the
   one whose weights move the probed output least (the other weights float)."""
   jobs = [j for j in jobs if j.path in fits]
-  if budget.probe is not None:
-    budget.measure(
+  if allocator.probe is not None:
+    allocator.measure(
       {
-        j.path: _errors_left(j, fits[j.path], budget.probe_ranks(j))
+        j.path: _errors_left(j, fits[j.path], allocator.probe_ranks(j))
         for j in jobs
       }
     )
-  ranks = budget.allocate(
+  ranks = allocator.allocate(
     {p: (f.gains, f.energy, f.damage_gains) for p, f in fits.items()}
   )
   cut = lambda ranks: {
@@ -150,19 +151,21 @@ def _allocated(jobs, fits, budget, max_group_bytes, factors):
     for chunk in _chunks(jobs, max_group_bytes)
     for path, w in _cut_auto(chunk, fits, ranks, factors).items()
   }
-  if budget.probe is None:
+  if allocator.probe is None:
     return cut(ranks)
   best, distances = None, []
-  for option in budget.candidates(ranks):  # one candidate's weights at a time
+  for option in allocator.candidates(
+    ranks
+  ):  # one candidate's weights at a time
     weights = cut(option)
     distances.append(
-      budget.probe.distance(
-        budget.params, {p: w.reconstructed() for p, w in weights.items()}
+      allocator.probe.distance(
+        allocator.params, {p: w.reconstructed() for p, w in weights.items()}
       )
     )
     if best is None or distances[-1] < min(distances[:-1]):
       best = option, weights  # ties keep the earlier (more allocated)
-  budget.choose(best[0], distances)
+  allocator.choose(best[0], distances)
   return best[1]
 
 

@@ -4,7 +4,8 @@ plan -> group -> factor. The plan (here) pairs every float param with its
 abstract counterpart and decides, with clear errors, what it becomes: a
 `WithLqer` (a rule with a rank), a plain Qwix weight (no rank;
 `qwix.quantize_params` does it, static activation scales included), or
-itself. `lqer.jobs` groups same-shaped weights with the same settings and
+itself. `lqer.offline.jobs` groups same-shaped weights with the same settings
+and
 gives each group its bases and factors in one jitted call, a bounded number
 of bytes at a time.
 """
@@ -46,6 +47,7 @@ def lqer_quantize_params(
   budget_bits: float | None = None,
   max_group_bytes: int = 1 << 30,
   progress: bool = False,
+  return_allocation: bool = False,
 ) -> Any:
   """Quantizes a float param tree into LQER params.
 
@@ -72,16 +74,17 @@ def lqer_quantize_params(
     budget_bits: extra bits per weight, averaged over every weight this call
       quantizes, for the rules with rank='auto': fixed-rank factors and
       input scales count against it, and the rest is allocated across the
-      'auto' weights by `lqer.allocation` (each weight's rank, 0 allowed,
-      shows in `lqer.report`; checkpoints keep it). Or an
-      `allocation.Budget(bits, probe=...)` (or `normalize=...`) to choose
-      how layers are compared; it records the ranks, the probed damage and
-      the candidate chosen.
+      'auto' weights (each weight's rank, 0 allowed, shows in `lqer.report`;
+      checkpoints keep it). Or a `lqer.Budget(bits, probe=...)` (or
+      `normalize=...`) to choose how layers are compared.
     max_group_bytes: float bytes of weights stacked into one jitted call.
     progress: show a progress bar over weight groups.
+    return_allocation: also return the `lqer.Allocation` the budget gave
+      (ranks, term values, probed damage; None without a budget).
 
   Returns:
-    The quantized params, same structure as `params` (a pure dict for NNX).
+    The quantized params, same structure as `params` (a pure dict for NNX);
+    with `return_allocation`, (params, allocation).
   """
   rules, quant_stats = _split_third_argument(rules_or_quant_stats)
   if isinstance(base, str) and base not in bases.NAMES:
@@ -92,10 +95,8 @@ def lqer_quantize_params(
   planned, plain, num_quantized = _plan(
     params, abstract_params, rules, calibration, base, allow_extra_params
   )
-  budget = _budget(planned, budget_bits, num_quantized, params)
-  out = jobs.run_jobs(planned, max_group_bytes, progress, budget)
-  if budget is not None:
-    budget.params = None  # the float params are the caller's to free
+  allocator = _allocator(planned, budget_bits, num_quantized, params)
+  out = jobs.run_jobs(planned, max_group_bytes, progress, allocator)
   ptq_out = (
     qwix.quantize_params(
       flax.traverse_util.unflatten_dict(plain),
@@ -112,11 +113,15 @@ def lqer_quantize_params(
       flax.traverse_util.unflatten_dict(nnx.to_pure_dict(nnx.state(out)))
     )
   out.update(flax.traverse_util.flatten_dict(ptq_out))
-  return flax.traverse_util.unflatten_dict(out)
+  out = flax.traverse_util.unflatten_dict(out)
+  if return_allocation:
+    return out, None if allocator is None else allocator.result()
+  return out
 
 
-def _budget(planned, budget_bits, num_quantized, params):
-  """The `allocation.Budget` of rank 'auto', checked both ways."""
+def _allocator(planned, budget_bits, num_quantized, params):
+  """The `allocation.Allocator` of rank 'auto' (None without a budget),
+  checked both ways."""
   auto = [j.name for j in planned if j.rule.auto_rank]
   if auto and budget_bits is None:
     raise ValueError(
@@ -131,21 +136,7 @@ def _budget(planned, budget_bits, num_quantized, params):
     if isinstance(budget_bits, allocation.Budget)
     else allocation.Budget(budget_bits)
   )
-  bits = budget.bits_per_weight
-  if isinstance(bits, bool) or not isinstance(bits, int | float) or bits < 0:
-    raise ValueError(f'budget_bits must be a number >= 0, got {bits!r}')
-  if budget.probe is not None and budget.sensitivity is not None:
-    raise ValueError(
-      'Budget: give either probe (damage measured on the'
-      ' factors) or sensitivity (of the PTQ error), not both'
-    )
-  if budget.normalize not in allocation.NORMALIZE:
-    raise ValueError(
-      f'Budget.normalize must be one of'
-      f' {allocation.NORMALIZE}, got {budget.normalize!r}'
-    )
-  budget.num_weights, budget.params = num_quantized, params
-  return budget
+  return allocation.Allocator(budget, num_quantized, params)
 
 
 def _split_third_argument(value):

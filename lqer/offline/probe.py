@@ -31,11 +31,17 @@ def output_sensitivity(
   seed=0,
   output='gaussian',
 ) -> dict:
-  """{path: ||J_w D_w||^2 / ||f||^2}: how far the model's output f moves,
-  to first order, when only weight w takes its Qwix PTQ error D_w
-  (`ptq_params`), J_w the Jacobian of f in W_w (`output_damage`).
-  apply_fn(params, *batch) -> output pytree; fp_params a pure dict;
-  batches a list of argument tuples, examples on axis 0.
+  """How far each weight's Qwix PTQ error alone moves the model output.
+
+  Args:
+    apply_fn: apply_fn(params, *batch) -> output pytree.
+    fp_params: the float params (pure dict).
+    ptq_params: the same tree quantized by Qwix PTQ (its errors D_w).
+    batches: a list of argument tuples, examples on axis 0.
+    probes, seed, output: as `OutputProbe`'s.
+
+  Returns:
+    {path: ||J_w D_w||^2 / ||f||^2}, to first order (`output_damage`).
   """
   flat_fp = flax.traverse_util.flatten_dict(fp_params)
   flat_q = flax.traverse_util.flatten_dict(ptq_params)
@@ -55,13 +61,17 @@ def output_sensitivity(
 
 @dataclasses.dataclass(frozen=True)
 class OutputProbe:
-  """How `output_damage` probes a model: apply_fn(params, *batch) -> output
-  pytree, params as given to `lqer_quantize_params` (for NNX, the pure
-  dict: e.g. `m = make_model(); nnx.update(m, params); return m(*batch)`),
-  `batches` a list of
-  argument tuples (examples on axis 0), the number of random directions
-  per example, their seed, and 'gaussian' (any output) or 'softmax'
-  (logits: Fisher directions)."""
+  """How `output_damage` probes a model.
+
+  Attributes:
+    apply_fn: apply_fn(params, *batch) -> output pytree, params as given to
+      `lqer_quantize_params` (for NNX, the pure dict: e.g. `m = make_model();
+      nnx.update(m, params); return m(*batch)`).
+    batches: a list of argument tuples, examples on axis 0.
+    probes: random directions per example.
+    seed: their seed.
+    output: 'gaussian' (any output) or 'softmax' (logits: Fisher directions).
+  """
 
   apply_fn: Callable[..., Any]
   batches: Sequence[Any]
@@ -99,23 +109,25 @@ class OutputProbe:
 
 
 def output_damage(probe: OutputProbe, fp_params, deltas) -> dict:
-  """{path: (K,) ||J_w D_k||^2 / ||f||^2 for each of the K perturbations
-  D_k of weight w}: the model output's first-order change when only w
-  moves by D_k, J_w the Jacobian of the output f in W_w.
+  """First-order output change of each weight's perturbations.
 
-  Estimated for every weight and perturbation at once (Hutchinson): for
-  v ~ N(0, I) over the output, E_v[<v, J_w D>^2] = ||J_w D||^2 and
-  <v, J_w D> = <J_w^T v, D>, so each of `probe.probes` backward passes
-  (one jitted forward per batch) gives a sample for all of them. Examples
-  (the leading axis of every batch argument) move separate outputs, so each
-  is probed on its own (per-example gradients, same multiplies):
-  probes x examples samples, relative std ~ sqrt(2 / (probes * examples)).
+  ||J_w D_k||^2 / ||f||^2, J_w the Jacobian of the output f in W_w, is
+  estimated for every weight and perturbation at once (Hutchinson): for v ~
+  N(0, I) over the output, E_v[<v, J_w D>^2] = ||J_w D||^2 and <v, J_w D> =
+  <J_w^T v, D>, so each of `probe.probes` backward passes gives a sample for
+  all of them. Examples (the leading axis of every batch argument) are probed
+  each on its own: relative std ~ sqrt(2 / (probes * examples)).
+  output='softmax': each position's v = onehot(y) - p with y ~ p, so
+  E[v v^T] is the Fisher of the prediction, and the value is twice the mean
+  KL(p_fp || p_w) per position to second order.
 
-  output='softmax': the output is one array of logits over its last axis,
-  and each position's v = onehot(y) - p with y ~ p = softmax(f), so
-  E[v vᵀ] = diag(p) - p pᵀ, the Fisher of the model's prediction: the
-  value is then Dᵀ Jᵀ F J D / positions, twice the mean KL(p_fp ‖ p_w) per
-  position to second order, the loss increase a perplexity measures.
+  Args:
+    probe: the `OutputProbe`.
+    fp_params: the float params (pure dict).
+    deltas: {path: (K, *W.shape) perturbations D_k of that weight}.
+
+  Returns:
+    {path: (K,) ||J_w D_k||^2 / ||f||^2}.
   """
   flat_fp = flax.traverse_util.flatten_dict(fp_params)
   paths = list(deltas)

@@ -37,7 +37,25 @@ from lqer.quant.weight import layout_of
 
 @dataclasses.dataclass
 class LayerReport:
-  """One quantized weight. Errors are None where they cannot be computed."""
+  """One quantized weight. Errors are None where they cannot be computed.
+
+  Attributes:
+    path: the param path, 'block_0/mlp/up/kernel'.
+    shape: the kernel's shape.
+    qtype: the weight's qtype name ('int4').
+    group_size: rows per scale along the contracting axis (None: per channel).
+    rank: rank k of A B (0: plain PTQ).
+    method: the rule's method.
+    weight_error_base, weight_error: ||W - W_hat||_F / ||W||_F of plain PTQ
+      and of the reconstruction W_hat = deq(Wq) + A B.
+    snr_db_base, snr_db: 10 log10(||W||^2 / ||W - W_hat||^2), both.
+    output_error_base, output_error: ||X (W - W_hat)||_F / ||X W||_F on the
+      calibration distribution (from E[x^T x]), both.
+    bits_per_weight: stored bits per weight (`lqer.quant.bits`).
+    num_weights: elements of the kernel.
+    bound_weight_base, bound_act_base, bound_weight, bound_act: SVDQuant's
+      bound terms, see below.
+  """
 
   path: str
   shape: tuple[int, ...]
@@ -74,9 +92,13 @@ BOUND_FIELDS = {
 
 @dataclasses.dataclass
 class Report:
-  """All quantized weights and a parameter-weighted model total;
-  `left_float` lists the float params of 2+ axes (biases aside) that no
-  rule quantized, so a rule that missed its module shows up here."""
+  """All quantized weights and a parameter-weighted model total.
+
+  Attributes:
+    layers: one `LayerReport` per quantized weight.
+    left_float: the float params of 2+ axes (biases aside) that no rule
+      quantized, so a rule that missed its module shows up here.
+  """
 
   layers: list[LayerReport]
   left_float: list[str] = dataclasses.field(default_factory=list)
@@ -191,6 +213,10 @@ def report(
       with a token sample, the bound terms).
     rules: the rules, for the activation settings of plain Qwix weights
       (an `LqerRule`'s weights carry their own).
+
+  Returns:
+    A `Report`: `.table()` (also `str()`) is the per-layer table, `.total()`
+    the parameter-weighted model total.
   """
   layers, left_float = [], []
   for path, w in flax.traverse_util.flatten_dict(fp_params).items():

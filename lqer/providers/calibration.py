@@ -46,9 +46,20 @@ GRAD_SUFFIX = stats_lib.SUFFIX + '_grad'
 class LqerCalibrationProvider(qwix.QuantizationProvider):
   """Runs the float model and accumulates exact per-token statistics.
 
+  For every weight an `LqerRule` with a `weight_qtype` matches: sum |x|,
+  sum x^T x and max |x| over the tokens of the op's input (`lqer.quant.stats`).
   How many tokens: E[x^T x] of an `in`-wide input has in (in + 1) / 2
   distinct entries; a few times `in` tokens (e.g. 4k-32k for in <= 4096) give
   a well-conditioned estimate, and damping covers the rest.
+
+  Args:
+    rules: the `LqerRule`s of the quantized model.
+    second_moment: accumulate x^T x (needed by 'qera' and GPTQ); False keeps
+      only the per-channel statistics ('l2qer', 'svdquant', AWQ).
+    sample_tokens: tokens kept per op for the report's bound terms.
+    output_gradients: also tap each matched op's output, for
+      `lqer.output_gradients`.
+    **kwargs: `qwix.QuantizationProvider`'s.
   """
 
   def __init__(
@@ -148,15 +159,23 @@ def tokens_by_kernel_order(lhs, lhs_contracting, rhs_contracting):
 def calibrate(
   cal_model, params, batches, *, outputs: bool = False, progress: bool = False
 ):
-  """The `quant_stats` of `cal_model` (a Linen model under
-  LqerCalibrationProvider) over `batches` (each a tuple of model inputs),
-  accumulated from zeros; with `outputs`, also the list of model outputs.
+  """Calibration statistics of a model over batches.
 
   One jitted step per call, params passed as an argument: closed over, a
-  7B-shaped block's 0.8 GB of weights become compile-time constants (README,
-  "Calibration statistics"). Without `outputs` the step returns none, so
-  work that only the output needs (e.g. the last projection) is dropped by
-  XLA.
+  7B-shaped block's 0.8 GB of weights would become compile-time constants.
+  Without `outputs` the step returns none, so work that only the output
+  needs (e.g. the last projection) is dropped by XLA.
+
+  Args:
+    cal_model: a Linen model under `LqerCalibrationProvider`.
+    params: its float params.
+    batches: a list of tuples of model inputs.
+    outputs: also return the model outputs.
+    progress: show a progress bar.
+
+  Returns:
+    The `quant_stats` tree, accumulated from zeros (with `outputs`: the tree
+    and the list of model outputs).
   """
   stats = jax.eval_shape(cal_model.init, jax.random.key(0), *batches[0])[
     'quant_stats'
@@ -192,15 +211,28 @@ def output_gradients(
   seed=0,
   progress=False,
 ):
-  """`stats` with, for every op `grad_model` taps (a model under
-  `LqerCalibrationProvider(rules, output_gradients=True)`), 'sum_of_g2'
-  (out,) = sum_t g_{t,o}^2 and 'grad_count' (tokens) added to its weight's
-  statistics: g = J^T v the cotangent at the op's output for one random
-  direction v over the model output per batch (`probe.direction`: output
-  'gaussian' or 'softmax' for logits), so E[g_o^2] is output channel o's
-  share of E||J D||^2 (the output change of an error D at that op).
-  Linen: params the float params; NNX: grad_model holds them (params None).
-  One jitted forward and backward per batch.
+  """Adds output-gradient statistics to calibration statistics.
+
+  For every op `grad_model` taps, 'sum_of_g2' (out,) = sum_t g_{t,o}^2 and
+  'grad_count' (tokens) join its weight's statistics: g = J^T v is the
+  cotangent at the op's output for one random direction v over the model
+  output per batch, so E[g_o^2] is output channel o's share of E||J D||^2
+  (the output change of an error D at that op). One jitted forward and
+  backward per batch.
+
+  Args:
+    grad_model: a model under `LqerCalibrationProvider(rules,
+      output_gradients=True)`.
+    params: Linen: the float params; NNX: None (grad_model holds them).
+    batches: a list of tuples of model inputs.
+    stats: the statistics from `lqer.calibrate` (or the NNX flow).
+    output: 'gaussian' (any output) or 'softmax' (logits: Fisher directions,
+      v = onehot(y) - p with y ~ p).
+    seed: the directions' seed.
+    progress: show a progress bar.
+
+  Returns:
+    `stats` with the gradient statistics added.
   """
   if isinstance(grad_model, nnx.Module):  # its taps exist once it has run
     graphdef, handles, rest = nnx.split(grad_model, qwix.QuantStat, ...)

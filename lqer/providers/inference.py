@@ -41,10 +41,11 @@ class LqerProvider(qwix.PtqProvider):
     rules: the `LqerRule`s (plain Qwix rules work too).
     compute_dtype: for weight-only rules, each weight is dequantized at its
       use to this dtype and multiplied with float32 accumulation
-      (`lqer.matmul`, without XLA holding every dequantized weight at
-      once): 'auto' (default; per backend and call shape, see
-      `lqer.matmul`, for weights with factors or packed; float32 for plain
-      Qwix weights, so a drop-in for PtqProvider keeps Qwix's numbers),
+      (`lqer.providers.matmul`, without XLA holding every dequantized
+      weight at once): 'auto' (default; per backend and call shape, see
+      `lqer.providers.matmul`, for weights with factors or packed; float32
+      for plain Qwix weights, so a drop-in for PtqProvider keeps Qwix's
+      numbers),
       jnp.float32 (Qwix's numbers: bit for bit for dot_general, to float32
       rounding for einsum, which Qwix runs through opt_einsum) or
       jnp.bfloat16. None runs Qwix's own quantized dot_general. Rules with

@@ -5,13 +5,13 @@ Each is a plain function with one signature,
     base(w, how, layout, stats) -> (QArray, input_scale or None)
 
 w: the float kernel; how: Qwix's `HowToQuantize` for it; layout: its
-`KernelLayout`; stats: its calibration statistics (`lqer.stats`) or None.
+`KernelLayout`; stats: its calibration statistics (`lqer.quant.stats`) or None.
 The base weight is deq(QArray), divided by input_scale along the contracting
 axis when there is one (`lqer.quant.weight.divide_along`).
 
 * rtn:  Qwix PTQ's round to nearest, bit for bit (`qwix.quantize_params`).
 * gptq: Qwix's GPTQ algorithm and settings on H = E[x^T x], jitted
-        (`lqer.gptq`; Qwix's eager `gptq_core` compiles per column);
+        (`lqer.core.gptq`; Qwix's eager `gptq_core` compiles per column);
         `gptq_stacked` runs same-shaped weights as one vmapped call.
 * awq:  Qwix's AWQ (`qwix.contrib.awq_core`) on mean |x|.
 * stored: a base already quantized by Qwix (any of its transforms), kept.
@@ -47,7 +47,8 @@ def rtn_scale(w, how):
 
 def rtn(w, how, layout, stats):
   """Qwix PTQ, bit for bit (the offline pass fuses the same
-  `quantize_with_scale_zero_point` into its factor call: `lqer.factor`)."""
+  `quantize_with_scale_zero_point` into its factor call:
+  `lqer.quant.factor`)."""
   del layout, stats
   return _quantize_with(w, how.qtype, *rtn_scale(w, how), how.noise_fn), None
 

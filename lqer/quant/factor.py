@@ -1,7 +1,7 @@
 """Factoring quantization errors, shared by the offline pass and the
 provider's init: E = W - base, reshaped to the (*batch, in, out) matrix the
-op multiplies (`lqer.layout`), factored by the rule's method
-(`lqer.decompose`), and the one place a float weight becomes a `WithLqer`.
+op multiplies (`lqer.core.layout`), factored by the rule's method
+(`lqer.core.decompose`), and the one place a float weight becomes a `WithLqer`.
 SVDQuant factors the smoothed weight before its base exists (`svdquant_fn`).
 """
 

@@ -12,7 +12,7 @@ bytes viewed as int8):
 
     q[i, j]   = (p << 4) >> 4,     q[i, j + h] = p >> 4
 
-The matrix is the kernel's matrix form (`lqer.layout`): its axes permuted
+The matrix is the kernel's matrix form (`lqer.core.layout`): its axes permuted
 once, at pack time, to (*batch, *contracting, *output), output axes in
 kernel order, contracting axes in kernel order too unless the scale groups
 need another to be runs of consecutive rows (`row_order`), and flattened to
@@ -217,17 +217,23 @@ def _pack_nnx(model: nnx.Module, skipped):
 
 
 def pack_params(params):
-  """Returns `params` with every packable int4 weight packed.
+  """Packs every packable int4 weight two per byte (`PackedInt4`).
 
-  `params` is a Linen params tree or an NNX module (packed in place). Any
-  kernel layout packs (contracting axes anywhere, einsum batch axes), unless
-  it has a zero point, an odd output size, or a scale tiled along an output
-  or batch axis or along several contracting axes. Such int4 weights keep
-  the generic dequantize-at-use path and are listed, with their param path
-  and reason, in one `UserWarning` per call. Weights of other qtypes (int8,
-  fp8, nf4, ...) are never candidates and not listed. A plain Qwix weight
-  of an einsum with batch axes packs as if they were output axes (Qwix
-  records none) and is dequantized whole at its use (`lqer.matmul`).
+  Any kernel layout packs (contracting axes anywhere, einsum batch axes),
+  unless it has a zero point, an odd output size, or a scale tiled along an
+  output or batch axis or along several contracting axes. Such int4 weights
+  keep the generic dequantize-at-use path and are listed, with their param
+  path and reason, in one `UserWarning` per call. Weights of other qtypes
+  (int8, fp8, nf4, ...) are never candidates and not listed. A plain Qwix
+  weight of an einsum with batch axes packs as if they were output axes
+  (Qwix records none) and is dequantized whole at its use
+  (`lqer.providers.matmul`).
+
+  Args:
+    params: a Linen params tree, or an NNX module (packed in place).
+
+  Returns:
+    The params with packed weights (the same bytes: 0.5 per weight).
   """
   skipped = []
   if isinstance(params, nnx.Module):

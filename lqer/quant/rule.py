@@ -35,11 +35,12 @@ class LqerRule(qwix.QuantizationRule):
     rank: rank k of the reconstruction; None means plain PTQ for this match.
       0 only with 'svdquant' (smoothing alone: SmoothQuant). 'auto': each
       weight's rank is allocated under `lqer_quantize_params(...,
-      budget_bits=)` from its spectrum (`lqer.allocation`), up to max_rank.
+      budget_bits=)` from its spectrum (`lqer.offline.allocation`), up to
+      max_rank.
     max_rank: the largest rank 'auto' may give a weight; None = twice the
       uniform rank that would spend the budget (rounded up to 8).
     method: 'svd' (LQER, data-free), 'l2qer' (needs mean |x| per input
-      channel) or 'qera' (needs E[x^T x]); see `lqer.decompose`. Or
+      channel) or 'qera' (needs E[x^T x]); see `lqer.core.decompose`. Or
       'svdquant' (needs max |x| and an act_qtype): smooth W by
       `smooth_alpha`, keep the top-k SVD of the smoothed weight in the
       branch, quantize the rest (`decompose.svdquant_split`).
@@ -53,7 +54,7 @@ class LqerRule(qwix.QuantizationRule):
       method's objective after A is rounded (`decompose.quantize_factors`).
     refine_iters: LoftQ-style alternations after the first fit: re-quantize
       W - A B with the base, refit A B; a step is kept only where the
-      method's objective decreases (`lqer.jobs`).
+      method's objective decreases (`lqer.offline.jobs`).
     solver: 'randomized' (Halko et al., the default) or 'exact' (full SVD).
     oversample: extra sketch columns of the randomized solver.
     power_iters: power iterations of the randomized solver; None (default)
