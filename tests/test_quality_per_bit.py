@@ -362,8 +362,10 @@ class _Scaled(nn.Module):
 
 
 def _gradient_allocation(scales, budget, **rule_kw):
-  """(ranks, Allocation, params, tokens) of _Scaled(scales) allocated under
-  `budget` from calibration and output-gradient statistics (8 batches)."""
+  """(ranks, Allocation, params, tokens, quantize) of _Scaled(scales)
+  allocated under `budget` from calibration and output-gradient statistics
+  (8 batches); quantize(rank) -> (output error vs float, params) of the same
+  model at a uniform rank, from the same statistics."""
   rng = np.random.default_rng(5)
   batches = [
     (jnp.asarray(reference.correlated_outlier_activations(rng, 512, 128)),)
@@ -393,11 +395,30 @@ def _gradient_allocation(scales, budget, **rule_kw):
   params, alloc = lqer_quantize_params(
     fp, abstract, calibration=stats, budget_bits=budget, return_allocation=True
   )
+  x = np.concatenate([np.asarray(b[0]) for b in batches])
+  y_fp = model.apply({'params': fp}, x)
+
+  def quantize(rank=None):
+    """Output error against float of the allocated params (rank None) or
+    of a uniform rank, and those params."""
+    if rank is None:
+      q, p = qmodel, params
+    else:
+      uniform = [dataclasses.replace(rules[0], rank=rank, max_rank=None)]
+      q = qwix.quantize_model(model, LqerProvider(uniform))
+      p = lqer_quantize_params(
+        fp,
+        jax.eval_shape(q.init, KEY, *batches[0])['params'],
+        calibration=stats,
+      )
+    return _rel(jax.jit(q.apply)({'params': p}, x), y_fp), p
+
   return (
     {k: params[k]['kernel'].rank for k in scales},
     alloc,
     params,
-    np.concatenate([np.asarray(b[0]) for b in batches]),
+    x,
+    quantize,
   )
 
 
@@ -406,15 +427,29 @@ def test_output_gradients_steer_the_allocation():
   output-gradient statistics (the default valuation when present), the
   loud one takes the budget, whichever it is; by size alone they tie."""
   for loud, quiet in (('a', 'b'), ('b', 'a')):
-    ranks, alloc, _, _ = _gradient_allocation(
+    ranks, alloc, _, _, _ = _gradient_allocation(
       {loud: 10.0, quiet: 0.1}, allocation.Budget(0.5)
     )
     assert set(alloc.values) == {('a', 'kernel'), ('b', 'kernel')}
     assert ranks[loud] >= 4 * max(ranks[quiet], 1), ranks
-  ranks, _, _, _ = _gradient_allocation(
+  ranks, _, _, _, _ = _gradient_allocation(
     {'a': 10.0, 'b': 0.1}, allocation.Budget(0.5, normalize='size')
   )
   assert abs(ranks['a'] - ranks['b']) <= 2, ranks
+
+
+def test_allocated_ranks_beat_the_uniform_rank_at_equal_bits():
+  """Same-shaped layers whose outputs matter 10x and 0.1x: the ranks the
+  budget allocates give a lower output error than the uniform rank that
+  spends the same bits (the sum of ranks is what both spend)."""
+  ranks, alloc, _, _, quantize = _gradient_allocation(
+    {'a': 10.0, 'b': 0.1}, allocation.Budget(0.5)
+  )
+  uniform = sum(ranks.values()) // 2
+  err_alloc, _ = quantize()
+  err_uniform, p = quantize(uniform)
+  assert p['a']['kernel'].rank == p['b']['kernel'].rank == uniform
+  assert err_alloc < 0.97 * err_uniform, (ranks, err_alloc, err_uniform)
 
 
 def test_gradient_values_are_the_output_damage_removed():
@@ -423,7 +458,7 @@ def test_gradient_values_are_the_output_damage_removed():
   the output energy ||X A_r B_r diag(c)||^2 / tokens of its factors
   (float32, unquantized), up to the gradient statistics' sampling."""
   c = np.linspace(0.1, 3.0, 128)
-  ranks, alloc, params, x = _gradient_allocation(
+  ranks, alloc, params, x, _ = _gradient_allocation(
     {'a': c}, allocation.Budget(4.0), factor_dtype=jnp.float32
   )
   w = params['a']['kernel']

@@ -144,3 +144,33 @@ def write_json(path, records) -> None:
 def rows_json(path, rows) -> None:
   """Write `Row`s as one record each to `path` (None: nothing)."""
   write_json(path, [dataclasses.asdict(r) for r in rows])
+
+
+def add_text_arguments(parser, eval_tokens: int) -> None:
+  """--calib-text, --eval-text, --eval-tokens and --eval-sentences."""
+  parser.add_argument('--calib-text', help='UTF-8 text file for calibration')
+  parser.add_argument('--eval-text', help='UTF-8 text file for evaluation')
+  parser.add_argument(
+    '--eval-tokens',
+    type=int,
+    default=eval_tokens,
+    help=f'smollm2 evaluation tokens (windows of {WINDOW})',
+  )
+  parser.add_argument(
+    '--eval-sentences',
+    type=int,
+    default=DEFAULT_EVAL_SENTENCES,
+    help='minilm evaluation sentences',
+  )
+
+
+def add_quantizer_arguments(parser) -> None:
+  """--bits and --tile-size of one quantizer setting."""
+  parser.add_argument('--bits', type=int, default=4, choices=WEIGHT_BITS)
+  parser.add_argument(
+    '--tile-size',
+    type=int,
+    default=128,
+    help='per-group size (0 = per-channel); weights it does not divide'
+    ' fall back to per-channel',
+  )

@@ -134,20 +134,7 @@ def add_parser(sub):
     action='store_false',
     help='randomized solver: subspace iteration instead of block Krylov',
   )
-  e.add_argument('--calib-text', help='UTF-8 text file for calibration')
-  e.add_argument('--eval-text', help='UTF-8 text file for evaluation')
-  e.add_argument(
-    '--eval-tokens',
-    type=int,
-    default=common.DEFAULT_EVAL_TOKENS,
-    help='smollm2 evaluation tokens (windows of 512)',
-  )
-  e.add_argument(
-    '--eval-sentences',
-    type=int,
-    default=common.DEFAULT_EVAL_SENTENCES,
-    help='minilm evaluation sentences',
-  )
+  common.add_text_arguments(e, common.DEFAULT_EVAL_TOKENS)
   e.add_argument(
     '--compute-dtype',
     choices=sorted(common.COMPUTE_DTYPES),

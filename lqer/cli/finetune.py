@@ -19,6 +19,7 @@ out: the same mean on the evaluation sentences, as `lqer eval` scores it).
 """
 
 import dataclasses
+import math
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -289,9 +290,12 @@ def finetune_rows(
     bar = tqdm(range(steps), desc=f'finetune {init}', leave=False)
     for i in bar:
       start = time.perf_counter()
-      adapters, opt_state, loss = step(
-        adapters, opt_state, frozen, objective.batches[i]
-      )
+      try:
+        adapters, opt_state, loss = step(
+          adapters, opt_state, frozen, objective.batches[i]
+        )
+      except FloatingPointError as e:
+        raise FloatingPointError(f'lqer finetune --init {init}: {e}') from e
       losses.append(float(loss))
       seconds.append(time.perf_counter() - start)
       bar.set_postfix(loss=f'{losses[-1]:.3f}')
@@ -323,7 +327,7 @@ def compile_step(
 ):
   """The objective's training step, compiled for its batches' shape."""
   step = training.train_step(objective.loss(lrules), optimizer)
-  return step.lower(adapters, opt_state, frozen, objective.batches[0]).compile()
+  return step.compile(adapters, opt_state, frozen, objective.batches[0])
 
 
 def temp_vs_fp32(compiled, fp_params) -> float:
@@ -386,13 +390,7 @@ def add_parser(sub):
     help='smollm2: next-token loss, held-out perplexity; minilm:'
     ' distillation of the float embeddings, held-out 1-cos',
   )
-  f.add_argument('--bits', type=int, default=4, choices=common.WEIGHT_BITS)
-  f.add_argument(
-    '--tile-size',
-    type=int,
-    default=128,
-    help='as for lqer eval (0 = per-channel)',
-  )
+  common.add_quantizer_arguments(f)
   f.add_argument('--rank', type=int, default=32)
   f.add_argument(
     '--base',
@@ -428,20 +426,7 @@ def add_parser(sub):
     ' the bundled prose that calibration and evaluation do not'
     ' read)',
   )
-  f.add_argument('--calib-text', help='UTF-8 text file for calibration')
-  f.add_argument('--eval-text', help='UTF-8 text file for evaluation')
-  f.add_argument(
-    '--eval-tokens',
-    type=int,
-    default=common.DEFAULT_FINETUNE_EVAL_TOKENS,
-    help='smollm2 held-out tokens (windows of 512)',
-  )
-  f.add_argument(
-    '--eval-sentences',
-    type=int,
-    default=common.DEFAULT_EVAL_SENTENCES,
-    help='minilm held-out sentences',
-  )
+  common.add_text_arguments(f, common.DEFAULT_FINETUNE_EVAL_TOKENS)
   f.add_argument('--json', help='write one record per row to this file')
   f.add_argument(
     '--save',
@@ -450,13 +435,28 @@ def add_parser(sub):
   )
 
 
+def check_args(args) -> None:
+  """SystemExit naming the flag unless --rank, --steps, --batch-tokens
+  (ints), --lr and --alpha (floats; alpha None = the rank) are finite and
+  > 0: checked before any model loads."""
+  for flag in ('rank', 'steps', 'batch_tokens', 'lr', 'alpha'):
+    value = getattr(args, flag)
+    if value is None:
+      continue
+    kind = 'an int' if isinstance(value, int) else 'a finite number'
+    if not (math.isfinite(value) and value > 0):
+      raise SystemExit(
+        f'lqer finetune: --{flag.replace("_", "-")} must be {kind} > 0,'
+        f' got {value!r}'
+      )
+
+
 def finetune_command(args) -> list:
   """Runs `lqer finetune`: prints the table, returns its rows."""
   for name, value in DEFAULTS[args.model].items():
     if getattr(args, name) is None:
       setattr(args, name, value)
-  if args.rank < 1 or args.steps < 1 or args.batch_tokens < 1:
-    raise SystemExit('--rank, --steps and --batch-tokens must be positive')
+  check_args(args)
   task = tasks.TASKS[args.model](
     common.read_text(args.calib_text),
     common.read_text(args.eval_text),
@@ -470,27 +470,30 @@ def finetune_command(args) -> list:
   alpha = float(args.rank if args.alpha is None else args.alpha)
   common.echo_command('finetune')
   rows = []
-  for row in finetune_rows(
-    task,
-    args.bits,
-    args.tile_size or None,
-    args.rank,
-    args.init,
-    base=args.base,
-    steps=args.steps,
-    batch_tokens=args.batch_tokens,
-    lr=args.lr,
-    alpha=alpha,
-    train_data=train_data,
-    seed=args.seed,
-    save_dir=args.save,
-  ):
-    rows.append(row)
-    print(
-      f'  {row.init:12s} steps={row.steps} {row.metric}={row.value:.4f}',
-      file=sys.stderr,
-      flush=True,
-    )
+  try:
+    for row in finetune_rows(
+      task,
+      args.bits,
+      args.tile_size or None,
+      args.rank,
+      args.init,
+      base=args.base,
+      steps=args.steps,
+      batch_tokens=args.batch_tokens,
+      lr=args.lr,
+      alpha=alpha,
+      train_data=train_data,
+      seed=args.seed,
+      save_dir=args.save,
+    ):
+      rows.append(row)
+      print(
+        f'  {row.init:12s} steps={row.steps} {row.metric}={row.value:.4f}',
+        file=sys.stderr,
+        flush=True,
+      )
+  except FloatingPointError as e:
+    raise SystemExit(f'{e} (--lr {args.lr:g}, --alpha {alpha:g})') from None
   print(finetune_table(rows))
   first = next(r for r in rows if r.trainable_params)
   per_step = tokens_per_step(args.model, args.batch_tokens)

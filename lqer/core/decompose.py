@@ -162,12 +162,15 @@ def smoothing_scale(act_abs_max, weight, alpha):
 
       lam_j = max|x_j|^alpha / max_o |W_jo|^(1 - alpha),
 
-  both maxima clamped at 1e-5. x' = x / lam and W' = diag(lam) W keep
-  x W = x' W' and move activation outliers into the weight.
+  both maxima clamped at 1e-5, and lam_j = 1 where calibration never saw
+  channel j (max|x_j| = 0): no evidence to move it by, and a tiny lam would
+  blow the channel up in x' the day it fires. x' = x / lam and W' =
+  diag(lam) W keep x W = x' W' and move activation outliers into the weight.
   """
-  x = jnp.maximum(act_abs_max.astype(jnp.float32), 1e-5)
+  seen = act_abs_max.astype(jnp.float32)
+  x = jnp.maximum(seen, 1e-5)
   w = jnp.maximum(jnp.max(jnp.abs(weight.astype(jnp.float32)), axis=-1), 1e-5)
-  return x**alpha / w ** (1 - alpha)
+  return jnp.where(seen > 0, x**alpha / w ** (1 - alpha), 1.0)
 
 
 def svdquant_split(weight, lam, rank, **solver_kw):

@@ -18,6 +18,8 @@ target layout is read from the LoRA model's abstract params, as
 """
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Sequence
 
 import flax
@@ -25,6 +27,7 @@ from flax import nnx
 from flax.linen import meta as nn_meta
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 
 from lqer import _qwix
@@ -54,15 +57,56 @@ def lora_rules(
     `qwix.LoraRule`s that quantize as `rules` do, with adapters of each
     rule's rank; a rule without a rank stays a plain Qwix rule (no adapter).
   """
+  alpha = _check_alpha(alpha)
   out = []
   for rule in rules:
     common = {f: getattr(rule, f) for f in _QWIX_RULE_FIELDS}
     rank = getattr(rule, 'rank', None)
+    if isinstance(rule, LqerRule) and rank is not None:
+      rank = _check_lora_rank(rule, rank)
     if isinstance(rule, LqerRule) and rank:
       out.append(qwix.LoraRule(**common, rank=rank, alpha=alpha, **lora_kw))
     else:
       out.append(qwix.QuantizationRule(**common))
   return out
+
+
+def _check_alpha(alpha) -> float:
+  """alpha as a float: a finite number > 0 (NumPy scalars too)."""
+  if isinstance(alpha, bool | np.bool_) or not isinstance(alpha, numbers.Real):
+    raise TypeError(
+      f'lqer.lora_rules: alpha must be a number (a finite float > 0, e.g.'
+      f' the rank), got {type(alpha).__name__} {alpha!r}'
+    )
+  if not (math.isfinite(alpha) and alpha > 0):
+    raise ValueError(
+      'lqer.lora_rules: alpha must be a finite number > 0 (the adapters'
+      f' are scaled by alpha / rank; e.g. alpha = rank), got {alpha!r}'
+    )
+  return float(alpha)
+
+
+def _check_lora_rank(rule, rank) -> int:
+  """A rule's rank as one Qwix LoRA rank: an int >= 0 (0: no adapter)."""
+  if rank == 'auto':
+    raise ValueError(
+      f'lqer.lora_rules: LqerRule(module_path={rule.module_path!r}).rank:'
+      " 'auto' gives each weight its own rank, but a Qwix LoraRule has"
+      ' one; give the rules fixed ranks (an int > 0) for QLoRA.'
+    )
+  if isinstance(rank, bool | np.bool_) or not isinstance(
+    rank, numbers.Integral
+  ):
+    raise TypeError(
+      f'lqer.lora_rules: LqerRule(module_path={rule.module_path!r}).rank:'
+      f' must be an int > 0 or None, got {rank!r}'
+    )
+  if rank < 0:
+    raise ValueError(
+      f'lqer.lora_rules: LqerRule(module_path={rule.module_path!r}).rank:'
+      f' must be an int > 0 or None, got {rank}'
+    )
+  return int(rank)
 
 
 def is_adapter(path) -> bool:
@@ -154,6 +198,7 @@ def to_lora(
       )
     out[path] = _qwix.WithAux(array=leaf.array, how=abs_leaf.how)
     out[a_path] = a
+    # Scaling writes a new buffer: b shares none with the LQER params.
     out[b_path] = b * jnp.asarray(rule.rank / rule.alpha, b.dtype)
   _check_all_read(source, target, 'to_lora')
   return _write(lora_abstract, out, new_boxes)
@@ -224,12 +269,22 @@ def from_lora(
         f' params (found {type(leaf).__name__})'
       )
     _check_base(leaf, abs_leaf, name)
+    if abs_leaf.rule.factor_qtype is not None:
+      # WithLqer.create would cast the float adapters to integers with unit
+      # scales: the tuned values rounded away, silently.
+      raise ValueError(
+        f'lqer.from_lora: {name}: the LQER model stores its factors'
+        f' quantized (factor_qtype={abs_leaf.rule.factor_qtype!r}), which'
+        ' the tuned adapters are not; build the target model from rules'
+        ' with factor_qtype=None (float factors in factor_dtype).'
+      )
     layout = abs_leaf.layout
     _check_adapter_shapes(
       layout, rule.rank, source[a_path].shape, source[b_path].shape, name
     )
-    a = jnp.reshape(source[a_path], layout.a_shape(rule.rank))
-    b = jnp.reshape(
+    dtype = abs_leaf.rule.factor_dtype
+    a = _owned(jnp.reshape(source[a_path], layout.a_shape(rule.rank)), dtype)
+    b = jnp.reshape(  # scaled: a buffer of its own
       source[b_path] * (rule.alpha / rule.rank), layout.b_shape(rule.rank)
     )
     out[path] = WithLqer.create(
@@ -241,8 +296,24 @@ def from_lora(
       b=b,
       path=name,
     )
+    _check_finite_factors(out[path], (a_path, b_path), name)
   _check_all_read(source, target, 'from_lora')
   return _write(abstract, out)
+
+
+def _check_finite_factors(leaf: WithLqer, adapter_paths, name):
+  """Refuses factors holding NaN or inf (a diverged fine-tuning run), naming
+  the adapter they came from."""
+  for factor, path in zip((leaf.a, leaf.b), adapter_paths):
+    bad = int(jnp.size(factor) - jnp.sum(jnp.isfinite(factor)))
+    if bad:
+      raise ValueError(
+        f'lqer.from_lora: {name}: its adapter {path_str(path)} gives'
+        f' {bad} non-finite value(s) (NaN or inf) of {jnp.size(factor)}'
+        f' in factor_dtype {jnp.dtype(factor.dtype).name}; the adapters'
+        ' must be finite (restart from the last finite ones, e.g. with a'
+        ' lower learning rate).'
+      )
 
 
 def _check_rank(rule, rank, name):
@@ -309,9 +380,20 @@ def _adapter_factors(leaf: WithLqer, abs_a, abs_b, name):
   _check_adapter_shapes(leaf.layout, leaf.rank, abs_a.shape, abs_b.shape, name)
   a, b = leaf.factors()  # quantized factors: dequantized
   return (
-    jnp.reshape(a, abs_a.shape).astype(abs_a.dtype),
-    jnp.reshape(b, abs_b.shape).astype(abs_b.dtype),
+    _owned(jnp.reshape(a, abs_a.shape), abs_a.dtype),
+    jnp.reshape(b, abs_b.shape).astype(abs_b.dtype),  # to_lora scales it
   )
+
+
+def _owned(x, dtype) -> jax.Array:
+  """x in `dtype`, in a buffer of its own. A reshape or cast that changes
+  nothing returns its input itself (float32 factors into float32 adapters:
+  a = A exactly), so the two trees would share one buffer, and a later
+  donation of one (a user's jitted step with donate_argnums) would delete
+  the other's. The copy costs one adapter-sized buffer per weight, once per
+  conversion. The quantized base stays shared: copying it would double the
+  model's memory, and it is frozen (lqer's steps never donate it)."""
+  return jnp.array(x, dtype=dtype, copy=True)
 
 
 def _dot_general_adapters(leaf: WithLqer):

@@ -478,7 +478,9 @@ def _weight(job: Job, fit: _Fit) -> WithLqer:
   a_scale = b_scale = None
   if fit.a_scale is not None:
     a_scale, b_scale = layout.split_scales(fit.a_scale, fit.b_scale)
-  a, b, a_scale, b_scale = _place_factors(job, a, b, a_scale, b_scale)
+  a, b, a_scale, b_scale = factor.place_factors(
+    getattr(job.weight, 'sharding', None), job.layout, a, b, a_scale, b_scale
+  )
   return WithLqer.create(
     array=fit.qs,
     how=job.how,
@@ -561,31 +563,6 @@ def _run_svdquant(chunk: list[Job], factors: _CholeskyCache):
       b_scale=cat(fit.b_scale, more.b_scale, -2),
     )
   return {job.path: _weight(job, fit.take(i)) for i, job in enumerate(chunk)}
-
-
-def _place_factors(job: Job, a, b, a_scale=None, b_scale=None):
-  """Shards A like W's batch + contracting axes and B like its batch +
-  output axes (the rank axis replicated), their scales like W's batch axes,
-  when W carries a NamedSharding."""
-  sharding = getattr(job.weight, 'sharding', None)
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    return a, b, a_scale, b_scale
-  spec = tuple(sharding.spec) + (None,) * (job.weight.ndim - len(sharding.spec))
-  layout = job.layout
-  batch = [spec[x] for x in layout.batch_axes]
-  a_spec = batch + [spec[x] for x in layout.contracting_axes] + [None]
-  b_spec = batch + [None] + [spec[x] for x in layout.output_axes]
-  named = lambda s: jax.sharding.NamedSharding(
-    sharding.mesh, jax.sharding.PartitionSpec(*s)
-  )
-  put = lambda x, s: None if x is None else jax.device_put(x, named(s))
-  unsharded = lambda s: batch + [None] * (len(s) - len(batch))
-  return (
-    put(a, a_spec),
-    put(b, b_spec),
-    put(a_scale, unsharded(a_spec)),
-    put(b_scale, unsharded(b_spec)),
-  )
 
 
 def _base_only(job: Job, q, input_scale):

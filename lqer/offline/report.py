@@ -55,6 +55,8 @@ class LayerReport:
     num_weights: elements of the kernel.
     bound_weight_base, bound_act_base, bound_weight, bound_act: SVDQuant's
       bound terms, see below.
+    unseen_channels: input channels whose calibration max |x| was 0 (their
+      statistics carry no evidence; SVDQuant keeps lam = 1 there).
   """
 
   path: str
@@ -79,6 +81,8 @@ class LayerReport:
   bound_act_base: float | None = None
   bound_weight: float | None = None
   bound_act: float | None = None
+  # None without statistics.
+  unseen_channels: int | None = None
 
 
 # LayerReport's bound-term fields and their table headings.
@@ -191,6 +195,16 @@ class Report:
     )
     lines = [line(head), line(['-' * w for w in widths])]
     lines += [line(r) for r in rows]
+    unseen = [
+      f'{l.path} ({l.unseen_channels})'
+      for l in self.layers
+      if l.unseen_channels
+    ]
+    if unseen:
+      lines.append(
+        'input channels calibration never saw (max |x| = 0; SVDQuant keeps'
+        f' lam = 1 there): {", ".join(unseen)}'
+      )
     if self.left_float:
       lines.append(
         f'left in float ({len(self.left_float)}): ' + ', '.join(self.left_float)
@@ -223,6 +237,13 @@ def report(
     q = _qwix.get_value_from_path(quantized, path)
     if isinstance(q, nnx.Variable):
       q = q.get_value()
+    if isinstance(q, dict) and 'array' in q:
+      raise TypeError(
+        f'report: {path_str(path)} is a pure dict (what lqer_quantize_params'
+        ' returns for NNX, for nnx.update); pass the quantized NNX model'
+        ' after nnx.update(model, params) instead, whose attributes hold the'
+        ' WithLqer weights'
+      )
     if not isinstance(q, _qwix.WithAux):
       if jnp.ndim(w) >= 2 and path[-1] != 'bias':
         left_float.append(path_str(path))
@@ -278,6 +299,9 @@ def _layer_report(path, w, q: _qwix.WithAux, stats, rule) -> LayerReport:
     bounds = _bound_terms(
       w, w_m, q, layout, stats_lib.sample(stats), act_rule, a, b
     )
+  unseen = None
+  if stats is not None and 'max_of_abs' in stats:
+    unseen = int(jnp.sum(stats_lib.abs_max(stats) == 0))
   return LayerReport(
     path=path_str(path),
     shape=tuple(w.shape),
@@ -293,6 +317,7 @@ def _layer_report(path, w, q: _qwix.WithAux, stats, rule) -> LayerReport:
     output_error=out,
     bits_per_weight=bits_per_weight(q),
     num_weights=int(w.size),
+    unseen_channels=unseen,
     **bounds,
   )
 

@@ -167,27 +167,48 @@ def calibrate(
   needs (e.g. the last projection) is dropped by XLA.
 
   Args:
-    cal_model: a Linen model under `LqerCalibrationProvider`.
-    params: its float params.
-    batches: a list of tuples of model inputs.
+    cal_model: a model under `LqerCalibrationProvider`: Linen, or NNX (made
+      by `qwix.quantize_model(model, provider, *example_inputs)`).
+    params: Linen: its float params; NNX: None (the model holds them).
+    batches: a non-empty list of tuples of model inputs.
     outputs: also return the model outputs.
     progress: show a progress bar.
 
   Returns:
-    The `quant_stats` tree, accumulated from zeros (with `outputs`: the tree
-    and the list of model outputs).
+    The `quant_stats` tree (NNX: its pure dict, as
+    `nnx.to_pure_dict(nnx.state(model, qwix.QuantStat))` gives), accumulated
+    from zeros; with `outputs`, the tree and the list of model outputs.
   """
-  stats = jax.eval_shape(cal_model.init, jax.random.key(0), *batches[0])[
-    'quant_stats'
-  ]
+  batches = _checked_batches(batches)
+  if isinstance(cal_model, nnx.Module):
+    if params is not None:
+      raise TypeError(
+        'calibrate: an NNX model holds its params; pass params=None'
+      )
+    graphdef, stats, params = nnx.split(cal_model, qwix.QuantStat, ...)
+
+    def apply(params, stats, batch):
+      model = nnx.merge(graphdef, stats, params)
+      y = model(*batch)
+      return nnx.state(model, qwix.QuantStat), y
+
+  else:
+    stats = jax.eval_shape(cal_model.init, jax.random.key(0), *batches[0])[
+      'quant_stats'
+    ]
+
+    def apply(params, stats, batch):
+      y, new = cal_model.apply(
+        {'params': params, 'quant_stats': stats}, *batch, mutable='quant_stats'
+      )
+      return new['quant_stats'], y
+
   stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats)
 
   @jax.jit
   def step(params, stats, batch):
-    y, new = cal_model.apply(
-      {'params': params, 'quant_stats': stats}, *batch, mutable='quant_stats'
-    )
-    return new['quant_stats'], (y if outputs else None)
+    stats, y = apply(params, stats, batch)
+    return stats, (y if outputs else None)
 
   ys = []
   for batch in tqdm(
@@ -198,7 +219,29 @@ def calibrate(
   # Done here, not in whatever first reads the statistics (a quantize step
   # timed after this would otherwise include the calibration's compute).
   stats = jax.block_until_ready(stats)
+  if isinstance(stats, nnx.State):
+    stats = nnx.to_pure_dict(stats)
   return (stats, ys) if outputs else stats
+
+
+def _checked_batches(batches) -> list:
+  """`batches` as a list of tuples, refused when empty or holding an input
+  with no elements (no tokens: nothing to calibrate on)."""
+  batches = [tuple(b) for b in batches]
+  if not batches:
+    raise ValueError(
+      'calibrate: no batches; give a list of tuples of model inputs, e.g.'
+      ' [(x1,), (x2,)]'
+    )
+  for i, batch in enumerate(batches):
+    sizes = [jnp.size(x) for x in jax.tree.leaves(batch)]
+    if not sizes or not all(sizes):
+      raise ValueError(
+        f'calibrate: batch {i} has an input with no elements (shapes'
+        f' {[jnp.shape(x) for x in jax.tree.leaves(batch)]}); every batch'
+        ' needs at least one token'
+      )
+  return batches
 
 
 def output_gradients(

@@ -15,6 +15,7 @@ factors of the right shape until `lqer_quantize_params` fills them.
 """
 
 import dataclasses
+import functools
 import warnings
 
 from flax import linen as nn
@@ -148,19 +149,18 @@ class LqerProvider(qwix.PtqProvider):
     *,
     out_sharding=None,
   ):
+    how = functools.partial(
+      _operand_how,
+      _qwix.dot_general_how_to_quantize,
+      dimension_numbers=dimension_numbers,
+      ndims=(lhs.ndim, rhs.ndim),
+    )
     rhs = self._weight(
       rhs,
       'dot_general',
       dimension_numbers[0][1],
       dimension_numbers[1][1],
-      lambda rule: _qwix.dot_general_how_to_quantize(
-        dimension_numbers=dimension_numbers,
-        ndims=(lhs.ndim, rhs.ndim),
-        for_lhs=False,
-        tile_size=rule.tile_size,
-        qtype=rule.weight_qtype,
-        calibration_method=rule.weight_calibration_method,
-      ),
+      how(for_lhs=False),
     )
     if not isinstance(rhs, _qwix.WithAux):
       return super().dot_general(
@@ -187,14 +187,7 @@ class LqerProvider(qwix.PtqProvider):
         preferred_element_type,
         out_sharding=out_sharding,
       ),
-      lambda rule: _qwix.dot_general_how_to_quantize(
-        dimension_numbers=dimension_numbers,
-        ndims=(lhs.ndim, rhs.ndim),
-        for_lhs=True,
-        tile_size=rule.tile_size,
-        qtype=rule.act_qtype,
-        calibration_method=rule.act_calibration_method,
-      ),
+      how(for_lhs=True),
     )
     return (
       main if done else _add_branch(main, lhs, rhs, dimension_numbers, None)
@@ -220,19 +213,14 @@ class LqerProvider(qwix.PtqProvider):
     lhs, rhs = operands
     info = _qwix.EinsumInfo.parse(einsum_str, ndims=(lhs.ndim, rhs.ndim))
     dims = info.dimension_numbers
+    how = functools.partial(
+      _operand_how,
+      _qwix.einsum_how_to_quantize,
+      einsum_str=einsum_str,
+      ndims=(lhs.ndim, rhs.ndim),
+    )
     rhs = self._weight(
-      rhs,
-      'einsum',
-      dims[0][1],
-      dims[1][1],
-      lambda rule: _qwix.einsum_how_to_quantize(
-        einsum_str=einsum_str,
-        ndims=(lhs.ndim, rhs.ndim),
-        for_lhs=False,
-        tile_size=rule.tile_size,
-        qtype=rule.weight_qtype,
-        calibration_method=rule.weight_calibration_method,
-      ),
+      rhs, 'einsum', dims[0][1], dims[1][1], how(for_lhs=False)
     )
     if not isinstance(rhs, _qwix.WithAux):
       return super().einsum(einsum_str, lhs, rhs, **kwargs)
@@ -245,14 +233,7 @@ class LqerProvider(qwix.PtqProvider):
       dims,
       info.output_perm,
       lambda: super(LqerProvider, self).einsum(einsum_str, x, rhs, **kwargs),
-      lambda rule: _qwix.einsum_how_to_quantize(
-        einsum_str=einsum_str,
-        ndims=(lhs.ndim, rhs.ndim),
-        for_lhs=True,
-        tile_size=rule.tile_size,
-        qtype=rule.act_qtype,
-        calibration_method=rule.act_calibration_method,
-      ),
+      how(for_lhs=True),
     )
     return main if done else _add_branch(main, lhs, rhs, dims, info.output_perm)
 
@@ -298,6 +279,18 @@ class LqerProvider(qwix.PtqProvider):
     except ValueError as e:
       raise ValueError(f'{path}: {e}') from None
     weight = factor.build(path, rhs, get_how(rule), layout, rule)
+    if not isinstance(rhs, jax.core.Tracer):  # NNX init on real weights
+      a, b, a_scale, b_scale = factor.place_factors(
+        getattr(rhs, 'sharding', None),
+        layout,
+        weight.a,
+        weight.b,
+        weight.a_scale,
+        weight.b_scale,
+      )
+      weight = dataclasses.replace(
+        weight, a=a, b=b, a_scale=a_scale, b_scale=b_scale
+      )
     _replace_param(name, weight)
     return weight
 
@@ -312,6 +305,26 @@ def _stored_param(name):
   if isinstance(module, nn.Module):
     return _qwix.unbox(module.get_variable('params', name))
   return _qwix.unbox(getattr(module, name))
+
+
+def _operand_how(get_how, *, for_lhs: bool, **op):
+  """rule -> the HowToQuantize Qwix's `get_how` gives the op's weight
+  (for_lhs False: weight_qtype) or its input (act_qtype)."""
+
+  def how(rule):
+    if for_lhs:
+      qtype, method = rule.act_qtype, rule.act_calibration_method
+    else:
+      qtype, method = rule.weight_qtype, rule.weight_calibration_method
+    return get_how(
+      **op,
+      for_lhs=for_lhs,
+      tile_size=rule.tile_size,
+      qtype=qtype,
+      calibration_method=method,
+    )
+
+  return how
 
 
 def _input_scaled(lhs, rhs, dimension_numbers):

@@ -55,6 +55,13 @@ def weight_only_dot_general(
   `packing.packed_dot_general` for their shapes). Returns float32 of
   dot_general's output shape.
   """
+  if lhs.size == 0:  # no tokens: the empty output, as a float matmul gives
+    out = jax.eval_shape(
+      lambda: jax.lax.dot_general(
+        lhs, jax.ShapeDtypeStruct(q.shape, jnp.float32), dimension_numbers
+      )
+    )
+    return jnp.zeros(out.shape, jnp.float32)
   (lhs_c, _), (lhs_b, _) = dimension_numbers
   contracted = 1
   for axis in (*lhs_c, *lhs_b):

@@ -310,3 +310,38 @@ def build(path: str, w, how, layout, rule) -> WithLqer:
     input_scale=input_scale,
     path=path,
   )
+
+
+def place_factors(sharding, layout, a, b, a_scale=None, b_scale=None):
+  """Shards A like W's batch + contracting axes and B like its batch +
+  output axes (the rank axis replicated), their scales like W's batch axes,
+  when W's `sharding` is a NamedSharding (else returns them as they are).
+
+  Args:
+    sharding: the kernel's sharding (or None).
+    layout: its `KernelLayout`.
+    a, b: the factors in kernel axes ((*batch, *contracting, k) and
+      (*batch, k, *output)).
+    a_scale, b_scale: their scales, or None.
+
+  Returns:
+    (a, b, a_scale, b_scale), placed.
+  """
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return a, b, a_scale, b_scale
+  ndim = len(layout.shape)
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  batch = [spec[x] for x in layout.batch_axes]
+  a_spec = batch + [spec[x] for x in layout.contracting_axes] + [None]
+  b_spec = batch + [None] + [spec[x] for x in layout.output_axes]
+  named = lambda s: jax.sharding.NamedSharding(
+    sharding.mesh, jax.sharding.PartitionSpec(*s)
+  )
+  put = lambda x, s: None if x is None else jax.device_put(x, named(s))
+  unsharded = lambda s: batch + [None] * (len(s) - len(batch))
+  return (
+    put(a, a_spec),
+    put(b, b_spec),
+    put(a_scale, unsharded(a_spec)),
+    put(b_scale, unsharded(b_spec)),
+  )

@@ -234,7 +234,12 @@ def pack_params(params):
 
   Returns:
     The params with packed weights (the same bytes: 0.5 per weight).
+
+  Raises:
+    ValueError: naming the param, if an LQER factor (a, b or their scales)
+      holds NaN or inf; nothing is packed then.
   """
+  _refuse_non_finite_factors(params)
   skipped = []
   if isinstance(params, nnx.Module):
     _pack_nnx(params, skipped)
@@ -247,6 +252,50 @@ def pack_params(params):
       stacklevel=2,
     )
   return params
+
+
+_FACTOR_FIELDS = ('a', 'b', 'a_scale', 'b_scale')
+
+
+def _refuse_non_finite_factors(params):
+  """ValueError naming the first weight whose factors hold NaN or inf. One
+  device read for the whole tree; traced params are not checked."""
+  is_weight = lambda x: isinstance(x, _qwix.WithAux)
+  if isinstance(params, nnx.Module):
+    weights = [
+      (path_str((*path, name)), value)
+      for path, module in nnx.iter_graph(params)
+      if isinstance(module, nnx.Module)
+      for name, value in vars(module).items()
+      if is_weight(value)
+    ]
+  else:
+    weights = [
+      (jax.tree_util.keystr(path, simple=True, separator='/'), leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=is_weight
+      )[0]
+      if is_weight(leaf)
+    ]
+  named = [
+    (f'{path}: its LQER factor {field}', value)
+    for path, leaf in weights
+    for field in _FACTOR_FIELDS
+    for value in [_qwix.unbox(getattr(leaf, field, None))]
+    if isinstance(value, jax.Array)
+    and not isinstance(value, jax.core.Tracer)
+    and jnp.issubdtype(value.dtype, jnp.inexact)
+  ]
+  if not named:
+    return
+  finite = jax.device_get([jnp.all(jnp.isfinite(v)) for _, v in named])
+  for (what, _), ok in zip(named, finite):
+    if not ok:
+      raise ValueError(
+        f'lqer.pack_params: {what} holds NaN or inf; the served model would'
+        ' output NaN. Re-quantize the weight, or pass finite adapters to'
+        ' lqer.from_lora.'
+      )
 
 
 def unfoldable_zero(value, dtype):

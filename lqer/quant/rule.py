@@ -85,6 +85,7 @@ class LqerRule(qwix.QuantizationRule):
   error_rank: int = 0
 
   def __post_init__(self):
+    _normalize_numbers(self)
     _validate(self)
 
   @property
@@ -114,6 +115,31 @@ class LqerRule(qwix.QuantizationRule):
     if self.rank is None:
       return None
     return (0 if self.auto_rank else self.rank) + self.error_rank
+
+
+# Fields that take numbers: NumPy scalars become Python numbers first.
+_INT_FIELDS = (
+  'rank',
+  'max_rank',
+  'refine_iters',
+  'oversample',
+  'power_iters',
+  'seed',
+  'error_rank',
+  'tile_size',
+)
+_REAL_FIELDS = ('qera_damping', 'smooth_alpha', 'tile_size')
+
+
+def _normalize_numbers(rule: LqerRule) -> None:
+  """np.int64(8) -> 8, np.float32(0.5) -> 0.5 (the rule is frozen, its
+  repr and hash stay those of Python numbers)."""
+  for field in set(_INT_FIELDS + _REAL_FIELDS):
+    value = getattr(rule, field)
+    if isinstance(value, np.integer) and field in _INT_FIELDS:
+      object.__setattr__(rule, field, int(value))
+    elif isinstance(value, np.floating) and field in _REAL_FIELDS:
+      object.__setattr__(rule, field, float(value))
 
 
 def _fail(rule, field, message):
@@ -236,6 +262,14 @@ def _validate_quality_per_bit(rule: LqerRule):
 
 def _validate(rule: LqerRule):
   """Raises ValueError naming the field for any invalid setting."""
+  try:
+    re.compile(rule.module_path)
+  except (re.error, TypeError) as e:
+    raise ValueError(
+      f'LqerRule.module_path: {rule.module_path!r} is not a valid regular'
+      f' expression ({e}); it is matched in full against module paths such'
+      " as 'layers_0/mlp/up'"
+    ) from None
   _validate_qtype(rule, 'weight_qtype', rule.weight_qtype)
   _validate_qtype(rule, 'act_qtype', rule.act_qtype)
   _validate_quality_per_bit(rule)
@@ -281,7 +315,7 @@ def _validate(rule: LqerRule):
   if (
     isinstance(rule.qera_damping, bool)
     or not isinstance(rule.qera_damping, (int, float))
-    or not rule.qera_damping >= 0
+    or not 0 <= rule.qera_damping < float('inf')
   ):
     _fail(
       rule, 'qera_damping', f'must be a number >= 0, got {rule.qera_damping!r}'
