@@ -35,10 +35,11 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv=None):
-  """Parses `argv` (default: sys.argv) and runs the command."""
+def main(argv=None) -> None:
+  """Parses `argv` (default: sys.argv) and runs the command (the console
+  script passes the result to sys.exit: None is success)."""
   args = parser().parse_args(argv)
-  return COMMANDS[args.command][1](args)
+  COMMANDS[args.command][1](args)
 
 
 if __name__ == '__main__':
