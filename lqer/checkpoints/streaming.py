@@ -18,6 +18,18 @@ source and calibration are the same (else it refuses, naming what differs).
 `load_quantized` restores the model for inference, packed or not, on one
 device or sharded over a mesh.
 
+lqer writes, replaces and deletes only its own files, in a directory its
+``lqer.json`` marks as its own: the names above and its temporary files
+(``.lqer-tmp-*``, `checkpoint.TMP_PREFIX`; a run deletes those an
+interruption left, nothing else). A non-empty directory without
+``lqer.json`` is refused unless `force` (then lqer's files go beside the
+others, which stay untouched; a file there under one of lqer's names is
+still refused). An output directory equal to the source, inside it or
+holding it is refused. The source fingerprint (`CheckpointDir.fingerprint`:
+config.json, each shard's size, header hash and sampled content hash, and
+tokenizer.json's hash) is checked on resume and by `lqer eval --load`
+(`source_changes`).
+
 With a `jax.sharding.Mesh` of axes ('data', 'model'), each block's kernels
 are read straight into their shards (column-parallel q, k, v, gate, up;
 row-parallel o, down) and the activations split over 'data'; with
@@ -30,6 +42,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import resource
 import time
 
@@ -168,13 +181,15 @@ def quantize_checkpoint(
   mesh=None,
   batch: int = 4,
   progress: bool = True,
+  force: bool = False,
 ) -> list[dict]:
   """Quantizes a Hugging Face checkpoint one decoder block at a time.
 
   Args:
     source: a Hugging Face directory or `models.hf_checkpoint.CheckpointDir`.
     out: the output directory (resumed where a run with the same settings
-      and source stopped).
+      and source stopped): new, empty, or one an earlier run wrote (its
+      ``lqer.json``); not the source, inside it, nor holding it.
     settings: the `Settings` (bits, group, rank, method, base, factors).
     calib_ids: (windows, window) int token ids.
     sequential: feed each block the outputs of the quantized blocks before it
@@ -182,6 +197,10 @@ def quantize_checkpoint(
     mesh: a `jax.sharding.Mesh` with axes ('data', 'model'), or None.
     batch: calibration windows per step.
     progress: show a progress bar.
+    force: write into a non-empty `out` that has no ``lqer.json`` (`lqer
+      quantize --force`): lqer's files are added beside the ones there,
+      which it leaves alone (a file there under a name lqer writes is still
+      refused). Without it such a directory is refused.
 
   Returns:
     A record per block: seconds per phase (setup: tracing the block's
@@ -191,16 +210,35 @@ def quantize_checkpoint(
     calibrated, quantized or written, nor read when sequential; settings that
     are not `calibrated` skip calibrate and forward), their total and the
     process's peak RSS so far.
+
+  Raises:
+    CheckpointError: `out` is not lqer's (see `force`), is or holds the
+      source or lies inside it, or holds a run with other settings, source
+      (naming what changed) or calibration.
+    ValueError: calib_ids are not (windows, window) ids of the model's
+      vocabulary (naming the tokenizer's and the model's sizes).
   """
   from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
 
   _check_mesh(mesh)
   ckpt = source if isinstance(source, CheckpointDir) else CheckpointDir(source)
   config, out = ckpt.config, pathlib.Path(out)
-  calib_ids = np.asarray(calib_ids, np.int32)
+  calib_ids = np.asarray(calib_ids)
+  if calib_ids.ndim != 2 or not calib_ids.size:
+    raise ValueError(
+      'calib_ids must be (windows, window) token ids with at least one'
+      f' token, got shape {calib_ids.shape}'
+    )
+  if not np.issubdtype(calib_ids.dtype, np.integer):
+    raise TypeError(
+      f'calib_ids must be integer token ids, got {calib_ids.dtype}'
+    )
+  ckpt.check_token_ids(calib_ids, 'calib_ids')
+  calib_ids = calib_ids.astype(np.int32)
+  _check_paths(out, ckpt.path)
   rules = settings.rules(config)
   meta = _metadata(ckpt, settings, rules, calib_ids, sequential)
-  fingerprint = _begin(out, meta)
+  fingerprint = _begin(out, meta, force)
   read = lambda name: ckpt.params(
     name, mesh and (lambda path: NamedSharding(mesh, kernel_spec(path)))
   )
@@ -260,6 +298,12 @@ def quantize_checkpoint(
           stats, float_outputs = clock(
             'calibrate', block.statistics(fp, batches, True)
           )
+        if jax.process_count() > 1:
+          # The offline pass reads the statistics on the host (it keys the
+          # shared Cholesky factors by their bytes), which an array
+          # spanning processes forbids: they are replicated reductions, one
+          # block's, so every process takes them whole.
+          stats = jax.tree.map(lambda x: np.asarray(_gather(x)), stats)
         quantized = clock(
           'quantize',
           lqer_quantize_params(
@@ -339,29 +383,121 @@ def _fingerprint(meta) -> dict:
   return {k: v for k, v in meta.items() if k not in ('lqer_version', 'source')}
 
 
-def _begin(out: pathlib.Path, meta: dict) -> dict:
-  """Creates out/lqer.json, or checks that an existing one is this run's."""
+def _owned(name: str) -> bool:
+  """Whether `name` is one lqer writes in an output directory."""
+  return bool(
+    name in (META, REST)
+    or re.fullmatch(r'block_\d{5}\.safetensors', name)
+    or name.startswith(checkpoint.TMP_PREFIX)
+  )
+
+
+def _check_paths(out: pathlib.Path, source: pathlib.Path) -> None:
+  """Refuses an output directory that is, lies in, or holds the source."""
+  o, s = out.resolve(), source.resolve()
+  if o == s or o.is_relative_to(s):
+    raise checkpoint.CheckpointError(
+      f'--out {out} is {"the" if o == s else "inside the"} checkpoint'
+      f' directory {source}: lqer would write its files among the'
+      " source's (and its blocks would read as stray shards); give an"
+      ' --out outside the source'
+    )
+  if s.is_relative_to(o):
+    raise checkpoint.CheckpointError(
+      f'--out {out} holds the checkpoint directory {source}: deleting the'
+      ' output to start over would delete the source; give an --out that'
+      ' does not contain it'
+    )
+
+
+def _check_out(out: pathlib.Path, force: bool) -> None:
+  """Refuses a directory without lqer.json that is not empty (unless
+  force), or holds a file under one of lqer's names. lqer's temporary
+  files (a first run killed before its lqer.json was in place) do not
+  count: `_begin` deletes them."""
+  if out.exists() and not out.is_dir():
+    raise checkpoint.CheckpointError(
+      f'--out {out} is a file; give a directory (new or empty)'
+    )
+  entries = sorted(
+    p.name
+    for p in (out.iterdir() if out.exists() else ())
+    if not p.name.startswith(checkpoint.TMP_PREFIX)
+  )
+  if entries and not force:
+    listed = ', '.join(entries[:3]) + (', ...' if len(entries) > 3 else '')
+    raise checkpoint.CheckpointError(
+      f'--out {out} is not empty ({len(entries)} entries: {listed}) and'
+      f' has no {META}: it is not an lqer quantize output. Give a new or'
+      ' empty --out, or pass --force (quantize_checkpoint(force=True)) to'
+      " write lqer's files beside these, which are left alone"
+    )
+  ours = [e for e in entries if _owned(e)]
+  if ours:
+    raise checkpoint.CheckpointError(
+      f'--out {out} holds {ours[0]} but no {META}: lqer did not write it'
+      ' and will not replace it, even with --force; move it away'
+    )
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _begin(out: pathlib.Path, meta: dict, force: bool = False) -> dict:
+  """Creates out/lqer.json, or checks that an existing one is this run's
+  (and deletes the temporary files an interruption left)."""
   path = out / META
-  if path.exists():
-    saved = _fingerprint(read_metadata(out))
+  resume = path.exists()
+  if resume:
+    saved = read_metadata(out)
     diff = sorted(
       k
-      for k in set(saved) | set(_fingerprint(meta))
+      for k in set(_fingerprint(saved)) | set(_fingerprint(meta))
       if saved.get(k) != meta.get(k)
     )
     if diff:
+      detail = ''
+      if 'source_fingerprint' in diff:
+        from models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+
+        changes = hf_checkpoint.fingerprint_changes(
+          saved['source_fingerprint'], meta['source_fingerprint']
+        ) or ['its fingerprint is in an older format']
+        detail = (
+          f' (the source {meta["source"]} is not the one {path} records,'
+          f' {saved.get("source")} as it was then:'
+          f' {hf_checkpoint.describe_changes(changes)})'
+        )
       raise checkpoint.CheckpointError(
-        f'{out} holds a run with other {", ".join(diff)}; give another'
-        ' --out or delete it to start over'
+        f'{out} holds a run with other {", ".join(diff)}{detail}; give'
+        f' another --out, or delete {out} to start over'
       )
-    for partial in out.glob('*.tmp'):  # a save the interruption cut short
-      partial.unlink()
-  elif jax.process_index() == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (META + '.tmp')
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+  else:
+    _check_out(out, force)
+  _barrier('lqer-begin-checked')  # every process checked before one writes
+  if jax.process_index() == 0:
+    # Saves an interruption cut short: lqer's temporary names only.
+    for partial in out.glob(checkpoint.TMP_PREFIX + '*'):
+      if partial.is_file() and not partial.is_symlink():
+        partial.unlink()
+    if not resume:
+      out.mkdir(parents=True, exist_ok=True)
+      tmp = out / (checkpoint.TMP_PREFIX + META)
+      tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+      os.replace(tmp, path)
+  _barrier('lqer-begin-written')
   return _fingerprint(meta)
+
+
+def source_changes(meta: dict, ckpt) -> list[str]:
+  """What differs between the source an output directory's ``lqer.json``
+  (`meta`) records and `ckpt` (a `CheckpointDir`) now, one line each;
+  empty if it is the same."""
+  from models.hf_checkpoint import fingerprint_changes  # pylint: disable=g-import-not-at-top
+
+  return fingerprint_changes(meta['source_fingerprint'], ckpt.fingerprint())
 
 
 def read_metadata(out) -> dict:
@@ -370,18 +506,34 @@ def read_metadata(out) -> dict:
     raise checkpoint.CheckpointError(
       f'{out} has no {META}: not written by lqer quantize'
     )
-  meta = json.loads(path.read_text())
-  if meta.get('format') != FORMAT:
+  try:
+    meta = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise checkpoint.CheckpointError(
-      f'{path} is format {meta.get("format")}, this lqer reads {FORMAT}'
+      f'{path} is not valid JSON ({e}): damaged; delete {out} and rerun'
+      ' lqer quantize'
+    ) from e
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    raise checkpoint.CheckpointError(
+      f'{path} is format'
+      f' {meta.get("format") if isinstance(meta, dict) else meta!r},'
+      f' this lqer reads {FORMAT}'
     )
   return meta
+
+
+def _gather(x):
+  """x on this host whole: a global array spanning processes is gathered
+  (collective: every process calls it, in the same order)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return multihost_utils.process_allgather(x, tiled=True)
+  return x
 
 
 def _save(out, params, fingerprint, filename):
   """checkpoint.save of (possibly sharded) params, by process 0."""
   if jax.process_count() > 1:
-    params = multihost_utils.process_allgather(params)
+    params = jax.tree.map(_gather, params)
   if jax.process_index() == 0:
     checkpoint.save(out, params, {'run': fingerprint}, filename)
 
@@ -413,7 +565,7 @@ def load_quantized(out, *, pack: bool = False, mesh=None):
   _check_mesh(mesh)
   out = pathlib.Path(out)
   meta = read_metadata(out)
-  config = config_from_hf(meta['config'])
+  config = config_from_hf(meta['config'], f'{out / META} (field "config")')
   settings = Settings(**meta['settings'])
   model = qwix.quantize_model(
     LlamaForCausalLM(config), LqerProvider(settings.rules(config))

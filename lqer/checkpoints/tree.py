@@ -9,8 +9,11 @@ dtypes and fingerprint are all checked, so a checkpoint from another model or
 rule set fails loudly, and one with factors loaded into a plain Qwix PTQ
 template (or the reverse) says so. AWQ scales, which an abstract tree cannot
 know about, are taken from the checkpoint. Save params unpacked: pack after
-loading. Saving writes a temporary file and renames it, so an
-interrupted save leaves the previous checkpoint intact.
+loading. Saving writes a temporary file (named ``.lqer-tmp-*.tmp``,
+`TMP_PREFIX`, so a later run can tell lqer's leftovers from the user's files)
+and renames it, so an interrupted save leaves the previous checkpoint intact.
+Both ways, a `WithLqer` weight whose factors or scales hold NaN or inf is
+refused, naming its param path.
 """
 
 import dataclasses
@@ -33,6 +36,9 @@ from lqer.quant.weight import WithLqer
 from lqer.quant.weight import layout_of
 
 FILENAME = 'params.safetensors'
+# The names of save's temporary files: only files named so are lqer's to
+# delete (lqer.checkpoints.streaming clears them on resume).
+TMP_PREFIX = '.lqer-tmp-'
 
 
 class CheckpointError(ValueError):
@@ -47,7 +53,12 @@ def _flat(tree):
 def save(
   directory, params, fingerprint: dict, filename: str = FILENAME
 ) -> pathlib.Path:
-  """Writes params to directory/filename atomically."""
+  """Writes params to directory/filename atomically.
+
+  Raises:
+    CheckpointError: params are packed, or a `WithLqer` weight's factors or
+      scales hold NaN or inf (naming the param).
+  """
   directory = pathlib.Path(directory)
   is_packed = lambda x: isinstance(x, packing.PackedInt4)
   packed = [
@@ -63,6 +74,7 @@ def save(
       ' lqer.pack_params; save the params before packing (packing is a'
       ' load-time layout, redone in seconds by pack_params after load)'
     )
+  _check_finite(params, f'refusing to save {directory / filename}')
   directory.mkdir(parents=True, exist_ok=True)
   flat, _ = _flat(params)
   tensors, layout = {}, {}
@@ -74,7 +86,7 @@ def save(
     'fingerprint': json.dumps(fingerprint, sort_keys=True),
     'layout': json.dumps(layout),
   }
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix='.tmp')
   os.close(fd)
   try:
     st_numpy.save_file(tensors, tmp, metadata=metadata)
@@ -135,9 +147,34 @@ def load(
         f' {np.dtype(abstract.dtype).name}{list(abstract.shape)}'
       )
     leaves.append(stored[key].view(np.dtype(dtype)).reshape(shape))
+  _check_finite(jax.tree_util.tree_unflatten(treedef, leaves), str(path))
   return jax.tree_util.tree_unflatten(
     treedef, [jax.numpy.asarray(x) for x in leaves]
   )
+
+
+def _check_finite(params, where: str) -> None:
+  """Raises CheckpointError naming the first `WithLqer` weight with a
+  NaN or inf in its floating-point leaves (factors a, b, their scales, the
+  input scale, the base's scales)."""
+  is_lqer = lambda x: isinstance(x, WithLqer)
+  weights = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lqer)[0]
+  for key_path, weight in weights:
+    if not is_lqer(weight):
+      continue
+    for field_path, x in jax.tree_util.tree_flatten_with_path(weight)[0]:
+      x = np.asarray(x)
+      if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+        continue
+      bad = int(np.count_nonzero(~np.isfinite(x.astype(np.float32))))
+      if bad:
+        raise CheckpointError(
+          f'{where}: {path_str(key_path)}'
+          f'{jax.tree_util.keystr(field_path)} holds {bad} non-finite'
+          f' values (NaN or inf) of {x.size}; the factors must be finite'
+          ' (a NaN loss in training, or NaN/inf in the float weights or'
+          ' the calibration?)'
+        )
 
 
 def _with_stored_shapes(abstract, layout, path):

@@ -2,22 +2,25 @@
 
     lqer quantize CHECKPOINT_DIR --out OUT_DIR --bits 4 --tile-size 128 \\
         --rank 32 --method qera [--base gptq] [--calib-text FILE] \\
-        [--calib-tokens N] [--sequential | --no-sequential]
+        [--calib-tokens N] [--sequential | --no-sequential] [--force]
 
 quantizes a Hugging Face checkpoint directory block by block
 (`lqer.checkpoints.streaming`); `lqer eval --load OUT_DIR` scores the result
 against
-the float model it came from.
+the float model it came from, after checking that the source has not
+changed since (`check_source`; `--force` warns instead).
 """
 
 import argparse
 import pathlib
+import sys
 import time
 
 import jax
 import numpy as np
 
 from lqer.checkpoints import streaming
+from lqer.checkpoints import tree as checkpoint
 from lqer.cli import common
 from lqer.offline.report import report
 from lqer.quant.packing import pack_params
@@ -41,14 +44,7 @@ def add_parser(sub):
     help='output directory (resumed if'
     ' a run with the same arguments was interrupted)',
   )
-  q.add_argument('--bits', type=int, default=4, choices=common.WEIGHT_BITS)
-  q.add_argument(
-    '--tile-size',
-    type=int,
-    default=128,
-    help='per-group size (0 = per-channel); weights it does not'
-    ' divide fall back to per-channel',
-  )
+  common.add_quantizer_arguments(q)
   q.add_argument('--rank', type=int, default=32)
   q.add_argument('--method', default='qera', choices=['svd', 'l2qer', 'qera'])
   q.add_argument('--base', default='rtn', choices=['rtn', 'gptq'])
@@ -79,6 +75,12 @@ def add_parser(sub):
   q.add_argument(
     '--json',
     help='write the seconds per block and phase and the peak RSS to this file',
+  )
+  q.add_argument(
+    '--force',
+    action='store_true',
+    help='write into a non-empty --out that is not an lqer quantize output'
+    " (lqer's files go beside the ones there, which are left alone)",
   )
 
 
@@ -136,16 +138,20 @@ def quantize_command(args):
     base=args.base,
     factor_qtype=common.FACTOR_QTYPES[args.factor_bits],
   )
+  tokenizer = ckpt.tokenizer()  # refused if it does not fit the embedding
   try:
-    windows = calibration_windows(
-      ckpt.tokenizer(), args.calib_text, args.calib_tokens
-    )
+    windows = calibration_windows(tokenizer, args.calib_text, args.calib_tokens)
   except ValueError as e:
     raise SystemExit(f'lqer quantize: {e}') from e
   common.echo_command('quantize')
   start = time.perf_counter()
   records = streaming.quantize_checkpoint(
-    ckpt, args.out, settings, windows, sequential=args.sequential
+    ckpt,
+    args.out,
+    settings,
+    windows,
+    sequential=args.sequential,
+    force=args.force,
   )
   common.write_json(args.json, records)
   print(
@@ -155,25 +161,106 @@ def quantize_command(args):
   )
 
 
+def check_load_dir(path) -> None:
+  """Raises FileNotFoundError, naming `path`, unless it is None, a directory
+  `lqer quantize` wrote (its lqer.json) or one `lqer eval --save` wrote
+  (subdirectories holding params.safetensors): `lqer eval --load` checks it
+  first, before any model loads."""
+  if path is None:
+    return
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(
+      f'--load {path}: no such directory; give a directory written by'
+      ' lqer quantize --out, or by lqer eval --save'
+    )
+  if not (path / streaming.META).is_file() and not any(
+    path.glob(f'*/{checkpoint.FILENAME}')
+  ):
+    raise FileNotFoundError(
+      f'--load {path} holds neither {streaming.META} (written by lqer'
+      f' quantize --out) nor */{checkpoint.FILENAME} (written by lqer eval'
+      ' --save); give a directory one of them wrote'
+    )
+
+
 def is_quantized_dir(path) -> bool:
-  """Whether `path` is a directory `lqer quantize` wrote."""
+  """Whether `path` is a directory `lqer quantize` wrote.
+
+  Raises:
+    FileNotFoundError: `path` is given but is not a directory lqer wrote
+      (`check_load_dir`), so that `lqer eval --load TYPO` fails at once.
+  """
+  check_load_dir(path)
   return path is not None and (pathlib.Path(path) / streaming.META).is_file()
+
+
+def check_source(out, meta, source, force=False) -> list[str]:
+  """Compares the source `out`'s lqer.json (`meta`) records with `source`
+  (its `CheckpointDir` now).
+
+  Returns:
+    The changes, one line each (empty: the same source).
+
+  Raises:
+    ValueError: the source changed (naming what), unless `force`, which
+      prints a warning to stderr instead.
+  """
+  from models.hf_checkpoint import describe_changes  # pylint: disable=g-import-not-at-top
+
+  changes = streaming.source_changes(meta, source)
+  if changes:
+    message = (
+      f'the source {source.path} changed since lqer quantize wrote {out}:'
+      f' {describe_changes(changes)}'
+    )
+    if not force:
+      raise ValueError(
+        f'{message}. Its FP row would score another model than the one'
+        ' quantized: rerun lqer quantize (into a new --out), or pass'
+        ' --force to evaluate anyway'
+      )
+    print(
+      f'lqer eval: WARNING: {message}. --force: evaluating anyway; the FP'
+      ' row scores the changed source, not the model that was quantized',
+      file=sys.stderr,
+      flush=True,
+    )
+  return changes
 
 
 def eval_quantized_dir(args) -> list:
   """FP and quantized perplexity of an `lqer quantize` directory, on the
-  bundled prose's held-out tokens (or --eval-text)."""
+  bundled prose's held-out tokens (or --eval-text).
+
+  The source the directory's lqer.json names must exist and be unchanged
+  (`check_source`; `args.force`, where the parser has it, warns instead),
+  and the evaluation tokens must fit its vocabulary: both checked before
+  any model loads.
+  """
   from models import llama  # pylint: disable=g-import-not-at-top
   from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
 
-  model, params, meta = streaming.load_quantized(args.load)
+  check_load_dir(args.load)
+  meta = streaming.read_metadata(args.load)
+  if not pathlib.Path(meta['source']).is_dir():
+    raise FileNotFoundError(
+      f'{pathlib.Path(args.load) / streaming.META} names the source'
+      f' {meta["source"]}, which is gone: lqer eval --load scores the'
+      ' quantized model against it; put the checkpoint back there'
+    )
   source = CheckpointDir(meta['source'])
+  changed = check_source(
+    args.load, meta, source, force=getattr(args, 'force', False)
+  )
   tokenizer = source.tokenizer()
   if args.eval_text is None:
     calib_tokens = int(np.prod(meta['calibration']['windows']))
     evals = _prose_split(tokenizer, calib_tokens, args.eval_tokens)[1]
   else:
     evals = _encode_file(tokenizer, args.eval_text)[-args.eval_tokens :]
+  source.check_token_ids(evals, 'the evaluation tokens')
+  model, params, meta = streaming.load_quantized(args.load)
   fp_module = llama.LlamaForCausalLM(source.config)
   fp = {
     name: source.params(name)
@@ -185,7 +272,7 @@ def eval_quantized_dir(args) -> list:
   score = lambda m, p: llama.perplexity(
     m, p, evals, common.WINDOW, progress=True
   )
-  name = pathlib.Path(args.load).name
+  name = pathlib.Path(args.load).name + (' (source changed)' if changed else '')
   rows = [
     common.Row(
       name,
