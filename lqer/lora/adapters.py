@@ -339,6 +339,12 @@ def _check_base(leaf, abs_leaf, name):
       " cannot apply; use base='rtn' or 'gptq' and method 'svd', 'l2qer'"
       " or 'qera' for fine-tuning."
     )
+  if getattr(leaf, 'rotation', None) is not None:
+    raise ValueError(
+      f'{name}: it is stored rotated (Hᵀ W, its input rotated online:'
+      " LqerRule(rotate=...)), which Qwix's LoraProvider cannot apply; fine-"
+      ' tune from rules without rotate.'
+    )
   got = jax.tree.map(lambda x: (x.shape, x.dtype), leaf.array)
   want = jax.tree.map(lambda x: (x.shape, x.dtype), abs_leaf.array)
   if got != want:

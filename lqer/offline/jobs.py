@@ -29,12 +29,16 @@ from lqer.quant import stats as stats_lib
 from lqer.quant.rule import LqerRule
 from lqer.quant.weight import WithLqer
 from lqer.quant.weight import divide_along
+from lqer.quant.weight import rotate_along
 
 
 @dataclasses.dataclass
 class Job:
   """One weight to quantize: its base and, with a rank, factors (rank 0: a
-  GPTQ / AWQ / stored base alone, or SVDQuant's smoothing alone)."""
+  GPTQ / AWQ / stored base alone, SVDQuant's smoothing alone, or a rotated
+  base). With `rotation` (the rule's signs), `weight` and `stats` are
+  already the rotated Hᵀ W and the statistics of x H (`lqer.offline.params`
+  rotates them), and the `WithLqer` stores the signs."""
 
   path: tuple[Any, ...]
   weight: jax.Array
@@ -45,6 +49,7 @@ class Job:
   base: Callable[..., Any]
   base_kind: str
   stats: dict[str, jax.Array] | None = None
+  rotation: Any = None
 
   @property
   def name(self) -> str:
@@ -52,7 +57,7 @@ class Job:
 
   @property
   def svdquant(self) -> bool:
-    return self.rule.method == 'svdquant'
+    return self.rule.method == 'svdquant' and self.rule.rank is not None
 
   @property
   def has_factors(self) -> bool:
@@ -382,7 +387,8 @@ def _fit_auto(chunk: list[Job], factors: _CholeskyCache):
 
 def _errors_left(job: Job, fit: _Fit, ranks):
   """(ranks, (K, *W.shape)): the error W - Q - A_:r B_:r left at each rank,
-  in the kernel's layout (what `Budget.measure` probes)."""
+  in the kernel's layout (what `Budget.measure` probes); of a rotated
+  weight, H (Hᵀ W - Q - A_:r B_:r), in the float model's basis."""
   e = factor.base_error(job.layout, job.weight, fit.qs, fit.input_scales)
   left = [
     e
@@ -391,7 +397,13 @@ def _errors_left(job: Job, fit: _Fit, ranks):
     )
     for r in ranks
   ]
-  return ranks, jnp.stack([job.layout.from_matrix(x) for x in left])
+  kernels = [job.layout.from_matrix(x) for x in left]
+  if job.rotation is not None:
+    kernels = [
+      rotate_along(k, job.rotation, job.layout.contracting_axes, True)
+      for k in kernels
+    ]
+  return ranks, jnp.stack(kernels)
 
 
 def _cut_auto(chunk: list[Job], fits, ranks, factors: _CholeskyCache):
@@ -491,6 +503,7 @@ def _weight(job: Job, fit: _Fit) -> WithLqer:
     a_scale=a_scale,
     b_scale=b_scale,
     input_scale=fit.input_scales,
+    rotation=job.rotation,
     path=job.name,
   )
 
@@ -567,8 +580,8 @@ def _run_svdquant(chunk: list[Job], factors: _CholeskyCache):
 
 def _base_only(job: Job, q, input_scale):
   """A base without factors: a plain WithAux, or a rank-0 WithLqer that
-  keeps an AWQ scale."""
-  if input_scale is None:
+  keeps an AWQ scale or a rotation."""
+  if input_scale is None and job.rotation is None:
     return _qwix.WithAux(q, job.how)
   layout = job.layout
   zeros = jnp.zeros((), jnp.float32)
@@ -580,5 +593,6 @@ def _base_only(job: Job, q, input_scale):
     a=jnp.broadcast_to(zeros, layout.a_shape(0)),
     b=jnp.broadcast_to(zeros, layout.b_shape(0)),
     input_scale=input_scale,
+    rotation=job.rotation,
     path=job.name,
   )

@@ -23,6 +23,7 @@ import numpy as np
 import qwix
 
 from lqer import _qwix
+from lqer.core import rotation as rotation_lib
 from lqer.core.paths import path_str
 from lqer.offline import allocation
 from lqer.offline import jobs
@@ -34,6 +35,10 @@ from lqer.quant.rule import match_rule
 from lqer.quant.rule import same_qtype
 from lqer.quant.weight import WithLqer
 from lqer.quant.weight import layout_of
+
+# The key of the rotation's signs in statistics collected on a rotated
+# input (`lqer.providers.calibration`; `rotated_stats` checks it).
+ROTATION_KEY = 'rotation'
 
 
 def lqer_quantize_params(
@@ -194,6 +199,7 @@ def _plan(
     if job.method_needs_stats or needs:
       job.stats = stats_lib.lookup(calibration, path)
       _check_stats(job, needs)
+    _rotate(job, needs)
     planned.append(job)
   for rule in rules or ():
     if rule.weight_qtype is not None and not any(
@@ -224,15 +230,18 @@ def _fitted_weight(path, w, abs_w):
 
 def _make_job(path, w, abs_w, rule, base):
   """A `jobs.Job` if this weight needs more than plain Qwix PTQ, else None."""
+  rotates = getattr(rule, 'rotate', None) is not None
   if isinstance(abs_w, WithLqer):
     rank = abs_w.rank
-    if rule.method == 'svdquant':  # abs_w holds rank + error_rank columns
-      rank = rule.rank
+    if rule.method == 'svdquant' and rule.rank is not None:
+      rank = rule.rank  # abs_w holds rank + error_rank columns
   else:
     rank = rule.rank if isinstance(rule, LqerRule) else None
     if rank == 'auto':
       rank = 0  # allocated by jobs.run_jobs
-    if rank is None:
+    if rank is None and rotates:
+      rank = 0  # the rotated base alone
+    elif rank is None:
       if isinstance(base, str) and base == 'rtn':
         return None
       rule, rank = LqerRule(weight_qtype=abs_w.how.qtype), 0
@@ -250,7 +259,18 @@ def _make_job(path, w, abs_w, rule, base):
       stacklevel=4,
     )
     rank = layout.max_rank
-  if rule.method == 'svdquant' and (not isinstance(base, str) or base == 'awq'):
+  if rotates and not isinstance(base, str):
+    raise ValueError(
+      f'{path_str(path)}: its rule rotates the weight (rotate='
+      f'{rule.rotate!r}), but a stored base was quantized from the'
+      " unrotated one; use base 'rtn', 'gptq' or 'awq', which quantize"
+      ' the rotated weight'
+    )
+  if (
+    rule.method == 'svdquant'
+    and rule.rank is not None
+    and (not isinstance(base, str) or base == 'awq')
+  ):
     raise ValueError(
       f"{path_str(path)}: method 'svdquant' quantizes the residual of the"
       ' smoothed weight, which exists only after smoothing; use base'
@@ -303,6 +323,81 @@ def _stored_base(path, tree, abs_w):
   if input_scale is not None and len(layout_of(abs_w).contracting_axes) != 1:
     raise ValueError(f'{name}: an AWQ base needs one contracting axis')
   return q, None if input_scale is None else _qwix.unbox(input_scale)
+
+
+def _rotate(job: jobs.Job, base_needs) -> None:
+  """With the rule's rotation: job.weight <- Hᵀ W, job.stats <- those of
+  x H (`rotated_stats`), job.rotation <- the signs."""
+  rule = job.rule
+  signs = (
+    rule.rotation_signs(job.layout.in_size, job.name)
+    if getattr(rule, 'rotate', None) is not None
+    else None
+  )
+  if job.stats is not None:
+    needs_abs = (
+      job.svdquant
+      or (job.has_factors and rule.method == 'l2qer')
+      or base_needs == 'sum_of_abs'
+    )
+    job.stats = rotated_stats(job.stats, signs, job.name, needs_abs)
+  if signs is not None:
+    job.weight = factor.rotated(job.weight, signs, job.layout)
+    job.rotation = signs
+
+
+def rotated_stats(stats, signs, name: str = '', needs_abs: bool = False):
+  """The statistics of the rotated input x H, H the rotation of `signs`
+  (None: no rotation).
+
+  Statistics collected under the rotating rule (`LqerCalibrationProvider`
+  rotates the input first and records the signs under `ROTATION_KEY`) are
+  those already, all of them exact. Unrotated statistics are rotated where
+  that is exact: E[(xH)ᵀ(xH)] = Hᵀ E[xᵀx] H and the token sample x H;
+  max |x H| and mean |x H| per channel are not functions of the unrotated
+  ones, so they are dropped, and refused where needed (`needs_abs`:
+  SVDQuant's smoothing, L2QER, AWQ).
+
+  Raises:
+    ValueError (naming `name`): rotated statistics for an unrotated weight,
+      statistics of another rotation (seed, rotate_block), or `needs_abs`
+      with unrotated statistics.
+  """
+  marker = stats.get(ROTATION_KEY)
+  if signs is None:
+    if marker is not None:
+      raise ValueError(
+        f'{name}: these statistics are of a rotated input (collected under'
+        ' an LqerRule with rotate), but the rule quantizing this weight'
+        ' does not rotate; calibrate with the same rules as quantize'
+      )
+    return stats
+  if marker is not None:
+    marker = np.asarray(marker)
+    if marker.shape != signs.shape or not np.array_equal(marker, signs):
+      raise ValueError(
+        f'{name}: these statistics are of another rotation (blocks'
+        f' {marker.shape}, the rule gives {signs.shape}, or another'
+        ' seed); calibrate with the same rules as quantize'
+      )
+    return stats
+  if needs_abs:
+    raise ValueError(
+      f'{name}: the rule rotates this weight and needs max |x H| or mean'
+      ' |x H| per channel (SVDQuant smoothing, L2QER, AWQ), which'
+      ' unrotated statistics cannot give; calibrate under'
+      ' LqerCalibrationProvider with the rotating rules (it rotates the'
+      ' input before collecting)'
+    )
+  out = {
+    k: v for k, v in stats.items() if k not in ('sum_of_abs', 'max_of_abs')
+  }
+  if 'sum_of_xtx' in stats:
+    out['sum_of_xtx'] = rotation_lib.rotate_gram(stats['sum_of_xtx'], signs)
+  if 'sample' in stats:
+    out['sample'] = rotation_lib.rotate(stats['sample'], signs, -1)
+  out[ROTATION_KEY] = jnp.asarray(signs)
+  return out
 
 
 def _check_stats(job: jobs.Job, base_needs):

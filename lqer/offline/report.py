@@ -24,6 +24,7 @@ import qwix
 from lqer import _qwix
 from lqer.core import metrics
 from lqer.core.paths import path_str
+from lqer.offline.params import rotated_stats
 from lqer.quant import bases
 from lqer.quant import packing
 from lqer.quant import stats as stats_lib
@@ -263,6 +264,15 @@ def report(
 
 
 def _layer_report(path, w, q: _qwix.WithAux, stats, rule) -> LayerReport:
+  rotation = getattr(q, 'rotation', None)
+  if rotation is not None:
+    # Compare in the rotated basis the weight is stored in: x W = (x H)(Hᵀ W)
+    # and H is orthogonal, so every error below is the float basis' error.
+    w = q.rotated_kernel(w)
+    if stats is not None:
+      stats = rotated_stats(
+        stats, np.asarray(_qwix.unbox(rotation)), path_str(path)
+      )
   base = qwix.dequantize(packing.as_qarray(q.array)).astype(jnp.float32)
   layout = layout_of(q)
   a = b = None

@@ -10,7 +10,10 @@ For every weight that an `LqerRule` with a `weight_qtype` matches, the sums of
 accumulated (see `lqer.quant.stats`), contracting axes flattened in the kernel's
 axis order, so multi-axis DenseGeneral / Einsum kernels are covered.
 Kernels with einsum batch axes get no statistics (their slices see different
-inputs) and `lqer_quantize_params` says so if a method needs them.
+inputs) and `lqer_quantize_params` says so if a method needs them. Under a
+rule with `rotate`, the statistics are those of the rotated input x H (the
+input the quantized weight Hᵀ W multiplies), each exact, and record the
+rotation's signs (`lqer.offline.params.ROTATION_KEY`).
 
 Output gradients (for rank allocation, `lqer.Budget`): a model under
 `LqerCalibrationProvider(rules, output_gradients=True)` taps the output of
@@ -35,8 +38,10 @@ import qwix
 from tqdm.auto import tqdm
 
 from lqer import _qwix
+from lqer.core import rotation as rotation_lib
 from lqer.core.paths import path_str
 from lqer.offline import probe as probe_lib
+from lqer.offline.params import ROTATION_KEY
 from lqer.quant import stats as stats_lib
 from lqer.quant.rule import LqerRule
 
@@ -123,6 +128,13 @@ class LqerCalibrationProvider(qwix.QuantizationProvider):
       )
       return _tap(out, handle.value, n_out, axes)
     x = tokens_by_kernel_order(lhs, lhs_ca, rhs_ca)
+    signs = rule.rotation_signs(
+      x.shape[1], path_str((*_qwix.get_current_module_path(), name))
+    )
+    marker = {}
+    if signs is not None:  # the input the rotated weight multiplies
+      x = rotation_lib.rotate(x, signs, -1)
+      marker = {ROTATION_KEY: jnp.asarray(signs)}
     sums = stats_lib.batch_sums(
       x,
       self._second_moment,
@@ -131,10 +143,11 @@ class LqerCalibrationProvider(qwix.QuantizationProvider):
     var = _qwix.get_or_create_variable(
       'quant_stats',
       name + stats_lib.SUFFIX,
-      lambda: jax.tree.map(jnp.zeros_like, sums),
+      lambda: jax.tree.map(jnp.zeros_like, sums) | marker,
     )
     if _qwix.should_update_quant_stats():
-      var.value = stats_lib.accumulate(var.value, sums)
+      total = {k: v for k, v in var.value.items() if k != ROTATION_KEY}
+      var.value = stats_lib.accumulate(total, sums) | marker
     return out
 
   def get_intercept_map(self):

@@ -1,6 +1,10 @@
 """`LqerProvider`: Qwix PTQ inference plus the low-rank branch.
 
-    y = (x / s) deq(Wq) + (x A) B     (s: `WithLqer.input_scale`, else 1)
+    y = (x' / s) deq(Wq) + (x' A) B   (s: `WithLqer.input_scale`, else 1)
+
+x' = x H for a weight stored rotated (`WithLqer.rotation`, the rule's
+`rotate`: H on the contracting axes, flattened in the kernel's order, by a
+fast Walsh-Hadamard transform), else x.
 
 The first term is Qwix's own quantized `dot_general` / `einsum` (activation
 quantization of x / s included when the rule sets `act_qtype`); the branch
@@ -33,6 +37,7 @@ from lqer.quant import packing
 from lqer.quant.rule import LqerRule
 from lqer.quant.weight import WithLqer
 from lqer.quant.weight import divide_along
+from lqer.quant.weight import rotate_along
 
 
 class LqerProvider(qwix.PtqProvider):
@@ -171,6 +176,7 @@ class LqerProvider(qwix.PtqProvider):
         preferred_element_type,
         out_sharding=out_sharding,
       )
+    lhs = _input_rotated(lhs, rhs, dimension_numbers)
     x = _input_scaled(lhs, rhs, dimension_numbers)
     main, done = self._main(
       'dot_general',
@@ -224,6 +230,7 @@ class LqerProvider(qwix.PtqProvider):
     )
     if not isinstance(rhs, _qwix.WithAux):
       return super().einsum(einsum_str, lhs, rhs, **kwargs)
+    lhs = _input_rotated(lhs, rhs, dims)
     x = _input_scaled(lhs, rhs, dims)
     main, done = self._main(
       'einsum',
@@ -241,10 +248,10 @@ class LqerProvider(qwix.PtqProvider):
     """The op's right operand, checked once per op (at trace time).
 
     A param matched by a rule counts as one of the rule's weights. A plain
-    Qwix weight under a rule with a rank is refused (it would run as PTQ
-    without a word); a matched float weight is checked against the param
-    as stored and, under a rule with a rank, replaced by a `WithLqer`
-    (init / first NNX call).
+    Qwix weight under a rule with a rank or a rotation is refused (it would
+    run as unrotated PTQ without a word); a matched float weight is checked
+    against the param as stored and, under a rule with a rank or a
+    rotation, replaced by a `WithLqer` (init / first NNX call).
     """
     rule = _qwix.current_rule(self, op_name)
     quantized = isinstance(rhs, _qwix.WithAux)
@@ -257,20 +264,26 @@ class LqerProvider(qwix.PtqProvider):
       return rhs
     self._weights_matched[_qwix.rules_of(self).index(rule)] += 1
     path = path_str((*_module_path(), name))
-    has_rank = isinstance(rule, LqerRule) and rule.rank is not None
+    lqer_weight = isinstance(rule, LqerRule) and rule.stores_lqer
     if quantized:
-      if has_rank and not isinstance(rhs, WithLqer):
+      if lqer_weight and not isinstance(rhs, WithLqer):
+        what = (
+          f'has rank {rule.rank}'
+          if rule.rank is not None
+          else f'rotates (rotate={rule.rotate!r})'
+        )
         raise ValueError(
-          f'{path}: the rule has rank {rule.rank} but this weight is a'
-          ' plain Qwix PTQ weight without factors (params from'
+          f'{path}: the rule {what} but this weight is a plain Qwix PTQ'
+          ' weight without factors or rotation (params from'
           ' qwix.quantize_params or another provider?); build them with'
-          ' lqer.lqer_quantize_params, or use a rule with rank=None'
+          ' lqer.lqer_quantize_params, or use a rule with rank=None and'
+          ' rotate=None'
         )
       return rhs
     if rule.weight_qtype is None:
       return rhs
     factor.check_shape(path, _stored_param(name).shape, rhs.shape)
-    if not has_rank:
+    if not lqer_weight:
       return rhs
     try:
       layout = layout_lib.KernelLayout(
@@ -325,6 +338,17 @@ def _operand_how(get_how, *, for_lhs: bool, **op):
     )
 
   return how
+
+
+def _input_rotated(lhs, rhs, dimension_numbers):
+  """x H on the contracting axes (in the kernel's order), so
+  x H (Hᵀ W) = x W for a weight stored rotated; else x."""
+  signs = getattr(rhs, 'rotation', None)
+  if signs is None:
+    return lhs
+  (lhs_ca, rhs_ca), _ = dimension_numbers
+  by_kernel_axis = [l for _, l in sorted(zip(rhs_ca, lhs_ca))]
+  return rotate_along(lhs, _qwix.unbox(signs), by_kernel_axis)
 
 
 def _input_scaled(lhs, rhs, dimension_numbers):
@@ -395,6 +419,7 @@ def _replace_param(name, weight: WithLqer):
     a_scale=scale_axes(len(a_axes)),
     b_scale=scale_axes(len(b_axes)),
     input_scale=s_axes,
+    rotation=(None, None),  # the signs, replicated
   )
   boxed = dataclasses.replace(
     jax.tree.map(

@@ -5,6 +5,7 @@ op multiplies (`lqer.core.layout`), factored by the rule's method
 SVDQuant factors the smoothed weight before its base exists (`svdquant_fn`).
 """
 
+import functools
 import math
 from typing import Any
 import zlib
@@ -19,6 +20,7 @@ from lqer.core import layout as layout_lib
 from lqer.quant import bases
 from lqer.quant.weight import WithLqer
 from lqer.quant.weight import divide_along
+from lqer.quant.weight import rotate_along
 
 _FACTOR_FNS: dict[Any, Any] = {}
 
@@ -271,17 +273,23 @@ def build(path: str, w, how, layout, rule) -> WithLqer:
   """A `WithLqer` from a float weight at the provider's init: Qwix's RTN
   base; 'svd' factors of a fixed rank computed (free under eval_shape),
   quantized with factor_qtype; activation-aware methods and rank 'auto'
-  zero until `lqer_quantize_params` runs (with statistics / a budget)."""
-  check_weight(path, w, layout, rule.total_rank)
+  zero until `lqer_quantize_params` runs (with statistics / a budget).
+  With `rule.rotate`, all of it of the rotated Hᵀ W (`rotated`), the
+  signs stored; rank None then gives a rank-0 weight."""
+  rank = rule.total_rank or 0
+  check_weight(path, w, layout, rank)
   check_tiles(path, w.shape, how)
+  signs = rule.rotation_signs(layout.in_size, path)
+  if signs is not None:
+    w = rotated(w, signs, layout)
   input_scale = scales = None
-  if rule.needs_calibration or rule.auto_rank:
+  if rule.rank is None or rule.needs_calibration or rule.auto_rank:
     q, _ = bases.rtn(w, how, layout, None)
     zero = jnp.zeros((), rule.factor_dtype)
-    a = jnp.broadcast_to(zero, layout.a_shape(rule.total_rank))
-    b = jnp.broadcast_to(zero, layout.b_shape(rule.total_rank))
-    if rule.method == 'svdquant':  # no smoothing until calibrated
-      input_scale = jnp.ones((layout.in_size,), jnp.float32)
+    a = jnp.broadcast_to(zero, layout.a_shape(rank))
+    b = jnp.broadcast_to(zero, layout.b_shape(rank))
+    if rule.method == 'svdquant' and rule.rank is not None:
+      input_scale = jnp.ones((layout.in_size,), jnp.float32)  # uncalibrated
   else:
     stack = lambda x: jax.tree.map(lambda v: v[None], x)
     q, a, b = factor_fn(layout, rule.rank, rule, how)(
@@ -308,8 +316,28 @@ def build(path: str, w, how, layout, rule) -> WithLqer:
     a_scale=a_scale,
     b_scale=b_scale,
     input_scale=input_scale,
+    rotation=signs,
     path=path,
   )
+
+
+def rotated(w, signs, layout: layout_lib.KernelLayout):
+  """Hᵀ W: the kernel w rotated on its contracting axes (flattened in its
+  order), for the base and the factors to approximate; computed in float32,
+  returned in w's dtype (the base's scales keep it, as unrotated). A
+  NamedSharding of w is kept."""
+  out = _rotated(jnp.asarray(w), jnp.asarray(signs), layout.contracting_axes)
+  sharding = getattr(w, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(
+    out, jax.core.Tracer
+  ):
+    out = jax.device_put(out, sharding)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _rotated(w, signs, axes):
+  return rotate_along(w, signs, axes)
 
 
 def place_factors(sharding, layout, a, b, a_scale=None, b_scale=None):

@@ -10,6 +10,7 @@ import numpy as np
 import qwix
 
 from lqer.core import decompose
+from lqer.core import rotation as rotation_lib
 from lqer.core.paths import path_str
 from lqer.quant import bits
 from lqer.quant.bits import qtype_bits
@@ -66,7 +67,19 @@ class LqerRule(qwix.QuantizationRule):
       Same matmuls; on a 4096 x 4096 int4 error 6 Krylov iterations capture
       more energy (0.992 of exact) than 16 subspace iterations (0.988).
     qera_damping: lambda of the damped Cholesky R + lambda mean(diag R) I.
-    seed: seed of the randomized solver's Gaussian sketch.
+    seed: seed of the randomized solver's Gaussian sketch, and of the
+      rotation's signs.
+    rotate: None, or 'hadamard': an orthogonal H on the weight's input,
+      folded into the stored weight, y = (x H)(Hᵀ W), H = diag(s)
+      (I ⊗ H_b / sqrt(b)) a randomized block Hadamard (`lqer.core.rotation`)
+      applied online by a fast Walsh-Hadamard transform. Everything else
+      (smoothing, SVDQuant, QERA, the base, activation quantization) then
+      works on the rotated input x H and weight Hᵀ W; statistics are
+      collected on x H (`LqerCalibrationProvider` rotates under this
+      rule). With rank=None it is plain PTQ of the rotated weight.
+    rotate_block: the block b of the rotation, a power of two dividing the
+      contracting size; None = the largest such power (576 = 9 x 64 -> 64,
+      4096 -> 4096).
   """
 
   rank: int | str | None = None
@@ -83,6 +96,8 @@ class LqerRule(qwix.QuantizationRule):
   seed: int = 0
   smooth_alpha: float = 0.5
   error_rank: int = 0
+  rotate: str | None = None
+  rotate_block: int | None = None
 
   def __post_init__(self):
     _normalize_numbers(self)
@@ -116,6 +131,29 @@ class LqerRule(qwix.QuantizationRule):
       return None
     return (0 if self.auto_rank else self.rank) + self.error_rank
 
+  @property
+  def stores_lqer(self) -> bool:
+    """Whether its weights become `WithLqer`s: a rank, or a rotation
+    (rank None: a rank-0 `WithLqer` carrying the rotation)."""
+    return self.rank is not None or self.rotate is not None
+
+  def rotation_signs(self, in_size: int, name: str = '') -> np.ndarray | None:
+    """The (in_size // b, b) int8 signs of this rule's rotation of an
+    in_size-wide input (`lqer.core.rotation.random_signs` of `seed`), None
+    without `rotate`. Raises naming `name` if rotate_block does not divide
+    in_size."""
+    if self.rotate is None:
+      return None
+    block = self.rotate_block or rotation_lib.default_block(in_size)
+    if in_size % block:
+      raise ValueError(
+        f'{name or "a weight"}: LqerRule(module_path={self.module_path!r})'
+        f'.rotate_block {block} does not divide the contracting size'
+        f' {in_size}; valid: {rotation_lib.valid_blocks(in_size)} (or None'
+        ' for the largest)'
+      )
+    return rotation_lib.random_signs(self.seed, in_size, block)
+
 
 # Fields that take numbers: NumPy scalars become Python numbers first.
 _INT_FIELDS = (
@@ -126,6 +164,7 @@ _INT_FIELDS = (
   'power_iters',
   'seed',
   'error_rank',
+  'rotate_block',
   'tile_size',
 )
 _REAL_FIELDS = ('qera_damping', 'smooth_alpha', 'tile_size')
@@ -260,6 +299,47 @@ def _validate_quality_per_bit(rule: LqerRule):
     )
 
 
+def _validate_rotation(rule: LqerRule):
+  """rotate and rotate_block."""
+  if rule.rotate is not None and rule.rotate not in rotation_lib.KINDS:
+    _fail(
+      rule,
+      'rotate',
+      f'must be None or one of {rotation_lib.KINDS}, got {rule.rotate!r}',
+    )
+  block = rule.rotate_block
+  if block is not None:
+    if (
+      isinstance(block, bool)
+      or not isinstance(block, int)
+      or block < 2
+      or block & (block - 1)
+    ):
+      _fail(
+        rule,
+        'rotate_block',
+        f'must be None or a power of two >= 2, got {block!r}',
+      )
+    if rule.rotate is None:
+      _fail(rule, 'rotate_block', "sets the rotation's block; set rotate too")
+  if rule.rotate is None:
+    return
+  if rule.weight_qtype is None:
+    _fail(
+      rule,
+      'rotate',
+      'folds the rotation into a quantized weight; set weight_qtype',
+    )
+  if rule.act_static_scale:
+    _fail(
+      rule,
+      'act_static_scale',
+      'a rotated weight quantizes the rotated input x H with dynamic'
+      ' scales; Qwix calibrates static scales on the unrotated input, so'
+      ' set act_static_scale=False',
+    )
+
+
 def _validate(rule: LqerRule):
   """Raises ValueError naming the field for any invalid setting."""
   try:
@@ -294,6 +374,7 @@ def _validate(rule: LqerRule):
       rule, 'method', f'must be one of {decompose.METHODS}, got {rule.method!r}'
     )
   _validate_svdquant(rule)
+  _validate_rotation(rule)
   if rule.solver not in decompose.SOLVERS:
     _fail(
       rule, 'solver', f'must be one of {decompose.SOLVERS}, got {rule.solver!r}'

@@ -13,11 +13,12 @@ import qwix
 
 from lqer import _qwix
 from lqer.core import layout as layout_lib
+from lqer.core import rotation as rotation_lib
 
 
 @flax.struct.dataclass(kw_only=True)
 class WithLqer(_qwix.WithAux[qwix.QArray]):
-  """W ~= deq(array) [/ input_scale] + A B, in the kernel's own axes.
+  """W ~= H (deq(array) [/ input_scale] + A B), in the kernel's own axes.
 
   Build one with `WithLqer.create`. Attributes:
     a: (*batch, *contracting, k) left factor, `LqerRule.factor_dtype`.
@@ -28,6 +29,11 @@ class WithLqer(_qwix.WithAux[qwix.QArray]):
     input_scale: per-input-channel scale s (in,): the base weight is
       deq(array) / s along the contracting axes and the op divides its input
       by s. AWQ's searched scale, or SVDQuant's smoothing lam; else None.
+    rotation: with `LqerRule.rotate`, the (in // b, b) int8 signs of the
+      randomized block Hadamard H (`lqer.core.rotation`; the shape records
+      the block b): everything above is of the rotated weight Hᵀ W, and
+      the op rotates its input first, x -> x H along the contracting axes
+      (flattened in kernel order), then divides by s. Else None.
     contracting_axes: kernel axes summed with the input.
     batch_axes: kernel axes shared with input and output (einsum batch).
     rule: the `LqerRule` that produced it (rank, method, qtype, ...).
@@ -39,6 +45,7 @@ class WithLqer(_qwix.WithAux[qwix.QArray]):
   a_scale: jax.Array | None = None
   b_scale: jax.Array | None = None
   input_scale: jax.Array | None = None
+  rotation: jax.Array | None = None
   contracting_axes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   batch_axes: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
   rule: Any = flax.struct.field(pytree_node=False, default=None)
@@ -57,13 +64,15 @@ class WithLqer(_qwix.WithAux[qwix.QArray]):
     a_scale=None,
     b_scale=None,
     input_scale=None,
+    rotation=None,
     path: str = '',
   ) -> 'WithLqer':
     """The one constructor. Float factors are cast to `rule.factor_dtype`;
     with `rule.factor_qtype`, a and b are integer values (cast to that
     qtype), a_scale / b_scale their scales in factor_dtype, and float a, b
     without scales are zero placeholders (init). Abstract factors,
-    `jax.ShapeDtypeStruct`s, take those dtypes too."""
+    `jax.ShapeDtypeStruct`s, take those dtypes too. rotation: the signs
+    (`LqerRule.rotation_signs`), stored as int8."""
     quantized = rule.factor_qtype is not None
     value_dtype = (
       jnp.dtype(rule.factor_qtype) if quantized else (rule.factor_dtype)
@@ -72,7 +81,7 @@ class WithLqer(_qwix.WithAux[qwix.QArray]):
     def cast(f, dtype):
       if isinstance(f, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(f.shape, dtype)
-      return f.astype(dtype)
+      return jnp.asarray(f).astype(dtype)
 
     if quantized and a_scale is None:  # zero factors, unit scales
       a_scale = jnp.ones(layout.a_scale_shape(a.shape[-1]), jnp.float32)
@@ -86,6 +95,7 @@ class WithLqer(_qwix.WithAux[qwix.QArray]):
       a_scale=scale(a_scale),
       b_scale=scale(b_scale),
       input_scale=input_scale,
+      rotation=None if rotation is None else cast(rotation, jnp.int8),
       contracting_axes=layout.contracting_axes,
       batch_axes=layout.batch_axes,
       rule=rule,
@@ -106,16 +116,36 @@ class WithLqer(_qwix.WithAux[qwix.QArray]):
     )
 
   def reconstructed(self) -> jax.Array:
-    """W_hat = deq(array) [/ input_scale] + A B, float32, in W's shape."""
+    """W_hat = H (deq(array) [/ input_scale] + A B), float32, in W's shape
+    (the float weight's basis: H is undone where there is one)."""
     base = qwix.dequantize(self.array).reshape(self.shape).astype(jnp.float32)
     layout = self.layout
     if self.input_scale is not None:
       base = divide_along(base, self.input_scale, layout.contracting_axes)
-    if not self.rank:
-      return base
-    a, b = layout.merge_factors(*self.factors())
-    return base + layout.from_matrix(
-      jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    if self.rank:
+      a, b = layout.merge_factors(*self.factors())
+      base = base + layout.from_matrix(
+        jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+      )
+    return self.unrotated_kernel(base)
+
+  def rotated_kernel(self, w: jax.Array) -> jax.Array:
+    """Hᵀ W of a float kernel W of this weight's shape: the weight that
+    the stored base, scale and factors approximate (W without a
+    rotation)."""
+    if self.rotation is None:
+      return w
+    return rotate_along(
+      w, _qwix.unbox(self.rotation), self.layout.contracting_axes
+    )
+
+  def unrotated_kernel(self, w: jax.Array) -> jax.Array:
+    """H W of a kernel W in the rotated basis: back to the float model's
+    (the inverse of `rotated_kernel`)."""
+    if self.rotation is None:
+      return w
+    return rotate_along(
+      w, _qwix.unbox(self.rotation), self.layout.contracting_axes, True
     )
 
   @property
@@ -201,6 +231,23 @@ def layout_of(weight: _qwix.WithAux) -> layout_lib.KernelLayout:
   return layout_lib.KernelLayout.from_channelwise_axes(
     tuple(weight.shape), weight.how.channelwise_axes
   )
+
+
+def rotate_along(x: jax.Array, signs, axes, transpose: bool = False):
+  """x -> x H (transpose: x Hᵀ) on `axes` of x, flattened in the order
+  given (a kernel's contracting axes in its order, or the input axes
+  they pair with, in that same order), H the rotation of `signs`
+  (`lqer.core.rotation.rotate`). A kernel rotated on its contracting axes
+  is Hᵀ W, its input's x H, and their product x W."""
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  axes = tuple(a % x.ndim for a in axes)
+  rest = [a for a in range(x.ndim) if a not in axes]
+  perm = rest + list(axes)
+  moved = jnp.transpose(x, perm)
+  flat = moved.reshape(*moved.shape[: len(rest)], -1)
+  fn = rotation_lib.rotate_transpose if transpose else rotation_lib.rotate
+  out = fn(flat, signs, -1).reshape(moved.shape)
+  return jnp.transpose(out, np.argsort(perm))
 
 
 def divide_along(x: jax.Array, s: jax.Array, axes) -> jax.Array:
