@@ -16,6 +16,7 @@ LAYERS = {
   '_qwix': 0,
   '_version': 0,
   'core': 1,
+  'kernels': 1,
   'quant': 2,
   'offline': 3,
   'providers': 4,

@@ -377,7 +377,9 @@ def test_one_token_prime_rows_take_few_blocks(groups):
   p = packing.pack(arr)
   x = rng.normal(size=(1, rows)).astype(np.float32)
   dims = (((1,), (0,)), ((), ()))
-  f = lambda x, p: packing.packed_dot_general(x, p, dims, jnp.float32)
+  f = lambda x, p: packing.packed_dot_general(
+    x, p, dims, jnp.float32, kernel='xla'
+  )
   eqns = jax.make_jaxpr(f)(x, p).eqns
   dots = sum(e.primitive.name == 'dot_general' for e in eqns)
   assert dots == 2 * -(-rows // packing.MATVEC_BLOCK_ROWS)  # 2 halves

@@ -59,11 +59,23 @@ class LqerProvider(qwix.PtqProvider):
       `lqer.pack_params`, which need a compute dtype and, with an act_qtype,
       multiply the input quantized and dequantized as Qwix quantizes it
       (dynamic scales).
+    int4_kernel: how packed int4 weights multiply: 'auto' (default: lqer's
+      int4 CPU kernel, an XLA FFI call, on CPU where it was built; else the
+      XLA path, with one warning naming why), 'ffi' (the kernel, or an
+      error) or 'xla' (the blocked XLA path, on any backend).
   """
 
-  def __init__(self, rules, *, compute_dtype='auto', **kwargs):
+  def __init__(
+    self, rules, *, compute_dtype='auto', int4_kernel='auto', **kwargs
+  ):
     super().__init__(rules, **kwargs)
+    if int4_kernel not in packing.KERNELS:
+      raise ValueError(
+        f'LqerProvider: int4_kernel must be one of {packing.KERNELS}, got'
+        f' {int4_kernel!r}'
+      )
     self._compute_dtype = compute_dtype
+    self._int4_kernel = int4_kernel
     self._weights_matched = [0] * len(_qwix.rules_of(self))
 
   def process_model_output(self, method_name, model_output):
@@ -137,7 +149,12 @@ class LqerProvider(qwix.PtqProvider):
     ):
       compute_dtype = jnp.float32  # a plain Qwix weight: Qwix's numbers
     out = matmul.weight_only_dot_general(
-      x, rhs.array, dimension_numbers, compute_dtype, low_rank
+      x,
+      rhs.array,
+      dimension_numbers,
+      compute_dtype,
+      low_rank,
+      self._int4_kernel,
     )
     if output_perm is not None:
       out = jnp.transpose(out, output_perm)

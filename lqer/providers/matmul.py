@@ -46,14 +46,20 @@ def compute_dtype_for(requested, tokens: int, weight_bits: int = 4):
 
 
 def weight_only_dot_general(
-  lhs, q, dimension_numbers, compute_dtype='auto', low_rank=None
+  lhs,
+  q,
+  dimension_numbers,
+  compute_dtype='auto',
+  low_rank=None,
+  int4_kernel='auto',
 ):
   """lhs @ deq(q) with dequantization at use, float32 accumulation.
 
   `q` is a Qwix QArray or a `packing.PackedInt4`; `low_rank` (packed only):
   (xa, b) added as xa @ b inside the blocked matmul (see
-  `packing.packed_dot_general` for their shapes). Returns float32 of
-  dot_general's output shape.
+  `packing.packed_dot_general` for their shapes); int4_kernel: the packed
+  matmul, 'auto' / 'ffi' / 'xla' (`packing.resolve_kernel`). Returns float32
+  of dot_general's output shape.
   """
   if lhs.size == 0:  # no tokens: the empty output, as a float matmul gives
     out = jax.eval_shape(
@@ -74,7 +80,7 @@ def weight_only_dot_general(
     # misfit is an error, raised there.
     if low_rank is not None or packing.fits(q, dimension_numbers):
       return packing.packed_dot_general(
-        lhs, q, dimension_numbers, dtype, low_rank
+        lhs, q, dimension_numbers, dtype, low_rank, int4_kernel
       )
     q = _unpacked(q, dimension_numbers)
   # Tied to the layer's input, the dequantization is not hoisted.

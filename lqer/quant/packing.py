@@ -40,6 +40,7 @@ import qwix
 from lqer import _qwix
 from lqer.core import layout as layout_lib
 from lqer.core.paths import path_str
+from lqer.kernels import ffi
 from lqer.quant.weight import layout_of
 
 # Block sizes, tuned with benchmarks/inference.py on a 2-core AVX-512 CPU
@@ -419,9 +420,14 @@ def _by_column_blocks(x, packed, scale, dtype, low_rank):
   return jnp.concatenate(halves[0] + halves[1], -1)
 
 
-def _matmul(x, packed, scale, low_rank, dtype):
+def _matmul(x, packed, scale, low_rank, dtype, kernel='xla'):
   """x (tokens, in) @ deq(packed (in, out/2), scale (groups, out)) [+ xa
   (tokens, k) @ b (k, out)], float32 (tokens, out).
+
+  kernel 'ffi': lqer's int4 CPU kernel (`lqer.kernels.ffi`: nibbles
+  dequantized in registers, one pass over the packed bytes, float32
+  accumulation); the branch xa @ b is then one small XLA dot after it.
+  kernel 'xla': the blocked XLA path below.
 
   One token (a matrix-vector product): blocks of MATVEC_BLOCK_ROWS rows,
   partial products summed, branch added once. More tokens: blocks of
@@ -430,6 +436,12 @@ def _matmul(x, packed, scale, low_rank, dtype):
   output (a zero XLA cannot fold), so XLA keeps one block live instead of
   hoisting all.
   """
+  if kernel == 'ffi':
+    y = ffi.int4_matmul(x, packed, scale)
+    if low_rank is not None:
+      xa, b = low_rank
+      y = y + jnp.dot(xa, b, preferred_element_type=jnp.float32)
+    return y
   if x.shape[0] > 1:
     return _by_column_blocks(x, packed, scale, dtype, low_rank)
   y = _by_row_blocks(x, packed, scale, dtype)
@@ -437,6 +449,35 @@ def _matmul(x, packed, scale, low_rank, dtype):
     xa, b = low_rank
     y = y + jnp.dot(xa, b, preferred_element_type=jnp.float32)
   return y
+
+
+KERNELS = ('auto', 'ffi', 'xla')
+_FALLBACK_WARNED = []
+
+
+def resolve_kernel(kernel: str) -> str:
+  """'ffi' or 'xla' for a packed matmul.
+
+  'auto': lqer's int4 CPU kernel on CPU when it is built and loads, else the
+  XLA path (on CPU, with one warning naming why); other backends: 'xla'.
+  'ffi': the kernel, or a RuntimeError naming why it is unavailable.
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f'int4_kernel must be one of {KERNELS}, got {kernel!r}')
+  if kernel == 'xla' or (kernel == 'auto' and jax.default_backend() != 'cpu'):
+    return 'xla'
+  if ffi.available():
+    return 'ffi'
+  if kernel == 'ffi':
+    raise RuntimeError(f"int4_kernel='ffi': {ffi.unavailable_reason()}")
+  if not _FALLBACK_WARNED:
+    _FALLBACK_WARNED.append(True)
+    warnings.warn(
+      f'lqer: the int4 CPU kernel is unavailable ({ffi.unavailable_reason()});'
+      ' packed weights run on the XLA path',
+      stacklevel=3,
+    )
+  return 'xla'
 
 
 def fits(p: PackedInt4, dimension_numbers) -> bool:
@@ -469,7 +510,12 @@ def _batched_low_rank(low_rank, call_batch, rhs_b, layout, tokens):
 
 
 def packed_dot_general(
-  lhs, p: PackedInt4, dimension_numbers, compute_dtype, low_rank=None
+  lhs,
+  p: PackedInt4,
+  dimension_numbers,
+  compute_dtype,
+  low_rank=None,
+  kernel='auto',
 ):
   """dot_general(lhs, deq(p)) [+ xa @ b], dequantizing block by block.
 
@@ -481,7 +527,8 @@ def packed_dot_general(
   `p.layout` order, k, *output), each in any row-major reshaping (the
   provider passes them unflattened). Returns float32 of
   dot_general's output shape: (*batch in the call's order, *lhs free,
-  *kernel output dims in kernel order).
+  *kernel output dims in kernel order). kernel: 'auto', 'ffi' or 'xla'
+  (`resolve_kernel`).
   """
   if not fits(p, dimension_numbers):
     raise ValueError(
@@ -506,7 +553,9 @@ def packed_dot_general(
     low_rank = _batched_low_rank(
       low_rank, [lhs.shape[a] for a in lhs_b], rhs_b, layout, x.shape[1]
     )
-  matmul = functools.partial(_matmul, dtype=compute_dtype)
+  matmul = functools.partial(
+    _matmul, dtype=compute_dtype, kernel=resolve_kernel(kernel)
+  )
   args = (x, packed, scale, low_rank)
   if layout.batch_axes:
     y = jax.vmap(matmul)(*args)
