@@ -24,6 +24,8 @@ from lqer.offline.probe import output_sensitivity
 from lqer.offline.report import LayerReport
 from lqer.offline.report import Report
 from lqer.offline.report import report
+from lqer.offline.tune import TuneRecord
+from lqer.offline.tune import tune_factors
 from lqer.providers.calibration import LqerCalibrationProvider
 from lqer.providers.calibration import calibrate
 from lqer.providers.calibration import output_gradients
@@ -59,4 +61,6 @@ __all__ = [
   'pack_params',
   'quantize_checkpoint',
   'to_lora',
+  'TuneRecord',
+  'tune_factors',
 ]

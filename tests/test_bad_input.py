@@ -189,3 +189,17 @@ def test_empty_batch_gives_an_empty_output_as_float_does(pack):
   params = lqer.pack_params(params) if pack else params
   y = jax.jit(qmodel.apply)({'params': params}, x[:0])
   assert y.shape == model.apply({'params': fp}, x[:0]).shape == (0, 16, 32)
+
+
+def test_eval_load_typo_fails_before_any_model_loads(monkeypatch, tmp_path):
+  from lqer.cli import main as cli  # pylint: disable=g-import-not-at-top
+  from lqer.cli import tasks  # pylint: disable=g-import-not-at-top
+
+  def no_model(*args, **kwargs):
+    raise AssertionError('a model was loaded')
+
+  monkeypatch.setitem(tasks.TASKS, 'minilm', no_model)
+  with pytest.raises(FileNotFoundError, match='typo'):
+    cli.main(['eval', '--model', 'minilm', '--load', str(tmp_path / 'typo')])
+  args = cli.parser().parse_args(['eval', '--load', 'out', '--force'])
+  assert args.force

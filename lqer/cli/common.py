@@ -35,8 +35,18 @@ COMPUTE_DTYPES = {
 FACTOR_QTYPES = {
   16 if q is None else bits.qtype_bits(q): q for q in _FACTOR_QTYPES
 }
-# --bits: Qwix's integer qtypes.
-WEIGHT_BITS = [2, 3, 4, 8]
+# --bits: Qwix's integer qtypes (int2 ... int8).
+WEIGHT_BITS = [2, 3, 4, 5, 6, 7, 8]
+# --tune-steps: tokens (smollm2, windows of WINDOW) or sentences (minilm)
+# of the calibration data the factors are tuned on, and Adam's peak rate
+# (16 steps, int4 factors, QERA rank 32: MiniLM gained at 3e-4 and diverged
+# at 1e-3; 3 blocks of SmolLM2 gained at 1e-3 and 2e-3).
+DEFAULT_TUNE_TOKENS = 2048
+DEFAULT_TUNE_SENTENCES = 64
+DEFAULT_TUNE_LR = 3e-4
+# A row spending at most this many extra bits over a budget still counts
+# as spending it (the uniform rank is the nearest, not the one below).
+BUDGET_SLACK = 0.01
 
 METHOD_LABELS = {
   'svd': 'LQER',
@@ -66,7 +76,7 @@ class Row:
   model: str
   method: str
   base: str
-  bits: int | None
+  bits: int | str | None  # str: the widths of a mixed-precision row
   tile_size: int | None
   rank: int | str | None  # 'auto': allocated under --budget
   metric: str
@@ -78,6 +88,14 @@ class Row:
   # Bits per weight minus the PTQ row's at the same base settings.
   extra_bits: float | None = None
   calib: int | None = None  # calibration tokens (smollm2) / sentences
+  # --budget: the budget (extra bits per weight) this row is compared at;
+  # None: not part of a budget's comparison.
+  budget: float | None = None
+  # The best row at its budget (`mark_best`): lowest metric among the rows
+  # spending at most the budget.
+  best: bool = False
+  # --tune-steps: what tuning did (`lqer.TuneRecord`'s numbers).
+  tuning: dict | None = None
 
 
 def eval_table(rows) -> str:
@@ -110,7 +128,7 @@ def eval_table(rows) -> str:
       fmt(r.tile_size, '{}'),
       fmt(r.rank, '{}'),
       *([fmt(r.calib, '{}')] if calib else []),
-      fmt(r.value),
+      fmt(r.value, '**{:.4f}**' if r.best else '{:.4f}'),
       *[fmt(r.extra.get(k)) for k in extra],
       fmt(r.bits_per_weight, '{:.2f}'),
       fmt(r.extra_bits, '{:.3f}'),
@@ -118,6 +136,82 @@ def eval_table(rows) -> str:
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+def is_ptq(row: Row) -> bool:
+  """Whether a row is plain PTQ (uniform or mixed bits), not a method."""
+  return row.method != 'FP' and row.rank is None
+
+
+def within_budget(row: Row) -> bool:
+  """Whether a budget's row spends at most its budget (`BUDGET_SLACK`)."""
+  return (
+    row.budget is not None
+    and row.extra_bits is not None
+    and row.extra_bits <= row.budget + BUDGET_SLACK
+  )
+
+
+def _budget_groups(rows) -> dict:
+  """{(base bits per weight, act bits, calib, budget): rows compared at
+  that budget}; the base is the PTQ row the extra bits are counted from."""
+  groups = {}
+  for r in rows:
+    if r.budget is not None and r.extra_bits is not None:
+      base = round(r.bits_per_weight - r.extra_bits, 6)
+      key = (base, r.act_bits, r.calib, r.budget)
+      groups.setdefault(key, []).append(r)
+  return groups
+
+
+def mark_best(rows) -> None:
+  """Sets `best` on each budget's winner: the lowest metric (perplexity,
+  1 - cos: lower is better) among its rows spending at most the budget
+  (`within_budget`), factors or PTQ at more bits alike."""
+  for group in _budget_groups(rows).values():
+    for r in group:
+      r.best = False
+    fair = [r for r in group if within_budget(r)]
+    if fair:
+      min(fair, key=lambda r: r.value).best = True
+
+
+def budget_summary(rows) -> list[str]:
+  """One line per budget: its bits per weight, the best row with factors,
+  the best PTQ row (uniform or mixed) within the same bits, which wins, and
+  the PTQ row at the next width up for reference."""
+  lines = []
+  label = lambda r: (
+    f'{r.method} W{r.bits}' if is_ptq(r) else f'{r.method} rank {r.rank}'
+  )
+  for (base_bpw, _, calib, budget), group in _budget_groups(rows).items():
+    fair = [r for r in group if within_budget(r)]
+    lqer_rows = [r for r in fair if not is_ptq(r)]
+    ptq_rows = [r for r in fair if is_ptq(r)]
+    if not lqer_rows or not ptq_rows:
+      continue
+    best = min(lqer_rows, key=lambda r: r.value)
+    ptq = min(ptq_rows, key=lambda r: r.value)
+    win = best if best.value <= ptq.value else ptq
+    lose = ptq if win is best else best
+    line = (
+      f'budget {budget:g} extra bits (W{best.bits}, {base_bpw + budget:.2f}'
+      f' bits/weight{f", calib {calib}" if calib else ""}): {label(win)}'
+      f' wins, {win.value:.4f} against {label(lose)} {lose.value:.4f}'
+      + (
+        f' ({(lose.value / win.value - 1) * 100:.1f} % higher)'
+        if win.value > 0
+        else ''
+      )
+    )
+    above = [r for r in group if is_ptq(r) and not within_budget(r)]
+    if above:
+      r = min(above, key=lambda r: r.bits_per_weight)
+      line += (
+        f'; {label(r)} at {r.bits_per_weight:.2f} bits/weight: {r.value:.4f}'
+      )
+    lines.append(line)
+  return lines
 
 
 def read_text(path):

@@ -4,26 +4,39 @@
         --methods svd l2qer qera
 
 prints FP, plain Qwix PTQ and each method x rank with the quality metric,
-bits per weight and offline seconds. `--load DIR` of an `lqer quantize`
-directory scores that instead (`quantize.eval_quantized_dir`).
+bits per weight and offline seconds; `--budget` adds allocated ranks and
+the equal-bits PTQ rows, `--tune-steps` factors tuned to the output.
+`--load DIR` of an `lqer quantize` directory scores that instead
+(`quantize.eval_quantized_dir`).
 """
 
+import dataclasses
+import math
 import sys
-from typing import Iterator, Sequence
+import time
+from typing import Any, Iterator, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 
+from lqer import _qwix
 from lqer.checkpoints import tree as checkpoint
 from lqer.cli import common
 from lqer.cli import quantize
 from lqer.cli import tasks
+from lqer.core.paths import path_str
 from lqer.offline import allocation
 from lqer.offline.report import report as make_report
+from lqer.offline.tune import tune_factors
 from lqer.providers.inference import LqerProvider
+from lqer.quant import bits as bits_lib
 from lqer.quant import recipes
+from lqer.quant import stats as stats_lib
 from lqer.quant.packing import pack_params
+from lqer.quant.weight import WithLqer
 
 DEFAULTS = {
   'smollm2': dict(bits=[4], tile_size=128, ranks=[32]),
@@ -96,7 +109,10 @@ def add_parser(sub):
     type=float,
     help='extra bits per weight: per method, one row with'
     ' ranks allocated under it (rank "auto") and one with the'
-    ' uniform rank spending the same bits; --ranks optional',
+    ' uniform rank spending the same bits; then plain PTQ at the'
+    ' widths that bracket the bits per weight and mixed-precision'
+    ' PTQ spending the same budget on wider weights (the winner in'
+    ' bold); --ranks optional',
   )
   e.add_argument(
     '--refine-iters',
@@ -104,6 +120,29 @@ def add_parser(sub):
     default=0,
     help='LoftQ-style alternations of base and factors (kept'
     ' per weight only where the objective drops)',
+  )
+  e.add_argument(
+    '--tune-steps',
+    type=int,
+    default=0,
+    help='after the closed form, tune the factors (A, B; bases frozen)'
+    " this many Adam steps against the float model's output on"
+    ' calibration text only (KL divergence of the next-token'
+    ' distribution; minilm: squared error of the embeddings): a'
+    ' "<method> tuned" row after each allocated and each --ranks row',
+  )
+  e.add_argument(
+    '--tune-tokens',
+    type=int,
+    help='calibration tokens the tuning reads (smollm2, windows of'
+    f' {common.WINDOW}, default {common.DEFAULT_TUNE_TOKENS}) or'
+    f' sentences (minilm, default {common.DEFAULT_TUNE_SENTENCES});'
+    ' from the start of the calibration data',
+  )
+  e.add_argument(
+    '--tune-lr',
+    type=float,
+    help=f"tuning's Adam learning rate (default {common.DEFAULT_TUNE_LR})",
   )
   e.add_argument(
     '--calib-tokens',
@@ -155,6 +194,12 @@ def add_parser(sub):
     ' instead of quantizing, or a directory written by lqer'
     ' quantize (its FP and quantized rows)',
   )
+  e.add_argument(
+    '--force',
+    action='store_true',
+    help='with --load of an lqer quantize directory: evaluate even though'
+    ' its source changed since (a warning instead of an error)',
+  )
 
 
 def eval_rows(
@@ -173,6 +218,7 @@ def eval_rows(
   error_rank=None,
   budget=None,
   calib=None,
+  tune=None,
   **rule_kw,
 ) -> Iterator[common.Row]:
   """Yields FP (if with_fp), PTQ and method x rank rows for one bits / tile
@@ -182,7 +228,11 @@ def eval_rows(
   and runs once. budget: per method, a row with ranks allocated under that
   many extra bits per weight (terms valued by the output-gradient
   statistics of `task.gradient_batches`, gathered once, before the rows),
-  then the uniform rank spending the same bits.
+  then the uniform rank spending the same bits; then the equal-bits PTQ
+  rows (`equal_bits_rows`). tune: `Tuning` (lqer eval --tune-steps): each
+  allocated row and each --ranks row with factors is followed by the same
+  factors tuned to the float model's output on calibration batches
+  (`lqer.tune_factors`), labelled '<method> tuned'.
   rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
   if act_bits is None and set(methods) & set(common.ACT_METHODS):
     raise ValueError(
@@ -192,22 +242,26 @@ def eval_rows(
     )
   maybe_pack = pack_params if pack else lambda params: params
   ptq_bpw = None
-  row = lambda method, rank, scores, bpw=None, secs=None: common.Row(
-    task.name,
-    method,
-    base,
-    bits if method != 'FP' else None,
-    tile_size if method != 'FP' else None,
-    rank,
-    task.metric,
-    scores[task.metric],
-    bpw,
-    secs,
-    {k: v for k, v in scores.items() if k != task.metric},
-    act_bits if method != 'FP' else None,
-    None if method == 'FP' or ptq_bpw is None else bpw - ptq_bpw,
-    calib,
-  )
+
+  def row(method, rank, scores, bpw=None, secs=None, **kw):
+    return common.Row(
+      task.name,
+      method,
+      base,
+      kw.pop('row_bits', bits) if method != 'FP' else None,
+      tile_size if method != 'FP' else None,
+      rank,
+      task.metric,
+      scores[task.metric],
+      bpw,
+      secs,
+      {k: v for k, v in scores.items() if k != task.metric},
+      act_bits if method != 'FP' else None,
+      None if method == 'FP' or ptq_bpw is None else bpw - ptq_bpw,
+      calib,
+      **kw,
+    )
+
   if with_fp:
     yield row('FP', None, task.score(task.module, task.params), 32.0)
   rules_for = lambda rank, method, **kw: recipes.build_rules(
@@ -233,8 +287,26 @@ def eval_rows(
     task.score(ptq_model, maybe_pack(ptq_params)),
     bpw,
     secs,
+    budget=budget,
   )
   num_weights = ptq_total['num_weights']
+
+  def tuned_row(method, rank, model, params, secs, **kw):
+    """The row of `params`' factors tuned (`tune`), or None without."""
+    if tune is None or not _has_factors(params):
+      return None
+    params, record = _tune(task, model, params, stats, tune)
+    bpw = make_report(task.params, params).total()['bits_per_weight']
+    return row(
+      f'{common.METHOD_LABELS[method]} tuned',
+      rank,
+      task.score(model, maybe_pack(params)),
+      bpw,
+      secs + record.seconds,
+      tuning=_tuning_record(record, tune),
+      **kw,
+    )
+
   if budget is not None:
     stats = tasks.gradient_statistics(task, rules_for(1, 'qera'), stats)
   for method in methods if budget is not None else ():
@@ -253,7 +325,11 @@ def eval_rows(
       task.score(model, maybe_pack(params)),
       bpw,
       secs,
+      budget=budget,
     )
+    tuned = tuned_row(method, 'auto', model, params, secs, budget=budget)
+    if tuned is not None:
+      yield tuned
     uniform = tasks.uniform_rank_for(params, num_weights, bpw - ptq_bpw)
     model, params, secs = tasks.quantize(
       task, rules_for(uniform, method, **rule_kw), stats, base, compute_dtype
@@ -265,7 +341,29 @@ def eval_rows(
       task.score(model, maybe_pack(params)),
       bpw,
       secs,
+      budget=budget,
     )
+  if budget is not None:
+    for r in equal_bits_rows(
+      task,
+      bits,
+      tile_size,
+      budget,
+      stats,
+      base=base,
+      compute_dtype=compute_dtype,
+      act_bits=act_bits,
+      **rule_kw,
+    ):
+      yield row(
+        r.method,
+        None,
+        task.score(r.model, maybe_pack(r.params)),
+        make_report(task.params, r.params).total()['bits_per_weight'],
+        r.seconds,
+        row_bits=r.bits,
+        budget=budget,
+      )
   for i, rank in enumerate(ranks):
     for method in methods:
       if method == 'smoothquant' and i:
@@ -300,6 +398,187 @@ def eval_rows(
         bpw,
         secs,
       )
+      if load_dir is None:
+        tuned = tuned_row(method, label_rank, model, params, secs)
+        if tuned is not None:
+          yield tuned
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """lqer eval --tune-steps / --tune-tokens / --tune-lr."""
+
+  steps: int
+  tokens: int
+  lr: float = common.DEFAULT_TUNE_LR
+  seed: int = 0
+
+
+def _has_factors(params) -> bool:
+  return any(
+    isinstance(w, WithLqer) and w.rank > 0
+    for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, WithLqer))
+  )
+
+
+def _tune(task: tasks.Task, model, params, stats, tune: Tuning):
+  """`lqer.tune_factors` of the LQER params on the task's tuning batches
+  (calibration tokens only: `Task.tune_batches`, else the calibration
+  batches); prints what it did."""
+  record_args = dict(steps=tune.steps, lr=tune.lr, seed=tune.seed)
+  params, record = tune_factors(
+    lambda p, *batch: model.apply({'params': p}, *batch),
+    task.params,
+    params,
+    (
+      task.tune_batches(tune.tokens)
+      if task.tune_batches is not None
+      else task.calib_batches
+    ),
+    output='softmax' if task.output == 'softmax' else 'mse',
+    fp_apply_fn=lambda p, *batch: task.module.apply({'params': p}, *batch),
+    calibration=stats,
+    progress=True,
+    **record_args,
+  )
+  before, after = record.output_error['TOTAL']
+  print(
+    f'tuned {tune.steps} steps on {tune.tokens} calibration'
+    f' {"tokens" if task.name == "smollm2" else "sentences"}'
+    f' in {record.seconds:.1f} s: {record.output}'
+    f' {record.objective_before:.4g} -> {record.objective_after:.4g};'
+    f' report output error {before:.4f} -> {after:.4f}'
+    + ('' if record.kept else '; it rose: the closed form is kept'),
+    file=sys.stderr,
+    flush=True,
+  )
+  return params, record
+
+
+def _tuning_record(record, tune: Tuning) -> dict:
+  """A tuned row's `Row.tuning` (JSON): objective and the report's output
+  errors (TOTAL and per weight) before and after."""
+  return {
+    'steps': record.steps,
+    'tokens': tune.tokens,
+    'lr': record.lr,
+    'seed': record.seed,
+    'objective': record.output,
+    'objective_before': record.objective_before,
+    'objective_after': record.objective_after,
+    'kept': record.kept,
+    'seconds': record.seconds,
+    'output_error': {p: list(v) for p, v in record.output_error.items()},
+  }
+
+
+@dataclasses.dataclass
+class EqualBits:
+  """One equal-bits PTQ setting: its label, widths, params and cost."""
+
+  method: str
+  bits: int | str
+  model: Any
+  params: Any
+  bits_per_weight: float
+  seconds: float
+
+
+def bracket_widths(bpw_by_width: dict, target: float) -> list[int]:
+  """The integer widths whose uniform PTQ bits per weight bracket `target`:
+  the widest at or below it and the narrowest at or above it (one width
+  when it lands on target, none above the widest)."""
+  below = [u for u, b in bpw_by_width.items() if b <= target + 1e-9]
+  above = [u for u, b in bpw_by_width.items() if b >= target - 1e-9]
+  return sorted(
+    {*([max(below)] if below else []), *([min(above)] if above else [])}
+  )
+
+
+def equal_bits_rows(
+  task: tasks.Task,
+  bits: int,
+  tile_size,
+  budget: float,
+  stats,
+  base='rtn',
+  compute_dtype=jnp.float32,
+  act_bits=None,
+  **rule_kw,
+) -> Iterator[EqualBits]:
+  """PTQ that spends a budget's bits on more base bits instead of factors.
+
+  The budget's bits per weight are the W`bits` PTQ row's plus `budget`.
+  Yields: uniform PTQ at the widths that bracket them (`bracket_widths`;
+  the width `bits` itself is the PTQ row already printed), then mixed
+  precision: every weight's width (`bits` to 8) chosen greedily under the
+  budget by output damage removed per bit (`allocation.allocate_widths`),
+  the damage Σ_o E[g_o^2] (D^T R D)_oo of each weight's RTN error D at
+  each width (`allocation.error_damage`: the output-gradient statistics
+  the budget's allocation uses). Bits are counted as the report counts
+  them (`lqer.quant.bits`): the RTN pass at each width gives each weight's
+  stored bits. The mixed row's seconds include those passes.
+  """
+  start = time.perf_counter()
+  rules_at = lambda width, **kw: recipes.build_rules(
+    task.params,
+    task.module_path,
+    width,
+    tile_size,
+    None,
+    'svd',
+    act_bits=act_bits,
+    **kw,
+    **rule_kw,
+  )[0]
+  fp = flax.traverse_util.flatten_dict(task.params)
+  options, passes, total_bits, sizes = {}, {}, {}, {}
+  for width in range(bits, 9):
+    model, params, secs = tasks.quantize(
+      task, rules_at(width), stats, 'rtn', compute_dtype
+    )
+    passes[width] = (model, params, secs)
+    total_bits[width] = 0
+    for path, q in flax.traverse_util.flatten_dict(params).items():
+      if not isinstance(q, _qwix.WithAux):
+        continue
+      n = int(np.prod(q.shape))
+      stored = round(bits_lib.bits_per_weight(q) * n)
+      damage = allocation.error_damage(
+        fp[path], q, stats_lib.lookup(stats, path)
+      )
+      options.setdefault(path, []).append((stored, damage))
+      total_bits[width] += stored
+      sizes[path] = n
+  num_weights = sum(sizes.values())
+  select_secs = time.perf_counter() - start
+  bpw = {u: b / num_weights for u, b in total_bits.items()}
+  label = 'PTQ' if base == 'rtn' else base.upper()
+  for width in bracket_widths(bpw, bpw[bits] + budget):
+    if width == bits:
+      continue
+    model, params, secs = passes[width]
+    if base != 'rtn':
+      model, params, secs = tasks.quantize(
+        task, rules_at(width), stats, base, compute_dtype
+      )
+    yield EqualBits(label, width, model, params, bpw[width], secs)
+  if bits == max(passes):
+    return  # no wider width to spend the budget on
+  chosen = allocation.allocate_widths(options, math.floor(budget * num_weights))
+  widths = {path_str(p[:-1]): bits + i for p, i in chosen.index.items()}
+  model, params, secs = tasks.quantize(
+    task, rules_at(bits, widths=widths), stats, base, compute_dtype
+  )
+  used = sorted(set(widths.values()))
+  yield EqualBits(
+    f'{label} mixed',
+    '/'.join(map(str, used)),
+    model,
+    params,
+    (total_bits[bits] + chosen.spent_bits) / num_weights,
+    select_secs + secs,
+  )
 
 
 def _series(rows):
@@ -355,8 +634,45 @@ def plot_calibration(rows, path):
   print(f'saved {path}')
 
 
+def _tuning(args) -> Tuning | None:
+  """--tune-steps / --tune-tokens / --tune-lr as a `Tuning` (None: no
+  tuning), checked before any model loads."""
+  if args.tune_steps < 0:
+    raise SystemExit(f'--tune-steps must be >= 0, got {args.tune_steps}')
+  if not args.tune_steps:
+    if args.tune_tokens is not None or args.tune_lr is not None:
+      raise SystemExit('--tune-tokens and --tune-lr need --tune-steps N > 0')
+    return None
+  if args.load is not None:
+    raise SystemExit(
+      '--tune-steps tunes factors as they are quantized; not with --load'
+    )
+  smollm2 = args.model == 'smollm2'
+  tokens = args.tune_tokens or (
+    common.DEFAULT_TUNE_TOKENS if smollm2 else common.DEFAULT_TUNE_SENTENCES
+  )
+  calib = min(
+    args.calib_tokens
+    or [
+      common.DEFAULT_CALIB_TOKENS if smollm2 else common.DEFAULT_CALIB_SENTENCES
+    ]
+  )
+  unit = 'tokens' if smollm2 else 'sentences'
+  if not 0 < tokens <= calib:
+    raise SystemExit(
+      f'--tune-tokens must be in [1, {calib}]: tuning reads calibration'
+      f' {unit} only, and the calibration has {calib}; got {tokens}'
+    )
+  lr = common.DEFAULT_TUNE_LR if args.tune_lr is None else args.tune_lr
+  if not (math.isfinite(lr) and lr > 0):
+    raise SystemExit(f'--tune-lr must be a finite number > 0, got {lr}')
+  return Tuning(args.tune_steps, tokens, lr)
+
+
 def eval_command(args) -> list:
   """Runs `lqer eval`: prints the table, returns its `Row`s."""
+  tune = _tuning(args)
+  quantize.check_load_dir(args.load)  # --load TYPO: before any model loads
   if quantize.is_quantized_dir(args.load):
     common.echo_command('eval')
     rows = quantize.eval_quantized_dir(args)
@@ -444,6 +760,7 @@ def eval_command(args) -> list:
         calib=n_calib,
         refine_iters=args.refine_iters,
         factor_qtype=common.FACTOR_QTYPES[args.factor_bits],
+        tune=tune,
         with_fp=bits == bits_list[0] and n_calib == sweep[0],
       ):
         rows.append(row)
@@ -454,7 +771,11 @@ def eval_command(args) -> list:
           file=sys.stderr,
           flush=True,
         )
+  common.mark_best(rows)
   print(common.eval_table(rows))
+  summary = common.budget_summary(rows)
+  if summary:
+    print('\n' + '\n'.join(summary))
   if len(sweep) > 1:
     print('\n' + calib_table(rows))
   if args.plot:

@@ -53,6 +53,9 @@ class Task:
   # the model output's kind ('softmax': logits).
   gradient_batches: list[Any] | None = None
   output: str = 'gaussian'
+  # `lqer eval --tune-steps`: n -> the batches factors are tuned on, from
+  # the first n calibration tokens (smollm2) or sentences (minilm).
+  tune_batches: Callable[[int], list[Any]] | None = None
 
 
 def smollm2_task(
@@ -68,16 +71,9 @@ def smollm2_task(
 
   module, params, tokenizer = smollm2.load_smollm2()
   encode = lambda t: np.asarray(tokenizer.encode(t).ids, np.int32)
-  prose = encode(text.prose_text())
-  if calib_text is None and eval_text is None:
-    calib, evals = text.split_tokens(prose, n_calib, n_eval)
-  else:
-    calib = (prose if calib_text is None else encode(calib_text))[:n_calib]
-    evals = (prose if eval_text is None else encode(eval_text))[-n_eval:]
-  train = prose[
-    len(calib) if calib_text is None else 0 : len(prose)
-    - (len(evals) if eval_text is None else 0)
-  ]
+  calib, evals, train = split_smollm2_tokens(
+    encode(text.prose_text()), calib_text, eval_text, n_calib, n_eval, encode
+  )
   if len(evals) < window:
     raise ValueError(
       f'evaluation text has {len(evals)} tokens; need at least'
@@ -110,7 +106,49 @@ def smollm2_task(
     # 256 tokens each (one backward pass).
     gradient_batches=[(windows[:: max(1, len(windows) // 4), :256][:4],)],
     output='softmax',
+    tune_batches=lambda n: tuning_windows(calib, n, window),
   )
+
+
+def split_smollm2_tokens(prose, calib_text, eval_text, n_calib, n_eval, encode):
+  """(calibration, evaluation, training) token ids of the SmolLM2 task.
+
+  Default text: calibration from the start of the bundled prose, evaluation
+  from its end (disjoint: `text.split_tokens`), training between. A user's
+  text: calibration from the start of --calib-text, evaluation from the end
+  of --eval-text; the same text for both must hold both without overlap
+  (ValueError), so calibration and tuning never read evaluation tokens.
+  """
+  from models import text  # pylint: disable=g-import-not-at-top
+
+  if calib_text is None and eval_text is None:
+    calib, evals = text.split_tokens(prose, n_calib, n_eval)
+  else:
+    calib_ids = prose if calib_text is None else encode(calib_text)
+    eval_ids = prose if eval_text is None else encode(eval_text)
+    if calib_text == eval_text:  # one text: its start and its end
+      calib, evals = text.split_tokens(
+        calib_ids, min(n_calib, len(calib_ids)), n_eval
+      )
+    else:
+      calib, evals = calib_ids[:n_calib], eval_ids[-n_eval:]
+  train = prose[
+    len(calib) if calib_text is None else 0 : len(prose)
+    - (len(evals) if eval_text is None else 0)
+  ]
+  return calib, evals, train
+
+
+def tuning_windows(calib, n_tokens: int, window: int = common.WINDOW):
+  """Batches of `lqer eval --tune-tokens`: the first n_tokens calibration
+  tokens, one window of `window` tokens per batch (the last one shorter)."""
+  if not 0 < n_tokens <= len(calib):
+    raise ValueError(
+      f'--tune-tokens {n_tokens}: tuning reads calibration tokens only,'
+      f' and there are {len(calib)}; give 1 to {len(calib)}'
+    )
+  tokens = np.asarray(calib[:n_tokens])
+  return [(tokens[None, i : i + window],) for i in range(0, n_tokens, window)]
 
 
 def minilm_task(
@@ -125,11 +163,16 @@ def minilm_task(
 
   module, params, tokenizer = minilm.load_minilm()
   prose = text.sentences(text.num_sentences())
+  first_eval = None  # default text: split_sentences keeps them disjoint
   if calib_text is None and eval_text is None:
     calib, evals = text.split_sentences(n_calib, n_eval)
   else:
     calib = list(text.text_sentences(calib_text or text.prose_text()))
     evals = list(text.text_sentences(eval_text or text.prose_text()))
+    # One text for both: the sentences from `first_eval` on are evaluated.
+    first_eval = (
+      max(0, len(evals) - n_eval) if calib_text == eval_text else None
+    )
     calib, evals = calib[:n_calib], evals[-n_eval:]
   train = prose[
     len(calib) if calib_text is None else 0 : len(prose)
@@ -151,6 +194,23 @@ def minilm_task(
     minilm.tokenize(tokenizer, calib[i : i + 32])
     for i in range(0, len(calib), 32)
   ]
+
+  def tune_batches(n):
+    if not 0 < n <= len(calib):
+      raise ValueError(
+        f'--tune-tokens {n}: tuning reads calibration sentences only,'
+        f' and there are {len(calib)}; give 1 to {len(calib)}'
+      )
+    if first_eval is not None and n > first_eval:
+      raise ValueError(
+        f'--tune-tokens {n}: the text holds {first_eval} sentences before'
+        ' the evaluation sentences; tuning never reads evaluation text'
+      )
+    return [
+      minilm.tokenize(tokenizer, calib[i : min(i + 16, n)])
+      for i in range(0, n, 16)
+    ]
+
   return Task(
     name='minilm',
     module=module,
@@ -162,6 +222,7 @@ def minilm_task(
     module_path=r'layer_\d+/.*',
     encode=lambda t: list(text.text_sentences(t)),
     train_data=train,
+    tune_batches=tune_batches,
   )
 
 

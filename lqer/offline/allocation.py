@@ -19,6 +19,12 @@ in i (`_decreasing`), so taking terms by value per bit, largest first, while
 they fit is the greedy solution of this knapsack (optimal up to the last
 term) and always takes a prefix of each weight's terms: its rank. Ties go
 to the earlier weight (param order), so the allocation is deterministic.
+
+Mixed precision, the equal-bits baseline of a budget (`lqer eval --budget`),
+is the same greedy over bit widths instead of ranks: `error_damage` values
+a weight's PTQ error at each width by the output-gradient statistics, and
+`allocate_widths` spends the budget on the widths that remove the most
+damage per bit.
 """
 
 import dataclasses
@@ -26,11 +32,17 @@ import math
 import numbers
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import qwix
 
 from lqer.core.paths import path_str
 from lqer.offline.probe import OutputProbe
+from lqer.quant import packing
+from lqer.quant import stats as stats_lib
 from lqer.quant.bits import component_bits
+from lqer.quant.weight import layout_of
 
 
 def fixed_bits(job) -> int:
@@ -377,3 +389,131 @@ def _normalized(gains, out_energy, err_energy, how):
     root = np.sqrt(left / max(out_energy, 1e-30))
     return root[:-1] - root[1:]
   return np.log(left[:-1]) - np.log(left[1:])
+
+
+def error_damage(w, q, stats) -> float:
+  """Output damage of a quantized weight's error, to first order.
+
+  With D = deq(q) - W as an (in, out) matrix, R = E[x^T x] and h_o =
+  E[g_o^2] the output gradient's second moment per output channel
+  (`calibration.output_gradients`),
+
+      damage = Σ_o h_o (D^T R D)_oo,
+
+  the output change E||J D||^2 if the layer's input and the gradient are
+  independent and the output channels' gradients uncorrelated (what
+  `damage_gains` assumes of one factor term). Without gradient statistics
+  h = 1 (the output error tr(D^T R D)); without E[x^T x], R = I.
+
+  Args:
+    w: the float kernel.
+    q: its quantized weight (a Qwix `WithAux`; plain PTQ).
+    stats: its calibration statistics (`lqer.quant.stats`) or None.
+  """
+  layout = layout_of(q)
+  deq = qwix.dequantize(packing.as_qarray(q.array)).astype(jnp.float32)
+  d = layout.to_matrix(deq.reshape(w.shape) - jnp.asarray(w, jnp.float32))
+  d = d.reshape(-1, *d.shape[-2:])
+  stats = stats or {}
+  r = (
+    stats_lib.second_moment(stats)
+    if 'sum_of_xtx' in stats
+    else jnp.eye(d.shape[-2])
+  )
+  h = (
+    stats['sum_of_g2'] / jnp.maximum(stats['grad_count'], 1.0)
+    if 'sum_of_g2' in stats
+    else jnp.ones(d.shape[-1])
+  )
+  if r.shape != d.shape[-2:-1] * 2 or h.shape != d.shape[-1:]:
+    r, h = jnp.eye(d.shape[-2]), jnp.ones(d.shape[-1])  # batch axes
+  return float(_damage(d, r.astype(jnp.float32), h.astype(jnp.float32)))
+
+
+@jax.jit
+def _damage(d, r, h):
+  """Σ_o h_o (D^T R D)_oo over stacked D (*, in, out)."""
+  rd = jnp.einsum('ij,bjo->bio', r, d, precision=jax.lax.Precision.HIGHEST)
+  return jnp.sum(rd * d * h)
+
+
+@dataclasses.dataclass
+class Widths:
+  """What `allocate_widths` decided.
+
+  Attributes:
+    index: {path: index of the chosen option} (0: the base width).
+    spent_bits: bits spent over the base widths.
+    left_bits: budget bits left unspent (less than the cost of any step
+      still open; none stays open once every weight has its widest).
+  """
+
+  index: dict
+  spent_bits: int
+  left_bits: int
+
+
+def allocate_widths(options: dict, budget_bits: int) -> Widths:
+  """Mixed precision under a budget: each weight's bit width, greedily.
+
+  options {path: [(bits, damage), ...]}: each weight's stored bits and
+  output damage (`error_damage`) at each width it may take, narrowest
+  (its base) first. A step from one width to a wider one costs the bits
+  between them and removes the damage between them; only the steps of the
+  lower convex hull of (bits, damage) are offered, so each weight's steps
+  remove less damage per bit the wider it goes, and taking steps by damage
+  removed per bit, largest first, while they fit (a step only after the
+  weight's earlier ones; skipped ones leave room for cheaper later ones) is
+  the greedy of this knapsack, like the rank allocation's. Ties go to the
+  earlier weight, so it is deterministic.
+
+  Args:
+    options: as above.
+    budget_bits: bits to spend over the base widths (>= 0).
+
+  Returns:
+    `Widths`.
+  """
+  paths = list(options)
+  hulls, steps = {}, []
+  for order, path in enumerate(paths):
+    hull = _lower_hull(options[path])
+    hulls[path] = hull
+    for i in range(1, len(hull)):
+      (b0, d0), (b1, d1) = options[path][hull[i - 1]], options[path][hull[i]]
+      steps.append(((d0 - d1) / max(b1 - b0, 1e-30), order, i))
+  steps.sort(key=lambda s: (-s[0], s[1], s[2]))
+  at = dict.fromkeys(paths, 0)
+  left = int(budget_bits)
+  for value, order, i in steps:
+    path = paths[order]
+    hull = hulls[path]
+    cost = options[path][hull[i]][0] - options[path][hull[i - 1]][0]
+    if value > 0 and at[path] == i - 1 and cost <= left:
+      at[path] = i
+      left -= cost
+  return Widths(
+    {p: hulls[p][at[p]] for p in paths}, int(budget_bits) - left, left
+  )
+
+
+def _lower_hull(points) -> list[int]:
+  """Indices of the lower convex hull of (bits, damage) from the first
+  point, bits increasing, damage decreasing (points above it, or no
+  cheaper in damage than a narrower point, are dropped)."""
+  hull = [0]
+  for i in range(1, len(points)):
+    if (
+      points[i][1] >= points[hull[-1]][1] or points[i][0] <= points[hull[-1]][0]
+    ):
+      continue
+    while len(hull) > 1:
+      (b0, d0), (b1, d1) = points[hull[-2]], points[hull[-1]]
+      b2, d2 = points[i]
+      # Drop the middle point when it lies on or above the chord.
+      if (d1 - d0) * (b2 - b0) >= (d2 - d0) * (b1 - b0):
+        hull.pop()
+      else:
+        break
+    hull.append(i)
+  return hull

@@ -47,6 +47,7 @@ def build_rules(
   rank,
   method: str,
   act_bits=None,
+  widths=None,
   **rule_kw,
 ) -> tuple[list[LqerRule], dict]:
   """Rules for bits / tile size / rank, with per-channel fallback.
@@ -54,10 +55,11 @@ def build_rules(
   A weight whose contracting size (the kernel's first axis) is not a multiple
   of tile_size gets per-channel scales through an earlier, more specific
   rule. act_bits: dynamic activation quantization of the weights' inputs
-  (None: weight-only).
+  (None: weight-only). widths: mixed precision, {module path: bits} of the
+  weights quantized to other bits than `bits` (exact-path rules before the
+  others, tiled the same way).
   Returns the rules and {'per-group': [...], 'per-channel': [...]}.
   """
-  qtype = int_qtype(bits)
   handled = {'per-group': [], 'per-channel': []}
   for path, w in flax.traverse_util.flatten_dict(fp_params).items():
     name = path_str(path[:-1])
@@ -66,7 +68,6 @@ def build_rules(
     fits = tile_size is None or w.shape[0] % tile_size == 0
     handled['per-group' if fits and tile_size else 'per-channel'].append(name)
   common = dict(
-    weight_qtype=qtype,
     act_qtype=int_qtype(act_bits),
     rank=rank,
     method=method,
@@ -76,9 +77,43 @@ def build_rules(
     # The weights' inputs (both models' Dense layers run dot_general); the
     # attention's activation x activation einsums stay float.
     common['op_names'] = ('dot_general',)
+  exact = lambda names: '(' + '|'.join(re.escape(n) for n in names) + ')'
   rules = []
-  if tile_size and handled['per-channel']:
-    exact = '|'.join(re.escape(n) for n in handled['per-channel'])
-    rules.append(LqerRule(module_path=f'({exact})', **common))
-  rules.append(LqerRule(module_path=module_path, tile_size=tile_size, **common))
+  widths = {n: b for n, b in (widths or {}).items() if b != bits}
+  unknown = sorted(set(widths) - {n for v in handled.values() for n in v})
+  if unknown:
+    raise ValueError(
+      f'build_rules: widths name {unknown[0]!r}, which is not a kernel'
+      f' matching {module_path!r}'
+    )
+  for width in sorted(set(widths.values())):
+    for kind, tile in (('per-channel', None), ('per-group', tile_size)):
+      names = [n for n in handled[kind] if widths.get(n) == width]
+      if names:
+        rules.append(
+          LqerRule(
+            module_path=exact(names),
+            weight_qtype=int_qtype(width),
+            tile_size=tile,
+            **common,
+          )
+        )
+  qtype = int_qtype(bits)
+  fallback = [n for n in handled['per-channel'] if n not in widths]
+  if tile_size and fallback:
+    rules.append(
+      LqerRule(
+        module_path=exact(fallback),
+        weight_qtype=qtype,
+        **common,
+      )
+    )
+  rules.append(
+    LqerRule(
+      module_path=module_path,
+      weight_qtype=qtype,
+      tile_size=tile_size,
+      **common,
+    )
+  )
   return rules, handled
