@@ -115,7 +115,9 @@ int NumThreads() {
 // late (the cores are shared) finds the job gone and claims nothing; the
 // caller never waits for a worker that has not started a task, it runs what
 // is left itself and waits only for tasks in flight. Workers spin for
-// LQER_SPIN_US (default 50) after a job, then sleep on a condition variable.
+// LQER_SPIN_US (default 50) after a job, then sleep on a condition variable;
+// all spinning yields every 64 pauses, so two of our threads sharing one
+// core (the other one busy) hand it over at once instead of after a spin.
 
 class Pool {
  public:
@@ -149,9 +151,11 @@ class Pool {
       cv_.notify_all();
     }
     Work(gen_);
+    // Wait for tasks in flight. Yield early: when the worker shares this
+    // core (the other is busy), spinning only delays it.
     int spins = 0;
     while (done_.load(std::memory_order_acquire) < n_tasks) {
-      if (++spins < 4096) _mm_pause();
+      if (++spins < 64) _mm_pause();
       else std::this_thread::yield();
     }
   }
@@ -193,11 +197,13 @@ class Pool {
         int k = 0;
         while ((g = state_.load(std::memory_order_acquire) >> 40) == seen) {
           _mm_pause();
-          if ((++k & 63) == 0 &&
-              std::chrono::duration_cast<std::chrono::microseconds>(
-                  std::chrono::steady_clock::now() - t0)
-                      .count() >= spin_us)
-            break;
+          if ((++k & 63) == 0) {
+            if (std::chrono::duration_cast<std::chrono::microseconds>(
+                    std::chrono::steady_clock::now() - t0)
+                    .count() >= spin_us)
+              break;
+            std::this_thread::yield();  // cooperative if sharing a core
+          }
         }
         if (g == seen) {
           std::unique_lock<std::mutex> lk(mu_);
@@ -1420,7 +1426,11 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
   // ---- main: column tasks.
   const Tiling tl = ChooseTiling(P);
   const int64_t align = 64;
-  const int64_t per_thread = EnvInt("LQER_TASKS_PER_THREAD", 4);
+  // Column tasks per thread: 4 for T > 1 (balance); at T = 1 tasks at
+  // least ~1 KB wide (narrow ones restart the row-block sweep too often).
+  const int64_t per_thread = EnvInt(
+      "LQER_TASKS_PER_THREAD",
+      T == 1 ? std::clamp<int64_t>(H / (nthreads * 1024), 1, 4) : 4);
   int64_t ntasks = std::max<int64_t>(1, std::min<int64_t>(nthreads * per_thread,
                                                           (H + align - 1) / align));
   if (nthreads == 1) ntasks = 1;
@@ -1463,8 +1473,12 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                                P.seg[P.block_seg[blk]].begin;
       for (int64_t c = c0; c < c1; c += tl.tw) {
         const int64_t nc = std::min(tl.tw, c1 - c);
-        if (P.pf && pf_wrap)
-          Pt.pf = c + P.pf < c1 ? P.pf : rows_blk * H - (c1 - c0) + P.pf;
+        if (P.pf && pf_wrap) {
+          // Position pf bytes ahead in (row block, column) order within the
+          // task's columns [c0, c1): same rows or ahead by whole row blocks.
+          const int64_t width = c1 - c0, ahead = c - c0 + P.pf;
+          Pt.pf = (ahead / width) * rows_blk * H + (c0 + ahead % width - c);
+        }
         for (int64_t t0 = 0; t0 < T; t0 += tl.tt) {
           const int64_t tt = std::min(tl.tt, T - t0);
           for (int64_t si = P.block_seg[blk]; si < P.block_seg[blk + 1]; ++si)
