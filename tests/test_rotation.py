@@ -428,3 +428,78 @@ def test_to_lora_refuses_rotated_weights():
   abstract = jax.eval_shape(lora_model.init, KEY, x)['params']
   with pytest.raises(ValueError, match='stored rotated'):
     lqer.to_lora(params, abstract, lrules)
+
+
+def test_eval_rotate_rows_calibrate_on_the_rotated_input():
+  """lqer eval --rotate: the plain PTQ row, then rotated PTQ and methods
+  ('+rot'), quantized from statistics collected on x H (the rotated
+  rules' calibration), every rotated weight storing its signs."""
+  from lqer.cli import eval as eval_cli  # pylint: disable=g-import-not-at-top
+  from tests import test_equal_bits  # pylint: disable=g-import-not-at-top
+
+  task = test_equal_bits._task()  # pylint: disable=protected-access
+  seen = []
+  quantize = eval_cli.tasks.quantize
+
+  def spy(task, rules, stats, *args, **kw):
+    model, params, secs = quantize(task, rules, stats, *args, **kw)
+    seen.append((rules[-1].rotate, stats, params))
+    return model, params, secs
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(eval_cli.tasks, 'quantize', spy)
+    mp.setattr(jax, 'clear_caches', lambda: None)  # cold passes: not timed
+    rows = list(
+      eval_cli.eval_rows(
+        task, 4, 16, [4], ['qera', 'svdquant'], act_bits=4, rotate='hadamard'
+      )
+    )
+  assert [r.method for r in rows] == [
+    'FP',
+    'PTQ',
+    'PTQ +rot',
+    'QERA +rot',
+    'SVDQuant +rot',
+  ]
+  assert [rotate for rotate, _, _ in seen] == [None, *['hadamard'] * 3]
+  assert seen[0][1] is None  # RTN: no statistics for the unrotated row
+  for _, stats, params in seen[1:]:
+    kernels = [
+      w
+      for w in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, lqer.WithLqer)
+      )
+      if isinstance(w, lqer.WithLqer)
+    ]
+    assert kernels and all(w.rotation is not None for w in kernels)
+    markers = [
+      s[params_lib.ROTATION_KEY]
+      for s in jax.tree.leaves(
+        stats, is_leaf=lambda x: isinstance(x, dict) and 'count' in x
+      )
+      if isinstance(s, dict)
+    ]
+    assert markers  # collected under the rotating rules
+  assert all(np.isfinite(r.value) for r in rows)
+
+
+@pytest.mark.parametrize(
+  'flags,message',
+  [
+    (['--rotate-block', '64'], 'give --rotate'),
+    (['--rotate', '--rotate-block', '48'], 'power of two'),
+    (['--rotate', '--budget', '1'], '--rotate with --budget'),
+  ],
+)
+def test_cli_refuses_bad_rotation_flags_before_loading(
+  flags, message, monkeypatch
+):
+  from lqer.cli import main as cli  # pylint: disable=g-import-not-at-top
+  from lqer.cli import tasks  # pylint: disable=g-import-not-at-top
+
+  def load(*args, **kwargs):
+    raise AssertionError('the model was loaded')
+
+  monkeypatch.setitem(tasks.TASKS, 'smollm2', load)
+  with pytest.raises(SystemExit, match=message):
+    cli.main(['eval', *flags])

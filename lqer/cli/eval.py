@@ -38,6 +38,9 @@ from lqer.quant import stats as stats_lib
 from lqer.quant.packing import pack_params
 from lqer.quant.weight import WithLqer
 
+# LqerRule fields of --rotate / --rotate-block.
+ROTATION_FIELDS = ('rotate', 'rotate_block')
+
 DEFAULTS = {
   'smollm2': dict(bits=[4], tile_size=128, ranks=[32]),
   'minilm': dict(bits=[4], tile_size=128, ranks=[32]),
@@ -113,6 +116,19 @@ def add_parser(sub):
     ' widths that bracket the bits per weight and mixed-precision'
     ' PTQ spending the same budget on wider weights (the winner in'
     ' bold); --ranks optional',
+  )
+  e.add_argument(
+    '--rotate',
+    action='store_true',
+    help="rotate every quantized weight's input by a randomized block"
+    ' Hadamard H (LqerRule rotate="hadamard": y = (x H)(Hᵀ W), statistics'
+    ' collected on x H): rows labelled "+rot", after the plain PTQ row',
+  )
+  e.add_argument(
+    '--rotate-block',
+    type=int,
+    help='with --rotate: the Hadamard block, a power of two dividing each'
+    ' contracting size (default: the largest such power per weight)',
   )
   e.add_argument(
     '--refine-iters',
@@ -274,21 +290,45 @@ def eval_rows(
     act_bits=act_bits,
     **kw,
   )[0]
-  rules = rules_for(None, 'svd', **rule_kw)
-  stats = tasks.calibration_statistics(task, rules_for(1, 'qera'))
+  rotation_kw = {k: rule_kw[k] for k in ROTATION_FIELDS if k in rule_kw}
+  plain_kw = {k: v for k, v in rule_kw.items() if k not in ROTATION_FIELDS}
+  suffix = ' +rot' if rotation_kw.get('rotate') else ''
+  # Statistics of the input each weight multiplies: x H under a rotation.
+  stats = tasks.calibration_statistics(
+    task, rules_for(1, 'qera', **rotation_kw)
+  )
+  plain_stats = stats
+  if suffix:  # the plain PTQ row: RTN needs no statistics, others unrotated
+    plain_stats = (
+      None
+      if base == 'rtn'
+      else tasks.calibration_statistics(task, rules_for(1, 'qera'))
+    )
+  ptq_label = 'PTQ' if base == 'rtn' else base.upper()
   ptq_model, ptq_params, secs = tasks.quantize(
-    task, rules, stats, base, compute_dtype
+    task, rules_for(None, 'svd', **plain_kw), plain_stats, base, compute_dtype
   )
   ptq_total = make_report(task.params, ptq_params).total()
   bpw = ptq_bpw = ptq_total['bits_per_weight']
   yield row(
-    'PTQ' if base == 'rtn' else base.upper(),
+    ptq_label,
     None,
     task.score(ptq_model, maybe_pack(ptq_params)),
     bpw,
     secs,
     budget=budget,
   )
+  if suffix:
+    model, params, secs = tasks.quantize(
+      task, rules_for(None, 'svd', **rule_kw), stats, base, compute_dtype
+    )
+    yield row(
+      ptq_label + suffix,
+      None,
+      task.score(model, maybe_pack(params)),
+      make_report(task.params, params).total()['bits_per_weight'],
+      secs,
+    )
   num_weights = ptq_total['num_weights']
 
   def tuned_row(method, rank, model, params, secs, **kw):
@@ -298,7 +338,7 @@ def eval_rows(
     params, record = _tune(task, model, params, stats, tune)
     bpw = make_report(task.params, params).total()['bits_per_weight']
     return row(
-      f'{common.METHOD_LABELS[method]} tuned',
+      f'{common.METHOD_LABELS[method]}{suffix} tuned',
       rank,
       task.score(model, maybe_pack(params)),
       bpw,
@@ -392,7 +432,7 @@ def eval_rows(
         checkpoint.save(where(save_dir), params, fp)
       bpw = make_report(task.params, params).total()['bits_per_weight']
       yield row(
-        common.METHOD_LABELS[method],
+        common.METHOD_LABELS[method] + suffix,
         label_rank,
         task.score(model, maybe_pack(params)),
         bpw,
@@ -669,6 +709,24 @@ def _tuning(args) -> Tuning | None:
   return Tuning(args.tune_steps, tokens, lr)
 
 
+def _rotation(args) -> dict:
+  """--rotate / --rotate-block as LqerRule fields ({} without), checked
+  before any model loads."""
+  if not args.rotate:
+    if args.rotate_block is not None:
+      raise SystemExit('--rotate-block sets the rotation; give --rotate too')
+    return {}
+  if args.budget is not None:
+    raise SystemExit(
+      '--rotate with --budget: the equal-bits PTQ rows value unrotated'
+      ' weights; give --ranks instead'
+    )
+  block = args.rotate_block
+  if block is not None and (block < 2 or block & (block - 1)):
+    raise SystemExit(f'--rotate-block must be a power of two >= 2, got {block}')
+  return {'rotate': 'hadamard'} | ({'rotate_block': block} if block else {})
+
+
 def eval_command(args) -> list:
   """Runs `lqer eval`: prints the table, returns its `Row`s."""
   tune = _tuning(args)
@@ -698,6 +756,7 @@ def eval_command(args) -> list:
       '--budget allocates the ranks of svd, l2qer and qera;'
       ' svdquant rows take --ranks'
     )
+  rotation_kw = _rotation(args)
   if args.refine_iters < 0 or any(n < 1 for n in args.calib_tokens or [1]):
     raise SystemExit('--refine-iters must be >= 0 and --calib-tokens > 0')
   if args.plot and len(args.calib_tokens or []) < 2:
@@ -761,6 +820,7 @@ def eval_command(args) -> list:
         refine_iters=args.refine_iters,
         factor_qtype=common.FACTOR_QTYPES[args.factor_bits],
         tune=tune,
+        **rotation_kw,
         with_fp=bits == bits_list[0] and n_calib == sweep[0],
       ):
         rows.append(row)
