@@ -275,3 +275,57 @@ def test_tuning_tokens_come_from_calibration_only():
     )
   with pytest.raises(ValueError, match='calibration'):
     tasks.tuning_windows(calib, 5000, 512)
+
+
+def test_streamed_blocks_are_tuned_and_round_trip(tmp_path):
+  """lqer quantize --tune-steps: each block's factors tuned to the float
+  block's output on its own (quantized-path) inputs; the objective drops
+  per block, lqer.json records the tuning (a resume with other tuning is
+  refused), and the tuned factors load, pack and convert to LoRA."""
+  from lqer.checkpoints import streaming  # pylint: disable=g-import-not-at-top
+  from models import llama  # pylint: disable=g-import-not-at-top
+  from tests import test_streaming  # pylint: disable=g-import-not-at-top
+
+  test_streaming.write_tiny(tmp_path / 'src')
+  ids = test_streaming._calib_ids()  # pylint: disable=protected-access
+  settings = test_streaming.SETTINGS
+  tuning = streaming.BlockTuning(steps=8, tokens=96, lr=3e-3)
+  run = lambda out, tuning: streaming.quantize_checkpoint(
+    tmp_path / 'src', out, settings, ids, progress=False, tuning=tuning
+  )
+  records = run(tmp_path / 'tuned', tuning)
+  for r in records:
+    assert r['tune_kept'] and r['tune_after'] < r['tune_before'], r
+    assert r['tune_s'] > 0
+  run(tmp_path / 'closed', None)
+  model, tuned, meta = streaming.load_quantized(tmp_path / 'tuned')
+  assert meta['tuning'] == {'steps': 8, 'tokens': 96, 'lr': 3e-3, 'seed': 0}
+  closed = streaming.load_quantized(tmp_path / 'closed')[1]
+  k = lambda p, i: p[f'layers_{i}']['mlp']['down_proj']['kernel']
+  for i in range(3):
+    assert not np.allclose(
+      np.asarray(k(tuned, i).a, np.float32),
+      np.asarray(k(closed, i).a, np.float32),
+    )
+    np.testing.assert_array_equal(  # bases frozen
+      k(tuned, i).array.qvalue, k(closed, i).array.qvalue
+    )
+  with pytest.raises(checkpoint.CheckpointError, match='tuning'):
+    run(tmp_path / 'tuned', streaming.BlockTuning(steps=4, tokens=96))
+  x = test_streaming._calib_ids(2, 16, seed=1)  # pylint: disable=protected-access
+  y = model.apply({'params': tuned}, x)
+  packed = streaming.load_quantized(tmp_path / 'tuned', pack=True)[1]
+  np.testing.assert_allclose(
+    model.apply({'params': packed}, x), y, atol=1e-4 * np.abs(y).max()
+  )
+  config = test_streaming.tiny_config()  # the LoRA model of the same rules
+  lrules = lqer.lora_rules(settings.rules(config), 8.0)
+  lora_model = qwix.apply_lora_to_model(
+    llama.LlamaForCausalLM(config), qwix.LoraProvider(lrules)
+  )
+  lora_abstract = jax.eval_shape(lora_model.init, KEY, x)['params']
+  lora = lqer.to_lora(tuned, lora_abstract, lrules)
+  y_lora = lora_model.apply({'params': lora}, x)
+  assert float(jnp.linalg.norm(y_lora - y) / jnp.linalg.norm(y)) < 1e-2
+  with pytest.raises(ValueError, match='steps'):
+    streaming.BlockTuning(steps=0, tokens=96)

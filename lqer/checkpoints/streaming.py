@@ -8,6 +8,9 @@ factors it with `lqer_quantize_params`, writes it to its own safetensors file
 (atomically), and feeds the next block with this block's outputs: of the
 quantized block (sequential, GPTQ's way) or of the float block. Memory holds
 the embeddings, one block's weights and statistics, and the activations.
+With `BlockTuning` (`lqer quantize --tune-steps`), each block's factors are
+tuned after the closed form, before the write, so that the quantized block's
+output matches the float block's on the block's own inputs (`tune_block`).
 
 The output directory: ``lqer.json`` (format, library version, the settings
 the rules are built from, the source's config.json, calibration, source
@@ -58,6 +61,7 @@ from tqdm.auto import tqdm
 from lqer._version import __version__
 from lqer.checkpoints import tree as checkpoint
 from lqer.offline.params import lqer_quantize_params
+from lqer.offline.tune import tune_factors
 from lqer.providers import calibration
 from lqer.providers.calibration import LqerCalibrationProvider
 from lqer.providers.inference import LqerProvider
@@ -113,6 +117,55 @@ class Settings:
     )[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockTuning:
+  """Per-block tuning of the factors (`lqer quantize --tune-steps`).
+
+  Each block's A, B (bases frozen) take `steps` Adam steps of
+  `lqer.tune_factors` with output='mse',
+
+      min_{A,B}  Σ ||f_q(x) - f(x)||² / Σ ||f(x)||²,
+
+  f the float block, f_q the quantized one, x the block's inputs (those
+  of the quantized blocks before it when sequential) over the first
+  `tokens` calibration tokens, one window per step; kept only where the
+  objective drops. Recorded in lqer.json (a resume must agree).
+  """
+
+  steps: int
+  tokens: int
+  lr: float = 1e-3
+  seed: int = 0
+
+  def __post_init__(self):
+    if not (isinstance(self.steps, int) and self.steps > 0):
+      raise ValueError(f'BlockTuning.steps must be an int > 0: {self.steps}')
+    if not (isinstance(self.tokens, int) and self.tokens > 0):
+      raise ValueError(f'BlockTuning.tokens must be an int > 0: {self.tokens}')
+    if not (np.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f'BlockTuning.lr must be a number > 0: {self.lr}')
+
+
+def tune_block(block, fp, quantized, batches, tuning: BlockTuning):
+  """(quantized with tuned factors, `TuneRecord`): `BlockTuning`'s
+  objective on the windows of `batches` (a list of (windows, length,
+  hidden) inputs) holding the first `tuning.tokens` tokens."""
+  windows = [w[None] for x in batches for w in x]
+  per_window = windows[0].shape[1]
+  windows = windows[: max(1, -(-tuning.tokens // per_window))]
+  return tune_factors(
+    lambda p, x: block.quantized.apply({'params': p}, x),
+    fp,
+    quantized,
+    [(w,) for w in windows],
+    steps=tuning.steps,
+    lr=tuning.lr,
+    output='mse',
+    seed=tuning.seed,
+    fp_apply_fn=lambda p, x: block.module.apply({'params': p}, x),
+  )
+
+
 def _float_shapes(config):
   from models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
 
@@ -149,7 +202,7 @@ class _Block:
     from models.llama import SingleBlock  # pylint: disable=g-import-not-at-top
 
     self.name = f'layers_{layer}'
-    module = SingleBlock(config, layer)
+    module = self.module = SingleBlock(config, layer)
     self.float_apply = jax.jit(module.apply)
     self.calib = qwix.quantize_model(
       module, LqerCalibrationProvider(rules, second_moment=second_moment)
@@ -182,6 +235,7 @@ def quantize_checkpoint(
   batch: int = 4,
   progress: bool = True,
   force: bool = False,
+  tuning: BlockTuning | None = None,
 ) -> list[dict]:
   """Quantizes a Hugging Face checkpoint one decoder block at a time.
 
@@ -201,6 +255,9 @@ def quantize_checkpoint(
       quantize --force`): lqer's files are added beside the ones there,
       which it leaves alone (a file there under a name lqer writes is still
       refused). Without it such a directory is refused.
+    tuning: a `BlockTuning`: each block's factors tuned to the float
+      block's output after the closed form (settings with a rank; the
+      blocks then run forward even where the settings need no statistics).
 
   Returns:
     A record per block: seconds per phase (setup: tracing the block's
@@ -209,18 +266,24 @@ def quantize_checkpoint(
     time the pass waited for them; a block resumed from its file is not
     calibrated, quantized or written, nor read when sequential; settings that
     are not `calibrated` skip calibrate and forward), their total and the
-    process's peak RSS so far.
+    process's peak RSS so far; with `tuning`, tune_s and the objective
+    before / after (`tune_before`, `tune_after`, `tune_kept`).
 
   Raises:
     CheckpointError: `out` is not lqer's (see `force`), is or holds the
       source or lies inside it, or holds a run with other settings, source
       (naming what changed) or calibration.
     ValueError: calib_ids are not (windows, window) ids of the model's
-      vocabulary (naming the tokenizer's and the model's sizes).
+      vocabulary (naming the tokenizer's and the model's sizes); tuning
+      without a rank.
   """
   from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
 
   _check_mesh(mesh)
+  if tuning is not None and not settings.rank:
+    raise ValueError(
+      f'tuning tunes the factors; settings.rank is {settings.rank!r}'
+    )
   ckpt = source if isinstance(source, CheckpointDir) else CheckpointDir(source)
   config, out = ckpt.config, pathlib.Path(out)
   calib_ids = np.asarray(calib_ids)
@@ -238,6 +301,8 @@ def quantize_checkpoint(
   _check_paths(out, ckpt.path)
   rules = settings.rules(config)
   meta = _metadata(ckpt, settings, rules, calib_ids, sequential)
+  if tuning is not None:
+    meta['tuning'] = dataclasses.asdict(tuning)
   fingerprint = _begin(out, meta, force)
   read = lambda name: ckpt.params(
     name, mesh and (lambda path: NamedSharding(mesh, kernel_spec(path)))
@@ -251,13 +316,14 @@ def quantize_checkpoint(
     _save(out, rest, fingerprint, REST)
   activations = NamedSharding(mesh, P('data')) if mesh is not None else None
   calibrated = settings.calibrated
+  forwards = calibrated or tuning is not None  # the blocks see activations
   batches = [
     jax.device_put(
       jnp.take(rest['embed']['embedding'], calib_ids[i : i + batch], axis=0),
       activations,
     )
     for i in range(0, len(calib_ids), batch)
-    if calibrated
+    if forwards
   ]
   del rest
   example = jax.ShapeDtypeStruct(
@@ -272,7 +338,7 @@ def quantize_checkpoint(
   )
   needs_read = lambda i: (
     i < config.num_layers
-    and (not (out / block_file(i)).exists() or (calibrated and not sequential))
+    and (not (out / block_file(i)).exists() or (forwards and not sequential))
   )
   # A background thread writes each block's file and reads the next block's
   # float weights once this block's are no longer needed (after its
@@ -291,6 +357,7 @@ def quantize_checkpoint(
       if writing is not None:  # done before the read (one thread, in order)
         writing.result()  # raises the write's error
       reading = stats = float_outputs = None
+      tune_record = {}
       if quantized is None:
         if calibrated and sequential:
           stats = clock('calibrate', block.statistics(fp, batches, False))
@@ -311,19 +378,27 @@ def quantize_checkpoint(
           ),
         )
         del stats
+        if tuning is not None:
+          quantized, tuned = tune_block(block, fp, quantized, batches, tuning)
+          clock('tune', quantized)
+          tune_record = {
+            'tune_before': tuned.objective_before,
+            'tune_after': tuned.objective_after,
+            'tune_kept': tuned.kept,
+          }
         if jax.process_count() == 1:
           writing = io.submit(_save, out, quantized, fingerprint, block_file(i))
           clock('write', None)
         else:  # process_allgather is collective: every process, in order
           clock('write', _save(out, quantized, fingerprint, block_file(i)))
-      if calibrated and not sequential:  # the float block's outputs
+      if forwards and not sequential:  # the float block's outputs
         batches = float_outputs or clock(
           'forward', block.forward(fp, batches, False)
         )
       fp = None
       if needs_read(i + 1):
         reading = io.submit(read, f'layers_{i + 1}')
-      if calibrated and sequential:
+      if forwards and sequential:
         batches = clock('forward', block.forward(quantized, batches, True))
       records.append(
         {
@@ -331,6 +406,7 @@ def quantize_checkpoint(
           **clock.seconds,
           'seconds': clock.total,
           'peak_rss_gb': peak_rss_gb(),
+          **tune_record,
         }
       )
       bar.set_postfix_str(
