@@ -11,8 +11,8 @@ import pytest
 
 import lqer
 from lqer import _qwix
+from lqer.cli import budget_rows
 from lqer.cli import common
-from lqer.cli import eval as eval_cli
 from lqer.cli import main as cli
 from lqer.cli import tasks
 from lqer.offline import allocation
@@ -64,10 +64,10 @@ def test_bracketing_widths():
   """SmolLM2 W4 g128 is 4.10 bits per weight: + 0.75 lies between W4 and
   W5, + 1.5 between W5 and W6, + 1.0 is W5 itself; past W8 only W8."""
   bpw = {u: u + 0.1 for u in range(4, 9)}
-  assert eval_cli.bracket_widths(bpw, 4.85) == [4, 5]
-  assert eval_cli.bracket_widths(bpw, 5.60) == [5, 6]
-  assert eval_cli.bracket_widths(bpw, 5.10) == [5]
-  assert eval_cli.bracket_widths(bpw, 9.5) == [8]
+  assert budget_rows.bracket_widths(bpw, 4.85) == [4, 5]
+  assert budget_rows.bracket_widths(bpw, 5.60) == [5, 6]
+  assert budget_rows.bracket_widths(bpw, 5.10) == [5]
+  assert budget_rows.bracket_widths(bpw, 9.5) == [8]
 
 
 def test_allocate_widths_is_the_greedy_over_the_convex_hull():
@@ -113,7 +113,7 @@ def _equal_bits(budget):
   ptq = tasks.quantize(
     task, recipes.build_rules(task.params, '.*', 4, 16, None, 'svd')[0], stats
   )[1]
-  rows = list(eval_cli.equal_bits_rows(task, 4, 16, budget, stats))
+  rows = list(budget_rows.equal_bits_rows(task, 4, 16, budget, stats))
   return task, ptq, rows
 
 
@@ -224,3 +224,41 @@ def test_cli_refuses_bad_tuning_flags_before_loading(
   monkeypatch.setitem(tasks.TASKS, 'smollm2', load)
   with pytest.raises(SystemExit, match=message):
     cli.main(['eval', *flags])
+
+
+def test_budget_rows_spend_bits_on_factors_widths_or_both():
+  """lqer eval --budget: the allocated, uniform and '+mixed' (factors on
+  wider weights) rows and the equal-bits PTQ rows, each within the
+  budget as the report counts bits, each with its calibration divergence;
+  the budget's choice by it is reported."""
+  from lqer.cli import eval as eval_cli  # pylint: disable=g-import-not-at-top
+
+  task = _task()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax, 'clear_caches', lambda: None)  # cold passes: not timed
+    rows = list(eval_cli.eval_rows(task, 4, 16, [], ['qera'], budget=0.75))
+  assert [r.method for r in rows] == [
+    'FP',
+    'PTQ',
+    'QERA',
+    'QERA',
+    'QERA +mixed',
+    'PTQ',
+    'PTQ mixed',
+  ]
+  mixed = rows[4]
+  assert mixed.rank == 'auto' and mixed.bits.startswith('4/')
+  for r in rows[1:]:
+    assert budget_rows.CALIB_DIV in r.extra and r.budget == 0.75
+    if r.rank in (None, 'auto') and r.bits != 5:  # not W5, nor the
+      assert common.within_budget(r), r  # nearest uniform rank (toy: 1)
+  # Factors and wider weights together: both kinds of bits in the row.
+  assert 0 < mixed.extra_bits <= 0.75 + common.BUDGET_SLACK
+  common.mark_best(rows)
+  (line,) = budget_rows.budget_choice(rows)
+  assert line.startswith('budget 0.75: the calibration divergence chooses')
+  chosen = min(
+    (r for r in rows[1:] if common.within_budget(r)),
+    key=lambda r: r.extra[budget_rows.CALIB_DIV],
+  )
+  assert chosen.method in line

@@ -13,28 +13,22 @@ the equal-bits PTQ rows, `--tune-steps` factors tuned to the output.
 import dataclasses
 import math
 import sys
-import time
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import qwix
 
-from lqer import _qwix
 from lqer.checkpoints import tree as checkpoint
+from lqer.cli import budget_rows
 from lqer.cli import common
 from lqer.cli import quantize
 from lqer.cli import tasks
-from lqer.core.paths import path_str
 from lqer.offline import allocation
 from lqer.offline.report import report as make_report
 from lqer.offline.tune import tune_factors
 from lqer.providers.inference import LqerProvider
-from lqer.quant import bits as bits_lib
 from lqer.quant import recipes
-from lqer.quant import stats as stats_lib
 from lqer.quant.packing import pack_params
 from lqer.quant.weight import WithLqer
 
@@ -244,8 +238,12 @@ def eval_rows(
   and runs once. budget: per method, a row with ranks allocated under that
   many extra bits per weight (terms valued by the output-gradient
   statistics of `task.gradient_batches`, gathered once, before the rows),
-  then the uniform rank spending the same bits; then the equal-bits PTQ
-  rows (`equal_bits_rows`). tune: `Tuning` (lqer eval --tune-steps): each
+  then the uniform rank spending the same bits, then the method on a
+  mixed-precision base ('<method> +mixed': `budget_rows.MIXED_SHARE` of the
+  budget on wider weights, the rest on allocated ranks); then the
+  equal-bits PTQ rows (`budget_rows.equal_bits_rows`). Every budget row
+  carries its calibration divergence (`budget_rows.budget_choice`).
+  tune: `Tuning` (lqer eval --tune-steps): each
   allocated row and each --ranks row with factors is followed by the same
   factors tuned to the float model's output on calibration batches
   (`lqer.tune_factors`), labelled '<method> tuned'.
@@ -310,10 +308,21 @@ def eval_rows(
   )
   ptq_total = make_report(task.params, ptq_params).total()
   bpw = ptq_bpw = ptq_total['bits_per_weight']
+
+  def scores(model, params, budget_row=False):
+    """The task's metrics; a budget's rows add the calibration
+    divergence (`budget_rows.budget_choice` chooses by it)."""
+    out = task.score(model, maybe_pack(params))
+    if budget_row and budget is not None:
+      out[budget_rows.CALIB_DIV] = budget_rows.calibration_divergence(
+        task, model, params
+      )
+    return out
+
   yield row(
     ptq_label,
     None,
-    task.score(ptq_model, maybe_pack(ptq_params)),
+    scores(ptq_model, ptq_params, True),
     bpw,
     secs,
     budget=budget,
@@ -340,7 +349,7 @@ def eval_rows(
     return row(
       f'{common.METHOD_LABELS[method]}{suffix} tuned',
       rank,
-      task.score(model, maybe_pack(params)),
+      scores(model, params, 'budget' in kw),
       bpw,
       secs + record.seconds,
       tuning=_tuning_record(record, tune),
@@ -349,6 +358,9 @@ def eval_rows(
 
   if budget is not None:
     stats = tasks.gradient_statistics(task, rules_for(1, 'qera'), stats)
+    widths = budget_rows.width_options(
+      task, bits, tile_size, stats, compute_dtype, act_bits, **rule_kw
+    )
   for method in methods if budget is not None else ():
     model, params, secs = tasks.quantize(
       task,
@@ -362,7 +374,7 @@ def eval_rows(
     yield row(
       common.METHOD_LABELS[method],
       'auto',
-      task.score(model, maybe_pack(params)),
+      scores(model, params, True),
       bpw,
       secs,
       budget=budget,
@@ -378,13 +390,28 @@ def eval_rows(
     yield row(
       common.METHOD_LABELS[method],
       uniform,
-      task.score(model, maybe_pack(params)),
+      scores(model, params, True),
       bpw,
       secs,
       budget=budget,
     )
+    rules, used, factor_bits = budget_rows.mixed_factor_rules(
+      task, widths, budget, method, tile_size, act_bits, **rule_kw
+    )
+    model, params, secs = tasks.quantize(
+      task, rules, stats, base, compute_dtype, allocation.Budget(factor_bits)
+    )
+    yield row(
+      f'{common.METHOD_LABELS[method]} +mixed',
+      'auto',
+      scores(model, params, True),
+      make_report(task.params, params).total()['bits_per_weight'],
+      secs,
+      row_bits=budget_rows.width_label(used, bits),
+      budget=budget,
+    )
   if budget is not None:
-    for r in equal_bits_rows(
+    for r in budget_rows.equal_bits_rows(
       task,
       bits,
       tile_size,
@@ -393,12 +420,13 @@ def eval_rows(
       base=base,
       compute_dtype=compute_dtype,
       act_bits=act_bits,
+      options=widths,
       **rule_kw,
     ):
       yield row(
         r.method,
         None,
-        task.score(r.model, maybe_pack(r.params)),
+        scores(r.model, r.params, True),
         make_report(task.params, r.params).total()['bits_per_weight'],
         r.seconds,
         row_bits=r.bits,
@@ -510,115 +538,6 @@ def _tuning_record(record, tune: Tuning) -> dict:
     'seconds': record.seconds,
     'output_error': {p: list(v) for p, v in record.output_error.items()},
   }
-
-
-@dataclasses.dataclass
-class EqualBits:
-  """One equal-bits PTQ setting: its label, widths, params and cost."""
-
-  method: str
-  bits: int | str
-  model: Any
-  params: Any
-  bits_per_weight: float
-  seconds: float
-
-
-def bracket_widths(bpw_by_width: dict, target: float) -> list[int]:
-  """The integer widths whose uniform PTQ bits per weight bracket `target`:
-  the widest at or below it and the narrowest at or above it (one width
-  when it lands on target, none above the widest)."""
-  below = [u for u, b in bpw_by_width.items() if b <= target + 1e-9]
-  above = [u for u, b in bpw_by_width.items() if b >= target - 1e-9]
-  return sorted(
-    {*([max(below)] if below else []), *([min(above)] if above else [])}
-  )
-
-
-def equal_bits_rows(
-  task: tasks.Task,
-  bits: int,
-  tile_size,
-  budget: float,
-  stats,
-  base='rtn',
-  compute_dtype=jnp.float32,
-  act_bits=None,
-  **rule_kw,
-) -> Iterator[EqualBits]:
-  """PTQ that spends a budget's bits on more base bits instead of factors.
-
-  The budget's bits per weight are the W`bits` PTQ row's plus `budget`.
-  Yields: uniform PTQ at the widths that bracket them (`bracket_widths`;
-  the width `bits` itself is the PTQ row already printed), then mixed
-  precision: every weight's width (`bits` to 8) chosen greedily under the
-  budget by output damage removed per bit (`allocation.allocate_widths`),
-  the damage Σ_o E[g_o^2] (D^T R D)_oo of each weight's RTN error D at
-  each width (`allocation.error_damage`: the output-gradient statistics
-  the budget's allocation uses). Bits are counted as the report counts
-  them (`lqer.quant.bits`): the RTN pass at each width gives each weight's
-  stored bits. The mixed row's seconds include those passes.
-  """
-  start = time.perf_counter()
-  rules_at = lambda width, **kw: recipes.build_rules(
-    task.params,
-    task.module_path,
-    width,
-    tile_size,
-    None,
-    'svd',
-    act_bits=act_bits,
-    **kw,
-    **rule_kw,
-  )[0]
-  fp = flax.traverse_util.flatten_dict(task.params)
-  options, passes, total_bits, sizes = {}, {}, {}, {}
-  for width in range(bits, 9):
-    model, params, secs = tasks.quantize(
-      task, rules_at(width), stats, 'rtn', compute_dtype
-    )
-    passes[width] = (model, params, secs)
-    total_bits[width] = 0
-    for path, q in flax.traverse_util.flatten_dict(params).items():
-      if not isinstance(q, _qwix.WithAux):
-        continue
-      n = int(np.prod(q.shape))
-      stored = round(bits_lib.bits_per_weight(q) * n)
-      damage = allocation.error_damage(
-        fp[path], q, stats_lib.lookup(stats, path)
-      )
-      options.setdefault(path, []).append((stored, damage))
-      total_bits[width] += stored
-      sizes[path] = n
-  num_weights = sum(sizes.values())
-  select_secs = time.perf_counter() - start
-  bpw = {u: b / num_weights for u, b in total_bits.items()}
-  label = 'PTQ' if base == 'rtn' else base.upper()
-  for width in bracket_widths(bpw, bpw[bits] + budget):
-    if width == bits:
-      continue
-    model, params, secs = passes[width]
-    if base != 'rtn':
-      model, params, secs = tasks.quantize(
-        task, rules_at(width), stats, base, compute_dtype
-      )
-    yield EqualBits(label, width, model, params, bpw[width], secs)
-  if bits == max(passes):
-    return  # no wider width to spend the budget on
-  chosen = allocation.allocate_widths(options, math.floor(budget * num_weights))
-  widths = {path_str(p[:-1]): bits + i for p, i in chosen.index.items()}
-  model, params, secs = tasks.quantize(
-    task, rules_at(bits, widths=widths), stats, base, compute_dtype
-  )
-  used = sorted(set(widths.values()))
-  yield EqualBits(
-    f'{label} mixed',
-    '/'.join(map(str, used)),
-    model,
-    params,
-    (total_bits[bits] + chosen.spent_bits) / num_weights,
-    select_secs + secs,
-  )
 
 
 def _series(rows):
@@ -833,7 +752,7 @@ def eval_command(args) -> list:
         )
   common.mark_best(rows)
   print(common.eval_table(rows))
-  summary = common.budget_summary(rows)
+  summary = common.budget_summary(rows) + budget_rows.budget_choice(rows)
   if summary:
     print('\n' + '\n'.join(summary))
   if len(sweep) > 1:

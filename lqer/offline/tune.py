@@ -235,6 +235,36 @@ def tune_factors(
   return out, record
 
 
+def output_divergence(
+  apply_fn: Callable[..., Any],
+  params: Any,
+  fp_apply_fn: Callable[..., Any],
+  fp_params: Any,
+  batches: Sequence[Any],
+  output: str = 'softmax',
+) -> float:
+  """`tune_factors`' objective of any params (factors or not) over batches:
+
+      'softmax':  Σ_t KL(softmax(f_fp,t) ‖ softmax(f_t)) / positions
+      'mse':      Σ ||f - f_fp||² / Σ ||f_fp||²
+
+  f = apply_fn(params, *batch), f_fp = fp_apply_fn(fp_params, *batch);
+  one jitted pass per batch.
+  """
+  if output not in OUTPUTS:
+    raise ValueError(f'output_divergence: output={output!r}: use {OUTPUTS}')
+  evaluate = jax.jit(
+    lambda p, fp, batch: _divergence(
+      output, fp_apply_fn(fp, *batch), apply_fn(p, *batch)
+    )
+  )
+  total, norm = 0.0, 0.0
+  for batch in batches:
+    d, n = evaluate(params, fp_params, tuple(batch))
+    total, norm = total + float(d), norm + float(n)
+  return total / max(norm, 1e-30)
+
+
 def _check_args(steps, lr, output, batches):
   if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
     raise ValueError(f'tune_factors: steps must be an int >= 0, got {steps!r}')
