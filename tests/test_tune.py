@@ -329,3 +329,19 @@ def test_streamed_blocks_are_tuned_and_round_trip(tmp_path):
   assert float(jnp.linalg.norm(y_lora - y) / jnp.linalg.norm(y)) < 1e-2
   with pytest.raises(ValueError, match='steps'):
     streaming.BlockTuning(steps=0, tokens=96)
+
+
+@pytest.mark.parametrize(
+  'flags,message',
+  [
+    (['--tune-steps', '-1'], '--tune-steps must be >= 0'),
+    (['--tune-tokens', '512'], 'needs --tune-steps'),
+    (['--tune-steps', '4', '--tune-tokens', '9000'], 'calibration tokens'),
+    (['--tune-steps', '4', '--tune-lr', '0'], '--tune-lr'),
+  ],
+)
+def test_quantize_refuses_bad_tuning_flags_before_reading(flags, message):
+  from lqer.cli import main as cli  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(SystemExit, match=message):
+    cli.main(['quantize', '/nonexistent', '--out', '/nonexistent2', *flags])

@@ -73,6 +73,26 @@ def add_parser(sub):
     ' with --no-sequential, of the float ones',
   )
   q.add_argument(
+    '--tune-steps',
+    type=int,
+    default=0,
+    help="after each block's closed form, tune its factors (A, B; bases"
+    " frozen) this many Adam steps to the float block's output on the"
+    " block's inputs (streaming.BlockTuning; default 0: no tuning)",
+  )
+  q.add_argument(
+    '--tune-tokens',
+    type=int,
+    help='calibration tokens the tuning reads, from the start, one window'
+    f' of {common.WINDOW} per step (default: all of --calib-tokens)',
+  )
+  q.add_argument(
+    '--tune-lr',
+    type=float,
+    default=1e-3,
+    help="the tuning's Adam learning rate (default 1e-3)",
+  )
+  q.add_argument(
     '--json',
     help='write the seconds per block and phase and the peak RSS to this file',
   )
@@ -129,6 +149,7 @@ def quantize_command(args):
     raise SystemExit(
       f'--rank must be positive and --calib-tokens at least {common.WINDOW}'
     )
+  tuning = block_tuning(args)
   ckpt = CheckpointDir(args.checkpoint)
   settings = streaming.Settings(
     bits=args.bits,
@@ -152,6 +173,7 @@ def quantize_command(args):
     windows,
     sequential=args.sequential,
     force=args.force,
+    tuning=tuning,
   )
   common.write_json(args.json, records)
   print(
@@ -159,6 +181,26 @@ def quantize_command(args):
     f' {(time.perf_counter() - start) / 60:.1f} min, peak RSS'
     f' {streaming.peak_rss_gb():.2f} GB'
   )
+
+
+def block_tuning(args) -> streaming.BlockTuning | None:
+  """--tune-steps / --tune-tokens / --tune-lr as a `BlockTuning` (None:
+  no tuning), checked before the checkpoint is read."""
+  if args.tune_steps < 0:
+    raise SystemExit(f'--tune-steps must be >= 0, got {args.tune_steps}')
+  if not args.tune_steps:
+    if args.tune_tokens is not None:
+      raise SystemExit('--tune-tokens needs --tune-steps N > 0')
+    return None
+  tokens = args.calib_tokens if args.tune_tokens is None else args.tune_tokens
+  if not 0 < tokens <= args.calib_tokens:
+    raise SystemExit(
+      f'--tune-tokens must be in [1, --calib-tokens {args.calib_tokens}]:'
+      f' tuning reads calibration tokens only; got {tokens}'
+    )
+  if not (np.isfinite(args.tune_lr) and args.tune_lr > 0):
+    raise SystemExit(f'--tune-lr must be a number > 0, got {args.tune_lr}')
+  return streaming.BlockTuning(args.tune_steps, tokens, args.tune_lr)
 
 
 def check_load_dir(path) -> None:
