@@ -2,6 +2,7 @@
 
     lqer eval       quantize a bundled model every way asked, print a table
     lqer finetune   QLoRA from zero vs from the reconstruction
+    lqer generate   decode text with a KV cache, tokens/s on stderr
     lqer quantize   quantize a checkpoint directory block by block
 
 Each command's module (`lqer.cli.eval`, `.finetune`, `.quantize`) builds its
@@ -12,12 +13,14 @@ import argparse
 
 from lqer.cli import eval as eval_cli
 from lqer.cli import finetune
+from lqer.cli import generate
 from lqer.cli import quantize
 
 # (subcommand, its module's add_parser, its command function)
 COMMANDS = {
   'eval': (eval_cli.add_parser, eval_cli.eval_command),
   'finetune': (finetune.add_parser, finetune.finetune_command),
+  'generate': (generate.add_parser, generate.generate_command),
   'quantize': (quantize.add_parser, quantize.quantize_command),
 }
 

@@ -1,0 +1,259 @@
+"""KV-cache decoding (`models.llama`) and `lqer generate`."""
+
+import jax
+import numpy as np
+import pytest
+import qwix
+
+from lqer import LqerCalibrationProvider
+from lqer import LqerProvider
+from lqer import lqer_quantize_params
+from lqer.checkpoints import streaming
+from lqer.cli import generate
+from lqer.cli import main as cli
+from lqer.cli import tasks
+from lqer.kernels import ffi
+from lqer.quant import recipes
+from models import hf_checkpoint
+from models import llama
+from tests import test_streaming
+
+
+def _config(**kw):
+  base = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=64,
+    rope_theta=10000.0,
+    rms_eps=1e-5,
+    max_seq_len=64,
+  )
+  return llama.LlamaConfig(**(base | kw))
+
+
+def _ids(length, vocab=97, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, vocab, (1, length)).astype(np.int32)
+
+
+def _assert_cache_matches_forward(module, params, config, ids, prefill):
+  """Prefill of ids[:, :prefill], then one token at a time: each step's
+  logits equal the full forward's at that position (float32, 1e-5 of the
+  logits' scale)."""
+  full = np.asarray(module.apply({'params': params}, ids))
+  tol = 1e-5 * np.abs(full).max()
+  cache = llama.init_cache(config, 1, ids.shape[1] + 3)
+  logits, cache = module.apply({'params': params}, ids[:, :prefill], cache)
+  assert logits.shape == (1, 1, config.vocab_size)
+  np.testing.assert_allclose(logits[:, 0], full[:, prefill - 1], atol=tol)
+  for t in range(prefill, ids.shape[1]):
+    logits, cache = module.apply({'params': params}, ids[:, t : t + 1], cache)
+    assert int(cache.index) == t + 1
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=tol)
+
+
+@pytest.mark.parametrize(
+  'config',
+  [
+    _config(),  # llama.cpp's adjacent RoPE pairs, tied embeddings, GQA
+    _config(  # Hugging Face's halves, llama3 scaling, biases, untied head
+      rope_pairs='halves',
+      rope_scaling=test_streaming.LLAMA3_SCALING,
+      attention_bias=True,
+      tie_embeddings=False,
+      num_kv_heads=4,
+    ),
+  ],
+)
+def test_cache_decode_equals_full_forward(config):
+  module = llama.LlamaForCausalLM(config)
+  ids = _ids(12)
+  params = test_streaming.tiny_params(config)
+  # The cache path reads the same params: init with a cache builds the
+  # same tree.
+  with_cache = module.init(
+    jax.random.key(0), ids[:, :1], llama.init_cache(config, 1, 4)
+  )['params']
+  assert jax.tree.structure(with_cache) == jax.tree.structure(params)
+  _assert_cache_matches_forward(module, params, config, ids, prefill=5)
+
+
+def test_cache_decode_runs_the_quantized_matmuls():
+  """Under LqerProvider (W4 g32 QERA rank 4) the cache path multiplies the
+  same quantized weights as the full forward: equal logits, both far from
+  the float model's."""
+  config = _config(hidden_size=64, intermediate_size=128)
+  fp_module = llama.LlamaForCausalLM(config)
+  params = test_streaming.tiny_params(config)
+  rules, _ = recipes.build_rules(
+    params, r'layers_\d+/(attn|mlp)/.*', 4, 32, 4, 'qera'
+  )
+  cal = qwix.quantize_model(fp_module, LqerCalibrationProvider(rules))
+  ids = _ids(12)
+  stats = cal.init(jax.random.key(0), ids)['quant_stats']
+  _, stats = cal.apply(
+    {'params': params, 'quant_stats': stats}, ids, mutable='quant_stats'
+  )
+  module = qwix.quantize_model(fp_module, LqerProvider(rules))
+  abstract = jax.eval_shape(module.init, jax.random.key(0), ids[:, :1])
+  qparams = lqer_quantize_params(
+    params, abstract['params'], calibration=stats['quant_stats']
+  )
+  _assert_cache_matches_forward(module, qparams, config, ids, prefill=4)
+  fp = fp_module.apply({'params': params}, ids)
+  q = module.apply({'params': qparams}, ids)
+  assert np.abs(fp - q).max() > 1e-3 * np.abs(fp).max()
+
+
+def _greedy_reference(module, params, prompt, n):
+  """n greedy tokens by full forwards over the growing sequence."""
+  seq = list(prompt)
+  for _ in range(n):
+    logits = module.apply({'params': params}, np.asarray(seq)[None])
+    seq.append(int(np.argmax(logits[0, -1])))
+  return seq[len(prompt) :]
+
+
+def test_decoder_greedy_sampling_and_stop():
+  config = _config()
+  module = llama.LlamaForCausalLM(config)
+  params = test_streaming.tiny_params(config, seed=3)
+  prompt = _ids(5, seed=1)[0]
+  want = _greedy_reference(module, params, prompt, 8)
+  decoder = llama.Decoder(module, config, 16)
+  out = decoder.generate(params, prompt, 8)
+  assert out.tokens == want
+  assert (out.prompt_tokens, out.decode_steps) == (5, 7)
+  # A stop token ends the answer before it (and is not returned).
+  stopped = decoder.generate(params, prompt, 8, stop_ids=(want[3],))
+  assert stopped.tokens == want[: want.index(want[3])]
+  # Sampling: reproducible by key; top-k 1 is greedy.
+  sampler = llama.Decoder(module, config, 16, temperature=1.0)
+  draws = [
+    sampler.generate(params, prompt, 8, jax.random.key(s)).tokens
+    for s in (0, 0, 1)
+  ]
+  assert draws[0] == draws[1] != draws[2]
+  top1 = llama.Decoder(module, config, 16, temperature=2.0, top_k=1)
+  assert top1.generate(params, prompt, 8, jax.random.key(5)).tokens == want
+  with pytest.raises(ValueError, match='do not fit the cache'):
+    decoder.generate(params, prompt, 12)
+
+
+@pytest.fixture(scope='module')
+def quantized_dir(tmp_path_factory):
+  """A 2-block tiny checkpoint (byte tokenizer) through lqer quantize."""
+  root = tmp_path_factory.mktemp('generate')
+  test_streaming.write_tiny(
+    root / 'src', test_streaming.tiny_config(num_layers=2)
+  )
+  streaming.quantize_checkpoint(
+    hf_checkpoint.CheckpointDir(root / 'src'),
+    root / 'out',
+    test_streaming.SETTINGS,
+    test_streaming._calib_ids(4, 16),
+    progress=False,
+  )
+  return root / 'out'
+
+
+def _run(argv):
+  return generate.generate_command(cli.parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+  'kernel',
+  [
+    None,
+    'xla',
+    pytest.param(
+      'ffi',
+      marks=pytest.mark.skipif(
+        not ffi.available(), reason='int4 kernel not built'
+      ),
+    ),
+  ],
+)
+def test_generate_cli_load_end_to_end(quantized_dir, kernel, capsys):
+  """lqer generate --load: the greedy answer of the full forward over the
+  growing sequence (unpacked, or packed on either int4 path), the text on
+  stdout, tokens/s on stderr."""
+  argv = ['generate', 'hi', '--load', str(quantized_dir)]
+  argv += ['--max-new-tokens', '6', '--compute-dtype', 'float32']
+  if kernel:
+    argv += ['--pack', '--int4-kernel', kernel]
+  text = _run(argv)
+  out, err = capsys.readouterr()
+  assert out == text + '\n'
+  assert 'prompt: ' in err and 'tokens/s' in err
+  model, params, _ = streaming.load_quantized(quantized_dir)
+  source = hf_checkpoint.CheckpointDir(
+    streaming.read_metadata(quantized_dir)['source']
+  )
+  tokenizer = source.tokenizer()
+  prompt = tokenizer.encode(generate.chat_prompt('hi', None)).ids
+  want = _greedy_reference(model, params, prompt, 6)
+  assert text == tokenizer.decode(want)
+
+
+def test_chat_prompt_keeps_the_templates_system_message():
+  template = (
+    "{{ '<|im_start|>system\nYou are SmolLM<|im_end|>\n' }}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
+  )
+  assert generate.chat_prompt('Hi?', template) == (
+    '<|im_start|>system\nYou are SmolLM<|im_end|>\n'
+    '<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n'
+  )
+  assert generate.chat_prompt('Hi?', None).startswith('<|im_start|>user\n')
+
+
+@pytest.mark.parametrize(
+  'argv, message',
+  [
+    (['  '], 'prompt is empty'),
+    (['hi', '--max-new-tokens', '0'], '--max-new-tokens'),
+    (['hi', '--temperature', '-1'], '--temperature'),
+    (['hi', '--temperature', 'nan'], '--temperature'),
+    (['hi', '--top-k', '5'], '--top-k samples'),
+    (['hi', '--top-k', '-1', '--temperature', '1'], '--top-k'),
+    (['hi', '--fp', '--load', 'x'], '--fp and --load'),
+    (['hi', '--fp', '--rank', '8'], '--rank'),
+    (['hi', '--load', 'x', '--bits', '4'], '--bits'),
+    (['hi', '--fp', '--pack'], '--pack'),
+    (['hi', '--int4-kernel', 'xla'], '--pack'),
+    (['hi', '--pack', '--bits', '8'], '--bits 8'),
+    (['hi', '--rank', '-1'], '--rank'),
+    (['hi', '--tile-size', '-1'], '--tile-size'),
+    (['hi', '--calib-tokens', '0'], '--calib-tokens'),
+    (['hi', '--load', '/no/such/dir'], '--load /no/such/dir'),
+  ],
+)
+def test_bad_arguments_fail_before_any_model_loads(argv, message, monkeypatch):
+  def no_model(*args, **kwargs):
+    raise AssertionError('a model was loaded')
+
+  from models import smollm2  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(smollm2, 'load_smollm2', no_model)
+  monkeypatch.setitem(tasks.TASKS, 'smollm2', no_model)
+  monkeypatch.setattr(tasks, 'smollm2_task', no_model)
+  with pytest.raises(SystemExit, match=message):
+    cli.main(['generate', *argv])
+
+
+def test_int4_kernel_ffi_refused_where_it_is_not_built(monkeypatch):
+  monkeypatch.setattr(ffi, 'available', lambda: False)
+  monkeypatch.setattr(ffi, 'unavailable_reason', lambda: 'no compiler')
+  with pytest.raises(SystemExit, match='--int4-kernel ffi: no compiler'):
+    cli.main(['generate', 'hi', '--pack', '--int4-kernel', 'ffi'])
+
+
+def test_load_of_an_eval_save_directory_is_refused(tmp_path):
+  (tmp_path / 'w4_g128_qera_r32').mkdir()
+  (tmp_path / 'w4_g128_qera_r32' / 'params.safetensors').write_bytes(b'')
+  with pytest.raises(SystemExit, match='lqer quantize --out'):
+    cli.main(['generate', 'hi', '--load', str(tmp_path)])
