@@ -257,3 +257,20 @@ def test_load_of_an_eval_save_directory_is_refused(tmp_path):
   (tmp_path / 'w4_g128_qera_r32' / 'params.safetensors').write_bytes(b'')
   with pytest.raises(SystemExit, match='lqer quantize --out'):
     cli.main(['generate', 'hi', '--load', str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_smollm2_fp_answers(capsys):
+  """The bundled SmolLM2-135M-Instruct, float, greedy through its chat
+  template: a few tokens of a sensible answer."""
+  text = _run(
+    [
+      'generate',
+      'What is the capital of France? Answer in one sentence.',
+      '--fp',
+      '--max-new-tokens',
+      '12',
+    ]
+  )
+  assert 'Paris' in text
+  assert 'decode: ' in capsys.readouterr().err

@@ -218,19 +218,24 @@ def provider(rules, args) -> LqerProvider:
   )
 
 
-def bundled_model(args):
-  """(module, params, tokenizer, chat template) of the bundled SmolLM2:
-  float (--fp), else quantized as `lqer eval` quantizes it."""
+def bundled_template() -> str | None:
+  """The chat template in the bundled SmolLM2's GGUF metadata (None: none)."""
   import gguf  # pylint: disable=g-import-not-at-top
 
   from models import smollm2  # pylint: disable=g-import-not-at-top
 
-  fields = gguf.GGUFReader(smollm2.gguf_path()).fields
-  template = (
-    fields['tokenizer.chat_template'].contents()
-    if 'tokenizer.chat_template' in fields
-    else None
+  field = gguf.GGUFReader(smollm2.gguf_path()).fields.get(
+    'tokenizer.chat_template'
   )
+  return None if field is None else field.contents()
+
+
+def bundled_model(args):
+  """(module, params, tokenizer, chat template) of the bundled SmolLM2:
+  float (--fp), else quantized as `lqer eval` quantizes it."""
+  from models import smollm2  # pylint: disable=g-import-not-at-top
+
+  template = bundled_template()
   if args.fp:
     module, params, tokenizer = smollm2.load_smollm2()
     return module, params, tokenizer, template
