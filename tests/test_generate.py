@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import qwix
 
-from lqer import LqerCalibrationProvider
 from lqer import LqerProvider
 from lqer import lqer_quantize_params
 from lqer.checkpoints import streaming
@@ -42,17 +41,19 @@ def _ids(length, vocab=97, seed=0):
 def _assert_cache_matches_forward(module, params, config, ids, prefill):
   """Prefill of ids[:, :prefill], then one token at a time: each step's
   logits equal the full forward's at that position (float32, 1e-5 of the
-  logits' scale)."""
-  full = np.asarray(module.apply({'params': params}, ids))
+  logits' scale). Returns the full forward's logits."""
+  apply = jax.jit(lambda p, x, c=None: module.apply({'params': p}, x, c))
+  full = np.asarray(apply(params, ids))
   tol = 1e-5 * np.abs(full).max()
   cache = llama.init_cache(config, 1, ids.shape[1] + 3)
-  logits, cache = module.apply({'params': params}, ids[:, :prefill], cache)
+  logits, cache = apply(params, ids[:, :prefill], cache)
   assert logits.shape == (1, 1, config.vocab_size)
   np.testing.assert_allclose(logits[:, 0], full[:, prefill - 1], atol=tol)
   for t in range(prefill, ids.shape[1]):
-    logits, cache = module.apply({'params': params}, ids[:, t : t + 1], cache)
+    logits, cache = apply(params, ids[:, t : t + 1], cache)
     assert int(cache.index) == t + 1
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=tol)
+  return full
 
 
 @pytest.mark.parametrize(
@@ -82,39 +83,33 @@ def test_cache_decode_equals_full_forward(config):
 
 
 def test_cache_decode_runs_the_quantized_matmuls():
-  """Under LqerProvider (W4 g32 QERA rank 4) the cache path multiplies the
+  """Under LqerProvider (W4 g32 LQER rank 4) the cache path multiplies the
   same quantized weights as the full forward: equal logits, both far from
   the float model's."""
   config = _config(hidden_size=64, intermediate_size=128)
   fp_module = llama.LlamaForCausalLM(config)
   params = test_streaming.tiny_params(config)
   rules, _ = recipes.build_rules(
-    params, r'layers_\d+/(attn|mlp)/.*', 4, 32, 4, 'qera'
-  )
-  cal = qwix.quantize_model(fp_module, LqerCalibrationProvider(rules))
-  ids = _ids(12)
-  stats = cal.init(jax.random.key(0), ids)['quant_stats']
-  _, stats = cal.apply(
-    {'params': params, 'quant_stats': stats}, ids, mutable='quant_stats'
+    params, r'layers_\d+/(attn|mlp)/.*', 4, 32, 4, 'svd'
   )
   module = qwix.quantize_model(fp_module, LqerProvider(rules))
+  ids = _ids(12)
   abstract = jax.eval_shape(module.init, jax.random.key(0), ids[:, :1])
-  qparams = lqer_quantize_params(
-    params, abstract['params'], calibration=stats['quant_stats']
-  )
-  _assert_cache_matches_forward(module, qparams, config, ids, prefill=4)
-  fp = fp_module.apply({'params': params}, ids)
-  q = module.apply({'params': qparams}, ids)
+  qparams = lqer_quantize_params(params, abstract['params'])
+  q = _assert_cache_matches_forward(module, qparams, config, ids, prefill=4)
+  fp = jax.jit(fp_module.apply)({'params': params}, ids)
   assert np.abs(fp - q).max() > 1e-3 * np.abs(fp).max()
 
 
 def _greedy_reference(module, params, prompt, n):
-  """n greedy tokens by full forwards over the growing sequence."""
-  seq = list(prompt)
-  for _ in range(n):
-    logits = module.apply({'params': params}, np.asarray(seq)[None])
-    seq.append(int(np.argmax(logits[0, -1])))
-  return seq[len(prompt) :]
+  """n greedy tokens by full forwards (no cache) over the growing sequence,
+  zero-padded to one length (causal: the padding is never attended)."""
+  forward = jax.jit(lambda p, x: module.apply({'params': p}, x))
+  seq = np.zeros((1, len(prompt) + n), np.int32)
+  seq[0, : len(prompt)] = prompt
+  for t in range(len(prompt), len(prompt) + n):
+    seq[0, t] = int(np.argmax(forward(params, seq)[0, t - 1]))
+  return seq[0, len(prompt) :].tolist()
 
 
 def test_decoder_greedy_sampling_and_stop():
@@ -137,8 +132,14 @@ def test_decoder_greedy_sampling_and_stop():
     for s in (0, 0, 1)
   ]
   assert draws[0] == draws[1] != draws[2]
-  top1 = llama.Decoder(module, config, 16, temperature=2.0, top_k=1)
-  assert top1.generate(params, prompt, 8, jax.random.key(5)).tokens == want
+  logits = jax.random.normal(jax.random.key(0), (64, 97))
+  keys = jax.random.split(jax.random.key(1), 64)
+  top1 = jax.vmap(lambda l, k: llama.sample(l[None], k, 2.0, 1))(logits, keys)
+  np.testing.assert_array_equal(top1[:, 0], np.argmax(logits, -1))
+  top3 = jax.vmap(lambda l, k: llama.sample(l[None], k, 5.0, 3))(logits, keys)
+  ranks = np.argsort(-np.asarray(logits), -1)
+  assert all(t in r[:3] for t, r in zip(np.asarray(top3)[:, 0], ranks))
+  assert len(set(np.asarray(top3)[:, 0] == ranks[:, 0])) == 2  # not greedy
   with pytest.raises(ValueError, match='do not fit the cache'):
     decoder.generate(params, prompt, 12)
 
