@@ -16,7 +16,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -610,45 +609,3 @@ def test_a_tokenizer_bigger_than_the_embedding_is_refused(
       tmp_path / 'src', tmp_path / 'q', SETTINGS, ids, progress=False
     )
   assert not (tmp_path / 'q').exists()
-
-
-# --- 6. Two processes under jax.distributed ----------------------------------
-
-
-def test_two_processes_under_jax_distributed_write_what_one_writes(tmp_path):
-  """docs/checkpoints.md's multi-host recipe, run for real: two local CPU
-  processes (coordinator on 127.0.0.1, gloo collectives), a (1, 2) mesh
-  over their devices, each reading only its own slices of the weights; the
-  output equals one process's on the same mesh, tensor for tensor."""
-  write_tiny(tmp_path / 'src', tiny_config(num_layers=2))
-  script = ROOT / 'tests' / 'multiprocess_quantize_script.py'
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-
-  def start(out, processes, i):
-    return subprocess.Popen(
-      [sys.executable, str(script), str(tmp_path / 'src'), str(tmp_path / out)]
-      + [str(processes), str(i), str(port)],
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-      cwd=ROOT,
-    )
-
-  procs = [start('two', 2, i) for i in range(2)] + [start('one', 1, 0)]
-  try:
-    results = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:  # stops by itself: never leave a process behind
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  reads = []
-  for p, (stdout, stderr) in zip(procs, results):
-    assert p.returncode == 0, stderr[-3000:]
-    reads.append(int(re.search(r'ok \d+ reads (\d+)', stdout).group(1)))
-  # Each of the two read its own slices: less than the one process read
-  # for its two devices.
-  assert reads[0] == reads[1] < reads[2], reads
-  _assert_same_output(tmp_path / 'two', tmp_path / 'one')

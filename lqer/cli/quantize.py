@@ -2,7 +2,9 @@
 
     lqer quantize CHECKPOINT_DIR --out OUT_DIR --bits 4 --tile-size 128 \\
         --rank 32 --method qera [--base gptq] [--calib-text FILE] \\
-        [--calib-tokens N] [--sequential | --no-sequential] [--force]
+        [--calib-tokens N] [--sequential | --no-sequential] [--force] \\
+        [--mesh DATA,MODEL] [--distributed [--coordinator HOST:PORT \\
+        --num-processes N --process-id I]]
 
 quantizes a Hugging Face checkpoint directory block by block
 (`lqer.checkpoints.streaming`); `lqer eval --load OUT_DIR` scores the result
@@ -102,6 +104,26 @@ def add_parser(sub):
     help='write into a non-empty --out that is not an lqer quantize output'
     " (lqer's files go beside the ones there, which are left alone)",
   )
+  q.add_argument(
+    '--mesh',
+    help="DATA,MODEL: split each block over a ('data', 'model') mesh of"
+    ' that shape, DATA x MODEL = all devices (default: one device; with'
+    ' --distributed, 1,<all devices>)',
+  )
+  q.add_argument(
+    '--distributed',
+    action='store_true',
+    help='multi-host: call jax.distributed.initialize() first and run the'
+    " same command on every host; each reads only its devices' slices of"
+    ' the weights, process 0 writes --out (shared storage)',
+  )
+  q.add_argument(
+    '--coordinator',
+    help='with --distributed, where JAX does not detect the cluster:'
+    ' HOST:PORT of process 0 (with --num-processes and --process-id)',
+  )
+  q.add_argument('--num-processes', type=int)
+  q.add_argument('--process-id', type=int)
 
 
 def _prose_split(tokenizer, n_calib, n_eval):
@@ -141,6 +163,66 @@ def calibration_windows(
   )
 
 
+def parse_mesh(value) -> tuple[int, int] | None:
+  """'DATA,MODEL' -> (DATA, MODEL); None stays None."""
+  if value is None:
+    return None
+  parts = value.split(',')
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    raise SystemExit(
+      f'--mesh {value!r}: give DATA,MODEL, two positive integers (e.g. 1,8)'
+    )
+  shape = tuple(int(p) for p in parts)
+  if min(shape) < 1:
+    raise SystemExit(f'--mesh {value!r}: both sizes must be at least 1')
+  return shape
+
+
+def check_distributed(args) -> None:
+  """--coordinator, --num-processes and --process-id: all or none, with
+  --distributed, and 0 <= process id < processes."""
+  manual = (args.coordinator, args.num_processes, args.process_id)
+  if any(v is not None for v in manual):
+    if not args.distributed:
+      raise SystemExit(
+        '--coordinator, --num-processes and --process-id need --distributed'
+      )
+    if any(v is None for v in manual):
+      raise SystemExit(
+        '--distributed: give all of --coordinator HOST:PORT, --num-processes'
+        ' and --process-id, or none (JAX detects the cluster)'
+      )
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+      raise SystemExit(
+        f'--process-id {args.process_id} must lie in [0, --num-processes'
+        f' {args.num_processes})'
+      )
+
+
+def start_mesh(args, shape):
+  """Joins the cluster (--distributed) and builds the ('data', 'model')
+  mesh: `shape`, or (1, all devices) under --distributed, or None."""
+  if args.distributed:
+    # CPU hosts need a collectives backend for the gathers; GPU/TPU ignore it.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+      args.coordinator, args.num_processes, args.process_id
+    )
+    shape = shape or (1, jax.device_count())
+  if shape is None:
+    return None
+  if shape[0] * shape[1] != jax.device_count():
+    raise SystemExit(
+      f'--mesh {shape[0]},{shape[1]}: {shape[0] * shape[1]} devices, but'
+      f' there are {jax.device_count()}; DATA x MODEL must equal it'
+    )
+  return jax.make_mesh(
+    shape,
+    ('data', 'model'),
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
+
+
 def quantize_command(args):
   """Runs `lqer quantize`."""
   from models.hf_checkpoint import CheckpointDir  # pylint: disable=g-import-not-at-top
@@ -149,6 +231,9 @@ def quantize_command(args):
     raise SystemExit(
       f'--rank must be positive and --calib-tokens at least {common.WINDOW}'
     )
+  shape = parse_mesh(args.mesh)
+  check_distributed(args)
+  mesh = start_mesh(args, shape)
   tuning = block_tuning(args)
   ckpt = CheckpointDir(args.checkpoint)
   settings = streaming.Settings(
@@ -172,13 +257,20 @@ def quantize_command(args):
     settings,
     windows,
     sequential=args.sequential,
+    mesh=mesh,
     force=args.force,
     tuning=tuning,
   )
   common.write_json(args.json, records)
+  who = (
+    f'process {jax.process_index()} of {jax.process_count()}: '
+    if args.distributed
+    else ''
+  )
   print(
-    f'wrote {args.out}: {ckpt.config.num_layers} blocks in'
-    f' {(time.perf_counter() - start) / 60:.1f} min, peak RSS'
+    f'{who}wrote {args.out}: {ckpt.config.num_layers} blocks in'
+    f' {(time.perf_counter() - start) / 60:.1f} min, read {ckpt.reads}'
+    f' tensor slices ({ckpt.read_elements} weights), peak RSS'
     f' {streaming.peak_rss_gb():.2f} GB'
   )
 
