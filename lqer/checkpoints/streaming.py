@@ -399,6 +399,8 @@ def quantize_checkpoint(
       if needs_read(i + 1):
         reading = io.submit(read, f'layers_{i + 1}')
       if forwards and sequential:
+        if mesh is not None:  # one layout, quantized now or resumed from file,
+          quantized = shard_params(quantized, mesh)  # so one forward's bits
         batches = clock('forward', block.forward(quantized, batches, True))
       records.append(
         {
