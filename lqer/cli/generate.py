@@ -98,7 +98,7 @@ def add_parser(sub):
     choices=['svd', 'l2qer', 'qera'],
     help=f'default {DEFAULT_METHOD}',
   )
-  g.add_argument('--base', choices=['rtn', 'gptq', 'awq'])
+  g.add_argument('--base', choices=['rtn', 'gptq', 'awq'], help='default rtn')
   g.add_argument(
     '--factor-bits',
     type=int,
@@ -311,6 +311,37 @@ def loaded_model(args):
   return module, params, tokenizer, template
 
 
+def describe(args) -> str:
+  """The model the flags choose, in a few words."""
+  if args.fp:
+    return 'SmolLM2-135M-Instruct float32'
+  if args.load is not None:
+    settings = streaming.read_metadata(args.load)['settings']
+    name = args.load
+  else:
+    settings = dict(
+      bits=args.bits or 4,
+      tile_size=128 if args.tile_size is None else args.tile_size,
+      rank=DEFAULT_RANK if args.rank is None else args.rank,
+      method=args.method or DEFAULT_METHOD,
+      base=args.base or 'rtn',
+    )
+    name = 'SmolLM2-135M-Instruct'
+  method = (
+    common.METHOD_LABELS[settings['method']] + f' r{settings["rank"]}'
+    if settings['rank']
+    else 'PTQ'
+  )
+  desc = (
+    f'{name} W{settings["bits"]} g{settings["tile_size"] or "-"}'
+    f' {settings["base"]} {method}'
+  )
+  if args.pack:
+    kernel = packing.resolve_kernel(args.int4_kernel or 'auto')
+    desc += f', packed ({"int4 kernel" if kernel == "ffi" else "XLA path"})'
+  return desc
+
+
 def stop_ids(tokenizer) -> tuple[int, ...]:
   """Ids of `STOP_TOKENS` the tokenizer has."""
   ids = [tokenizer.token_to_id(t) for t in STOP_TOKENS]
@@ -357,7 +388,7 @@ def generate_command(args) -> str:
   answer = tokenizer.decode(out.tokens)
   print(answer, flush=True)
   print(
-    f'model ready in {load_secs:.1f} s,'
+    f'{describe(args)}: ready in {load_secs:.1f} s,'
     f' compiled in {compile_secs:.1f} s; prompt: {out.prompt_tokens} tokens'
     f' at {out.prompt_tokens_per_second:.1f} tokens/s; decode:'
     f' {out.decode_steps} steps at {out.decode_tokens_per_second:.1f}'
