@@ -22,6 +22,7 @@ import os
 import pathlib
 import tempfile
 
+from flax import nnx
 import jax
 import ml_dtypes  # noqa: F401  (registers int4, bfloat16, ... with NumPy)
 import numpy as np
@@ -100,7 +101,9 @@ def save(
 def load(
   directory, abstract_params, fingerprint: dict, filename: str = FILENAME
 ):
-  """Reads params saved by `save` into the structure of abstract_params."""
+  """Reads params saved by `save` into the structure of abstract_params: a
+  param tree (abstract or not; a new tree is returned) or a quantized NNX
+  model (updated in place and returned, as `pack_params` does)."""
   path = pathlib.Path(directory) / filename
   if not path.exists():
     raise CheckpointError(f'no checkpoint at {path}')
@@ -127,8 +130,7 @@ def load(
       f' {[fingerprint.get(k) for k in diff]})'
     )
   layout = json.loads(metadata['layout'])
-  abstract_params = _with_stored_shapes(abstract_params, layout, path)
-  expected, treedef = _flat(abstract_params)
+  expected, treedef = _flat(_with_stored_shapes(abstract_params, layout, path))
   _check_factors(expected, layout, path)
   if set(expected) != set(layout):
     missing = sorted(set(expected) - set(layout))[:3]
@@ -148,9 +150,13 @@ def load(
       )
     leaves.append(stored[key].view(np.dtype(dtype)).reshape(shape))
   _check_finite(jax.tree_util.tree_unflatten(treedef, leaves), str(path))
-  return jax.tree_util.tree_unflatten(
+  params = jax.tree_util.tree_unflatten(
     treedef, [jax.numpy.asarray(x) for x in leaves]
   )
+  if isinstance(abstract_params, nnx.Module):  # in place, as pack_params
+    nnx.update(abstract_params, nnx.state(params))
+    return abstract_params
+  return params
 
 
 def _check_finite(params, where: str) -> None:
