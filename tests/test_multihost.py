@@ -24,7 +24,7 @@ from tests.test_streaming import tiny_config
 from tests.test_streaming import write_tiny
 
 ROOT = pathlib.Path(__file__).parents[1]
-SETTINGS = ['--rank', '4', '--tile-size', '32', '--calib-tokens', '1024']
+SETTINGS = ['--rank', '4', '--tile-size', '32', '--calib-tokens', '512']
 LAYERS = 3
 TIMEOUT = 300  # seconds any one run may take before the test fails
 
