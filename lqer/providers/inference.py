@@ -126,6 +126,16 @@ class LqerProvider(qwix.PtqProvider):
         )
       return qwix_call(), False
     _qwix.count_op(self, op_name)  # keep Qwix's op counting
+    if (
+      packed
+      and packing.fits(rhs.array, dimension_numbers)
+      and packing.resolve_kernel(self._int4_kernel) == 'ffi'
+    ):
+      out, done = _kernel_main(x, lhs, rhs, dimension_numbers, rule, act_how)
+      if output_perm is not None:
+        out = jnp.transpose(out, output_perm)
+      dtype = jnp.result_type(x.dtype, rhs.array.scale.dtype)
+      return out.astype(dtype), done
     if rule.act_qtype is not None:
       if rule.act_static_scale:
         raise ValueError(
@@ -323,6 +333,72 @@ class LqerProvider(qwix.PtqProvider):
       )
     _replace_param(name, weight)
     return weight
+
+
+def _kernel_main(x, lhs, rhs, dimension_numbers, rule, act_how):
+  """(x deq(Wq) [+ (lhs A) B], whether the branch is added) on lqer's int4
+  CPU kernel, x = lhs / s: one call with the branch, s and, for Qwix's
+  dynamic int8 activations, their quantization (`_kernel_act_tile`).
+  Other activation qtypes are quantized and dequantized in XLA first; the
+  branch then follows the call (`_add_branch`)."""
+  p = rhs.array
+  lqer_weight = isinstance(rhs, WithLqer)
+  act_tile = None
+  if rule.act_qtype is not None:
+    how = act_how(rule)
+    act_tile = _kernel_act_tile(how, lhs, dimension_numbers, p)
+    if act_tile is None:
+      xq = qwix.dequantize(_qwix.quantize(x, how)).astype(x.dtype)
+      return packing.kernel_dot_general(xq, p, dimension_numbers), False
+  factors = None
+  if lqer_weight and rhs.rank > 0:
+    factors = tuple(
+      None if v is None else _qwix.unbox(v)
+      for v in (rhs.a, rhs.b, rhs.a_scale, rhs.b_scale)
+    )
+  input_scale = rhs.input_scale if lqer_weight else None
+  out = packing.kernel_dot_general(
+    lhs,
+    p,
+    dimension_numbers,
+    factors=factors,
+    input_scale=None if input_scale is None else _qwix.unbox(input_scale),
+    act_tile=act_tile,
+  )
+  return out, True
+
+
+def _kernel_act_tile(how, lhs, dimension_numbers, p) -> int | None:
+  """The kernel's act_tile for Qwix's activation quantization `how` (0:
+  one int8 scale per token; n: per token and n consecutive packed rows),
+  or None where the kernel's int8 path does not compute it: a qtype other
+  than int8, a calibration other than absmax, scales shared across
+  tokens, a tile along a contracting axis other than the packed rows'
+  last, or tiles of a non-float32 input (Qwix's tiled matmul then rounds
+  each dequantized tile q s to the input's dtype before its dot; the
+  kernel's integer dot does not)."""
+  try:
+    int8 = jnp.dtype(how.qtype) == jnp.int8
+  except TypeError:
+    int8 = False
+  (lhs_c, rhs_c), _ = dimension_numbers
+  per_token = set(how.channelwise_axes) == set(range(lhs.ndim)) - set(lhs_c)
+  if (
+    not int8
+    or how.calibration_method != 'absmax'
+    or not per_token
+    or len(how.tiled_axes) > 1
+  ):
+    return None
+  if not how.tiled_axes:
+    return 0
+  ((axis, tile),) = how.tiled_axes.items()
+  if lhs.dtype != jnp.float32:
+    return None
+  last_row_axis = lhs_c[list(rhs_c).index(p.layout.contracting_axes[-1])]
+  if axis != last_row_axis or not isinstance(tile, int):
+    return None
+  return tile if lhs.shape[axis] % tile == 0 else None
 
 
 def _module_path() -> tuple[str, ...]:

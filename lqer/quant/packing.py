@@ -420,14 +420,9 @@ def _by_column_blocks(x, packed, scale, dtype, low_rank):
   return jnp.concatenate(halves[0] + halves[1], -1)
 
 
-def _matmul(x, packed, scale, low_rank, dtype, kernel='xla'):
+def _matmul(x, packed, scale, low_rank, dtype):
   """x (tokens, in) @ deq(packed (in, out/2), scale (groups, out)) [+ xa
-  (tokens, k) @ b (k, out)], float32 (tokens, out).
-
-  kernel 'ffi': lqer's int4 CPU kernel (`lqer.kernels.ffi`: nibbles
-  dequantized in registers, one pass over the packed bytes, float32
-  accumulation); the branch xa @ b is then one small XLA dot after it.
-  kernel 'xla': the blocked XLA path below.
+  (tokens, k) @ b (k, out)], float32 (tokens, out), on XLA.
 
   One token (a matrix-vector product): blocks of MATVEC_BLOCK_ROWS rows,
   partial products summed, branch added once. More tokens: blocks of
@@ -436,12 +431,6 @@ def _matmul(x, packed, scale, low_rank, dtype, kernel='xla'):
   output (a zero XLA cannot fold), so XLA keeps one block live instead of
   hoisting all.
   """
-  if kernel == 'ffi':
-    y = ffi.int4_matmul(x, packed, scale)
-    if low_rank is not None:
-      xa, b = low_rank
-      y = y + jnp.dot(xa, b, preferred_element_type=jnp.float32)
-    return y
   if x.shape[0] > 1:
     return _by_column_blocks(x, packed, scale, dtype, low_rank)
   y = _by_row_blocks(x, packed, scale, dtype)
@@ -458,26 +447,41 @@ _FALLBACK_WARNED = []
 def resolve_kernel(kernel: str) -> str:
   """'ffi' or 'xla' for a packed matmul.
 
-  'auto': lqer's int4 CPU kernel on CPU when it is built and loads, else the
-  XLA path (on CPU, with one warning naming why); other backends: 'xla'.
-  'ffi': the kernel, or a RuntimeError naming why it is unavailable.
+  'auto': lqer's int4 CPU kernel on CPU when it is built and loads and the
+  process has one device, else the XLA path (on CPU, with one warning
+  naming why); other backends: 'xla'. With several devices (a mesh, forced
+  host devices, jax.distributed) XLA's SPMD partitioner would gather a
+  custom call's sharded operands to every device, so 'auto' keeps the
+  partitionable XLA path. 'ffi': the kernel (sharded operands gathered), or
+  a RuntimeError naming why it is unavailable.
   """
   if kernel not in KERNELS:
     raise ValueError(f'int4_kernel must be one of {KERNELS}, got {kernel!r}')
   if kernel == 'xla' or (kernel == 'auto' and jax.default_backend() != 'cpu'):
     return 'xla'
-  if ffi.available():
-    return 'ffi'
-  if kernel == 'ffi':
-    raise RuntimeError(f"int4_kernel='ffi': {ffi.unavailable_reason()}")
+  if not ffi.available():
+    if kernel == 'ffi':
+      raise RuntimeError(f"int4_kernel='ffi': {ffi.unavailable_reason()}")
+    _warn_once(
+      f'the int4 CPU kernel is unavailable ({ffi.unavailable_reason()})'
+    )
+    return 'xla'
+  if kernel == 'auto' and jax.device_count() > 1:
+    _warn_once(
+      f'{jax.device_count()} devices: the int4 CPU kernel is not partitioned'
+      ' (XLA would gather sharded weights to every device); pass'
+      " int4_kernel='ffi' to run it anyway"
+    )
+    return 'xla'
+  return 'ffi'
+
+
+def _warn_once(why: str):
   if not _FALLBACK_WARNED:
     _FALLBACK_WARNED.append(True)
     warnings.warn(
-      f'lqer: the int4 CPU kernel is unavailable ({ffi.unavailable_reason()});'
-      ' packed weights run on the XLA path',
-      stacklevel=3,
+      f'lqer: {why}; packed weights run on the XLA path', stacklevel=4
     )
-  return 'xla'
 
 
 def fits(p: PackedInt4, dimension_numbers) -> bool:
@@ -509,27 +513,12 @@ def _batched_low_rank(low_rank, call_batch, rhs_b, layout, tokens):
   return xa.reshape(nb, tokens, k), b.reshape(nb, k, layout.out_size)
 
 
-def packed_dot_general(
-  lhs,
-  p: PackedInt4,
-  dimension_numbers,
-  compute_dtype,
-  low_rank=None,
-  kernel='auto',
-):
-  """dot_general(lhs, deq(p)) [+ xa @ b], dequantizing block by block.
-
-  The lhs contracting axes, in the row order of the kernel axes they pair
-  with, move last and flatten to the packed matrix's rows; its batch axes,
-  in the order of `p.layout.batch_axes`, move first; each batch entry is
-  one `_matmul` (vmapped). low_rank: optional float32 (xa, b), the LQER
-  branch: xa (*batch in the call's order, *lhs free, k) and b (*batch in
-  `p.layout` order, k, *output), each in any row-major reshaping (the
-  provider passes them unflattened). Returns float32 of
-  dot_general's output shape: (*batch in the call's order, *lhs free,
-  *kernel output dims in kernel order). kernel: 'auto', 'ffi' or 'xla'
-  (`resolve_kernel`).
-  """
+def _as_matrix_input(lhs, p: PackedInt4, dimension_numbers):
+  """(x, to_output): lhs as x (nb, tokens, in), the packed matrix's rows
+  last (the lhs contracting axes in the row order of the kernel axes they
+  pair with), its batch axes first (in `p.layout.batch_axes` order); and
+  the map of y (nb, tokens, out) to dot_general's output shape (*batch in
+  the call's order, *lhs free, *kernel output dims in kernel order)."""
   if not fits(p, dimension_numbers):
     raise ValueError(
       f'packed int4 kernel {p.shape} (contracting axes'
@@ -542,28 +531,160 @@ def packed_dot_general(
   lc = _paired(lhs_c, rhs_c, layout.contracting_axes)
   free = [a for a in range(lhs.ndim) if a not in lb + lc]
   nb = math.prod(layout.batch_shape)
-  x = (
-    jnp.transpose(lhs, (*lb, *free, *lc))
-    .reshape(nb, -1, layout.in_size)
-    .astype(compute_dtype)
-  )
-  packed = p.packed.reshape(nb, layout.in_size, -1)
-  scale = p.scale.reshape(nb, -1, layout.out_size)
-  if low_rank is not None:
-    low_rank = _batched_low_rank(
-      low_rank, [lhs.shape[a] for a in lhs_b], rhs_b, layout, x.shape[1]
+  x = jnp.transpose(lhs, (*lb, *free, *lc)).reshape(nb, -1, layout.in_size)
+
+  def to_output(y):
+    y = y.reshape(
+      *layout.batch_shape, *[lhs.shape[a] for a in free], *layout.output_shape
     )
-  matmul = functools.partial(
-    _matmul, dtype=compute_dtype, kernel=resolve_kernel(kernel)
+    to_call = [layout.batch_axes.index(a) for a in rhs_b]
+    return jnp.transpose(y, (*to_call, *range(len(rhs_b), y.ndim)))
+
+  return x, to_output
+
+
+def _weight_matrices(p: PackedInt4):
+  """packed (nb, in, out / 2) and scale (nb, groups, out)."""
+  nb = math.prod(p.layout.batch_shape)
+  return (
+    p.packed.reshape(nb, p.layout.in_size, -1),
+    p.scale.reshape(nb, -1, p.layout.out_size),
   )
-  args = (x, packed, scale, low_rank)
-  if layout.batch_axes:
+
+
+def packed_dot_general(
+  lhs,
+  p: PackedInt4,
+  dimension_numbers,
+  compute_dtype,
+  low_rank=None,
+  kernel='auto',
+):
+  """dot_general(lhs, deq(p)) [+ xa @ b], float32.
+
+  kernel (`resolve_kernel`): 'ffi' runs lqer's int4 CPU kernel
+  (`lqer.kernels.ffi`: nibbles dequantized in registers, float32
+  accumulation, lhs read as given: float32 or bfloat16) and adds xa @ b
+  after it (`kernel_dot_general` fuses the branch); 'xla' dequantizes block
+  by block in XLA (`_matmul`, lhs cast to `compute_dtype`). Each batch
+  entry of the packed matrix is one matmul (vmapped). low_rank: optional
+  float32 (xa, b), the LQER branch: xa (*batch in the call's order, *lhs
+  free, k) and b (*batch in `p.layout` order, k, *output), each in any
+  row-major reshaping (the provider passes them unflattened). Returns
+  float32 of dot_general's output shape (`_as_matrix_input`).
+  """
+  x, to_output = _as_matrix_input(lhs, p, dimension_numbers)
+  packed, scale = _weight_matrices(p)
+  if low_rank is not None:
+    (_, _), (lhs_b, rhs_b) = dimension_numbers
+    low_rank = _batched_low_rank(
+      low_rank, [lhs.shape[a] for a in lhs_b], rhs_b, p.layout, x.shape[1]
+    )
+  if resolve_kernel(kernel) == 'ffi':
+    y = _kernel_calls(x, packed, scale)
+    if low_rank is not None:
+      y = y + jnp.matmul(*low_rank, preferred_element_type=jnp.float32)
+    return to_output(y)
+  matmul = functools.partial(_matmul, dtype=compute_dtype)
+  args = (x.astype(compute_dtype), packed, scale, low_rank)
+  if p.layout.batch_axes:
     y = jax.vmap(matmul)(*args)
   else:
-    y = matmul(*jax.tree.map(lambda a: a[0], args))
-  y = y.reshape(
-    *layout.batch_shape, *[lhs.shape[a] for a in free], *layout.output_shape
+    y = matmul(*jax.tree.map(lambda a: a[0], args))[None]
+  return to_output(y)
+
+
+def kernel_dot_general(
+  lhs,
+  p: PackedInt4,
+  dimension_numbers,
+  *,
+  factors=None,
+  input_scale=None,
+  act_tile=None,
+):
+  """dot_general(lhs / s, deq(p)) + (lhs A) B on lqer's int4 CPU kernel,
+  one `ffi.int4_matmul` call per batch entry of the packed matrix.
+
+  Args:
+    lhs: the op's input, float32 or bfloat16 (read as given).
+    p: the packed weight.
+    dimension_numbers: the op's, which `p` must fit (`fits`).
+    factors: None, or (a, b, a_scale, b_scale) as `WithLqer` stores them:
+      a (*batch, *contracting in kernel order, k), b (*batch, k, *output),
+      float or integer values; a_scale (*batch, 1.., k) and b_scale
+      (*batch, k, 1..) or None. Dequantized in the kernel.
+    input_scale: None, or s (in,), the contracting axes flattened in kernel
+      order (`WithLqer.input_scale`): the main product reads lhs / s, the
+      branch lhs.
+    act_tile: None: weight-only (float activations). An int: W4A8, lhs / s
+      quantized to int8 per token (Qwix's dynamic absmax int8), one scale
+      per `act_tile` consecutive packed rows, 0 for one per token.
+
+  Returns:
+    float32 of dot_general's output shape (`_as_matrix_input`).
+  """
+  x, to_output = _as_matrix_input(lhs, p, dimension_numbers)
+  packed, scale = _weight_matrices(p)
+  layout = p.layout
+  lam = None
+  if input_scale is not None:
+    dims = [layout.shape[a] for a in sorted(layout.contracting_axes)]
+    lam = _rows_in_packed_order(layout, input_scale.reshape(dims), 0)
+    lam = lam.reshape(-1)
+  if factors is not None:
+    factors = _factor_matrices(layout, *factors)
+  return to_output(_kernel_calls(x, packed, scale, factors, lam, act_tile))
+
+
+def _rows_in_packed_order(layout, value, nb: int):
+  """value (*nb batch axes, *contracting dims in kernel order, *rest) with
+  its contracting axes permuted to `layout`'s row order (packed rows)."""
+  kernel_order = tuple(sorted(layout.contracting_axes))
+  perm = [nb + kernel_order.index(a) for a in layout.contracting_axes]
+  end = nb + len(perm)
+  return jnp.transpose(value, (*range(nb), *perm, *range(end, value.ndim)))
+
+
+def _factor_matrices(layout, a, b, a_scale, b_scale):
+  """Stored factors (`WithLqer`) -> a (nb, in, k) with rows in packed
+  order, b (nb, k, out), a_scale and b_scale (nb, k) or None."""
+  nb = math.prod(layout.batch_shape)
+  k = a.shape[-1]
+  a = _rows_in_packed_order(layout, a, len(layout.batch_axes))
+  flat = lambda s: None if s is None else s.reshape(nb, k)
+  return (
+    a.reshape(nb, layout.in_size, k),
+    b.reshape(nb, k, layout.out_size),
+    flat(a_scale),
+    flat(b_scale),
   )
-  nbatch = len(rhs_b)
-  to_call = [layout.batch_axes.index(a) for a in rhs_b]
-  return jnp.transpose(y, (*to_call, *range(nbatch, y.ndim)))
+
+
+def _kernel_calls(x, packed, scale, factors=None, lam=None, act_tile=None):
+  """ffi.int4_matmul per batch entry: x (nb, tokens, in), packed (nb, in,
+  out / 2), scale (nb, groups, out), factors (a, b, a_scale, b_scale) per
+  entry or None; float32 (nb, tokens, out)."""
+  if x.dtype not in (jnp.float32, jnp.bfloat16):
+    x = x.astype(jnp.float32)
+
+  def call(x, packed, scale, factors):
+    a, b, a_scale, b_scale = factors or (None,) * 4
+    return ffi.int4_matmul(
+      x,
+      packed,
+      scale,
+      a,
+      b,
+      a_scale=a_scale,
+      b_scale=b_scale,
+      lam=lam,
+      act_bits=None if act_tile is None else 8,
+      act_tile=act_tile or None,
+    )
+
+  if x.shape[0] == 1:
+    return call(*jax.tree.map(lambda v: v[0], (x, packed, scale, factors)))[
+      None
+    ]
+  return jax.vmap(call)(x, packed, scale, factors)
