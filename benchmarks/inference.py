@@ -9,29 +9,45 @@ bytes, and the param bytes as stored (int4 packed two per byte, i.e. the
 bits of each dtype, not `nbytes`).
 
     python benchmarks/inference.py [--json FILE] [--layers 4] [--repeats 20]
+      [--variants REGEX]
+
+Packed rows run on each matmul path: '(kernel)' is lqer's int4 CPU kernel
+(`LqerProvider(int4_kernel='ffi')`: one FFI call per weight, the branch,
+x / lam and int8 activation quantization inside it), '(XLA)' the blocked
+XLA path (`int4_kernel='xla'`). The run first measures a STREAM-style read
+bandwidth (the median time of summing a 256 MiB float32 array, split over
+1 and over all cores, the faster taken) and prints, per row, the bytes the
+forward reads (its params as stored, int4 at 4 bits) per second as a share
+of it.
 
 The MLP table also has W4A8 rows: PTQ with int8 dynamic activations and
 SVDQuant (smoothing alpha 0.5, rank 32), each on Qwix's matmul and packed
-(x / lam quantized and dequantized, then the packed weight-only matmul).
+(the kernel's W4A8 path; on XLA x / lam quantized and dequantized, then
+the packed weight-only matmul).
 
 `--model gemma-block`: one Gemma-3-270M-shaped decoder block (d 640, 4
 query heads of dim 256, 1 KV head, gated MLP ff 2048), its kernels laid out
 as Google's gemma library writes its einsums (q (N, D, H), kv (2, K, D, H),
 out (N, H, D), gate/up (2, F, D)), with causal softmax attention; FP32, Qwix
-PTQ int4 and LQER int4 packed (W4 g128 r32) at 1x1 and 1x128:
+PTQ int4, PTQ and LQER int4 packed (W4 g128 r32) on both paths at 1x1,
+1x128 and 8x128:
 
     python benchmarks/inference.py --model gemma-block [--repeats 20]
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import os
+import re
 import statistics
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 
 import lqer
@@ -117,6 +133,17 @@ class GemmaBlocks(nn.Module):
     return x
 
 
+def packed_models(model, ptq_rules, rules):
+  """{'XLA' | 'kernel': (PTQ model, LQER model)} on packed weights."""
+  out = {}
+  for path, kernel in (('XLA', 'xla'), ('kernel', 'ffi')):
+    make = lambda r, k=kernel: qwix.quantize_model(
+      model, lqer.LqerProvider(r, int4_kernel=k)
+    )
+    out[path] = (make(ptq_rules), make(rules))
+  return out
+
+
 def mlp_variants(model, fp, x0, ptq_rules, rules):
   """FP32, bf16, Qwix PTQ and LQER on each matmul path (the MLP table)."""
   bf16_model = model.clone(dtype=jnp.bfloat16)
@@ -126,23 +153,25 @@ def mlp_variants(model, fp, x0, ptq_rules, rules):
     model, lqer.LqerProvider(rules, compute_dtype=cd)
   )
   params = lqer_params(model, fp, x0, rules)
-  ptq_lqer = qwix.quantize_model(model, lqer.LqerProvider(ptq_rules))
-  return {
+  packed_ptq, packed = lqer.pack_params(ptq), lqer.pack_params(params)
+  variants = {
     'FP32': (model, fp),
     'bf16': (bf16_model, bf16),
     'Qwix PTQ int4': (ptq_model, ptq),
     'LQER int4 (Qwix matmul)': (lqer_model(None), params),
     'LQER int4 (f32 at use)': (lqer_model(jnp.float32), params),
     'LQER int4 (auto)': (lqer_model('auto'), params),
-    'PTQ int4 packed (auto)': (ptq_lqer, lqer.pack_params(ptq)),
-    'LQER int4 packed (auto)': (lqer_model('auto'), lqer.pack_params(params)),
-    **w4a8_variants(model, fp, x0, ptq_rules, rules),
   }
+  for path, (ptq_m, lqer_m) in packed_models(model, ptq_rules, rules).items():
+    variants[f'PTQ int4 packed ({path})'] = (ptq_m, packed_ptq)
+    variants[f'LQER int4 packed ({path})'] = (lqer_m, packed)
+  return {**variants, **w4a8_variants(model, fp, x0, ptq_rules, rules)}
 
 
 def w4a8_variants(model, fp, x0, ptq_rules, rules):
   """PTQ W4A8 and SVDQuant W4A8 (int8 dynamic activations, smoothing
-  calibrated on random inputs), each on Qwix's matmul and packed."""
+  calibrated on random inputs), each on Qwix's matmul and packed on both
+  paths."""
   act = lambda r, **kw: dataclasses.replace(r, act_qtype=jnp.int8, **kw)
   a8_ptq = [act(r) for r in ptq_rules]
   a8_rules = [act(r, method='svdquant') for r in rules]
@@ -155,38 +184,36 @@ def w4a8_variants(model, fp, x0, ptq_rules, rules):
     x_cal,
     mutable='quant_stats',
   )
-  svdquant = lambda cd: qwix.quantize_model(
-    model, lqer.LqerProvider(a8_rules, compute_dtype=cd)
+  svdquant = qwix.quantize_model(
+    model, lqer.LqerProvider(a8_rules, compute_dtype=None)
   )
-  abstract = jax.eval_shape(svdquant(None).init, jax.random.key(0), x0)[
-    'params'
-  ]
+  abstract = jax.eval_shape(svdquant.init, jax.random.key(0), x0)['params']
   params = lqer.lqer_quantize_params(
     fp, abstract, calibration=stats['quant_stats']
   )
   ptq_model, ptq = ptq_variant(model, fp, x0, a8_ptq)
-  return {
+  variants = {
     'Qwix PTQ W4A8': (ptq_model, ptq),
-    'PTQ W4A8 packed (auto)': (
-      qwix.quantize_model(model, lqer.LqerProvider(a8_ptq)),
-      lqer.pack_params(ptq),
-    ),
-    'SVDQuant W4A8 (Qwix matmul)': (svdquant(None), params),
-    'SVDQuant W4A8 packed (auto)': (svdquant('auto'), lqer.pack_params(params)),
+    'SVDQuant W4A8 (Qwix matmul)': (svdquant, params),
   }
+  packed_ptq, packed = lqer.pack_params(ptq), lqer.pack_params(params)
+  for path, (ptq_m, lqer_m) in packed_models(model, a8_ptq, a8_rules).items():
+    variants[f'PTQ W4A8 packed ({path})'] = (ptq_m, packed_ptq)
+    variants[f'SVDQuant W4A8 packed ({path})'] = (lqer_m, packed)
+  return variants
 
 
 def gemma_variants(model, fp, x0, ptq_rules, rules):
-  """FP32, Qwix PTQ and LQER packed (the Gemma block table)."""
-  lqer_model = qwix.quantize_model(model, lqer.LqerProvider(rules))
-  return {
-    'FP32': (model, fp),
-    'Qwix PTQ int4': ptq_variant(model, fp, x0, ptq_rules),
-    'LQER int4 packed (auto)': (
-      lqer_model,
-      lqer.pack_params(lqer_params(model, fp, x0, rules)),
-    ),
-  }
+  """FP32, Qwix PTQ and PTQ / LQER packed on both paths (the Gemma block
+  table)."""
+  ptq_model, ptq = ptq_variant(model, fp, x0, ptq_rules)
+  packed_ptq = lqer.pack_params(ptq)
+  packed = lqer.pack_params(lqer_params(model, fp, x0, rules))
+  variants = {'FP32': (model, fp), 'Qwix PTQ int4': (ptq_model, ptq)}
+  for path, (ptq_m, lqer_m) in packed_models(model, ptq_rules, rules).items():
+    variants[f'PTQ int4 packed ({path})'] = (ptq_m, packed_ptq)
+    variants[f'LQER int4 packed ({path})'] = (lqer_m, packed)
+  return variants
 
 
 def ptq_variant(model, fp, x0, ptq_rules):
@@ -201,6 +228,26 @@ def lqer_params(model, fp, x0, rules):
   lqer_model = qwix.quantize_model(model, lqer.LqerProvider(rules))
   abstract = jax.eval_shape(lqer_model.init, jax.random.key(0), x0)['params']
   return lqer.lqer_quantize_params(fp, abstract)
+
+
+def read_bandwidth(nbytes=256 << 20, repeats=9):
+  """STREAM-style read bandwidth, bytes / s: the median time of summing a
+  float32 array of `nbytes` (far beyond the caches), split into equal
+  parts summed by 1 and by all cores' threads at once (NumPy releases the
+  GIL), the faster of the two."""
+  x = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
+  best = 0.0
+  for threads in sorted({1, os.cpu_count() or 1}):
+    parts = np.array_split(x, threads)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      list(pool.map(np.sum, parts))  # warm-up
+      times = []
+      for _ in range(repeats):
+        start = time.perf_counter()
+        list(pool.map(np.sum, parts))
+        times.append(time.perf_counter() - start)
+    best = max(best, x.nbytes / statistics.median(times))
+  return best
 
 
 def measure(variants, shapes, d, repeats):
@@ -230,53 +277,68 @@ def measure(variants, shapes, d, repeats):
   return out
 
 
-def table_rows(timed, variants, fp_bytes, ptq):
-  """One result dict per shape and variant: ratios vs FP32 and Qwix PTQ."""
-  # The branch's cost: each LQER variant against PTQ on the same matmul.
-  same_path = {
-    'LQER int4 (Qwix matmul)': 'Qwix PTQ int4',
-    'LQER int4 packed (auto)': 'PTQ int4 packed (auto)',
-    'SVDQuant W4A8 (Qwix matmul)': 'Qwix PTQ W4A8',
-    'SVDQuant W4A8 packed (auto)': 'PTQ W4A8 packed (auto)',
-  }
+SAME_PATH = {  # the branch's cost: each LQER variant against PTQ on its path
+  'LQER int4 (Qwix matmul)': 'Qwix PTQ int4',
+  'SVDQuant W4A8 (Qwix matmul)': 'Qwix PTQ W4A8',
+  **{
+    f'{lqer_name} packed ({path})': f'{ptq_name} packed ({path})'
+    for path in ('XLA', 'kernel')
+    for lqer_name, ptq_name in (
+      ('LQER int4', 'PTQ int4'),
+      ('SVDQuant W4A8', 'PTQ W4A8'),
+    )
+  },
+}
+
+
+def table_rows(timed, variants, fp_bytes, ptq, bandwidth):
+  """One result dict per shape and variant: ratios vs FP32 and Qwix PTQ,
+  and the params' bytes read per second as a share of `bandwidth`."""
   results = []
   for (b, t), by_name in timed.items():
-    fp_med, ptq_med = by_name['FP32'][0], by_name['Qwix PTQ int4'][0]
+    fp_med = by_name['FP32'][0]
+    ptq_med = by_name.get('Qwix PTQ int4', (None,))[0]
     for name, (med, temp) in by_name.items():
-      base = same_path.get(name)
-      prm = variants[name][1]
+      base = SAME_PATH.get(name)
+      param_bytes = stored_bytes(variants[name][1])
       results.append(
         {
           'shape': f'{b}x{t}',
           'variant': name,
           'median_ms': med * 1e3,
           'vs_fp32': med / fp_med,
-          'vs_ptq': med / ptq_med,
+          'vs_ptq': None if ptq_med is None else med / ptq_med,
           'vs_same_path_ptq': (
             med / by_name[base][0] if base in by_name else None
           ),
+          'bandwidth_share': param_bytes / med / bandwidth,
           'temp_vs_fp32_weights': temp / fp_bytes,
-          'param_bytes_vs_ptq': stored_bytes(prm) / stored_bytes(ptq),
-          'param_bytes_vs_fp32': stored_bytes(prm) / fp_bytes,
+          'param_bytes_vs_ptq': param_bytes / stored_bytes(ptq),
+          'param_bytes_vs_fp32': param_bytes / fp_bytes,
         }
       )
   return results
 
 
-def print_table(results):
+def print_table(results, bandwidth):
   print(f'devices: {jax.devices()}')
   print(
+    f'read bandwidth (STREAM-style sum of 256 MiB float32):'
+    f' {bandwidth / 1e9:.1f} GB/s'
+  )
+  print(
     '| shape | variant | median ms | vs FP32 | vs Qwix PTQ |'
-    ' branch: vs PTQ on same matmul |'
+    ' branch: vs PTQ on same matmul | param bytes read / s, % of bandwidth |'
     ' temp mem / FP32 weights | param bytes / PTQ | param bytes / FP32 |'
   )
-  print('|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  fmt = lambda v, f: '' if v is None else format(v, f)
   for r in results:
-    same = r['vs_same_path_ptq']
     print(
       f'| {r["shape"]} | {r["variant"]} | {r["median_ms"]:.2f} |'
-      f' {r["vs_fp32"]:.2f} | {r["vs_ptq"]:.2f} |'
-      f' {"" if same is None else f"{same:.2f}"} |'
+      f' {r["vs_fp32"]:.2f} | {fmt(r["vs_ptq"], ".2f")} |'
+      f' {fmt(r["vs_same_path_ptq"], ".2f")} |'
+      f' {100 * r["bandwidth_share"]:.0f} |'
       f' {r["temp_vs_fp32_weights"]:.2f} | {r["param_bytes_vs_ptq"]:.3f} |'
       f' {r["param_bytes_vs_fp32"]:.3f} |'
     )
@@ -284,7 +346,14 @@ def print_table(results):
 
 MODELS = {  # --model: (module, variants, default d, ff, layers, shapes)
   'mlp': (SwiGluStack, mlp_variants, 2048, 5632, 4, '1x1,1x128,8x128'),
-  'gemma-block': (GemmaBlocks, gemma_variants, 640, 2048, 1, '1x1,1x128'),
+  'gemma-block': (
+    GemmaBlocks,
+    gemma_variants,
+    640,
+    2048,
+    1,
+    '1x1,1x128,8x128',
+  ),
 }
 
 
@@ -298,6 +367,9 @@ def main():
   p.add_argument('--repeats', type=int, default=20)
   p.add_argument('--shapes', help='BxT,... (default per --model)')
   p.add_argument('--json')
+  p.add_argument(
+    '--variants', help='regex: time only the rows it matches (FP32 always)'
+  )
   args = p.parse_args()
   module, make_variants, d, ff, layers, shapes = MODELS[args.model]
   d, ff, layers = args.d or d, args.ff or ff, args.layers or layers
@@ -310,11 +382,17 @@ def main():
   ptq_rules = [qwix.QuantizationRule(weight_qtype=jnp.int4, tile_size=128)]
   rules = [lqer.LqerRule(weight_qtype=jnp.int4, tile_size=128, rank=args.rank)]
   variants = make_variants(model, fp, x0, ptq_rules, rules)
+  ptq = variants['Qwix PTQ int4'][1]
+  if args.variants:
+    variants = {
+      k: v
+      for k, v in variants.items()
+      if k == 'FP32' or re.search(args.variants, k)
+    }
+  bandwidth = read_bandwidth()
   timed = measure(variants, shapes, d, args.repeats)
-  results = table_rows(
-    timed, variants, stored_bytes(fp), variants['Qwix PTQ int4'][1]
-  )
-  print_table(results)
+  results = table_rows(timed, variants, stored_bytes(fp), ptq, bandwidth)
+  print_table(results, bandwidth)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=1)
