@@ -60,9 +60,15 @@ class LqerProvider(qwix.PtqProvider):
       multiply the input quantized and dequantized as Qwix quantizes it
       (dynamic scales).
     int4_kernel: how packed int4 weights multiply: 'auto' (default: lqer's
-      int4 CPU kernel, an XLA FFI call, on CPU where it was built; else the
-      XLA path, with one warning naming why), 'ffi' (the kernel, or an
-      error) or 'xla' (the blocked XLA path, on any backend).
+      int4 CPU kernel, an XLA FFI call, on CPU where it was built and the
+      process has one device; else the XLA path, with one warning naming
+      why), 'ffi' (the kernel, or an error) or 'xla' (the blocked XLA
+      path, on any backend). The kernel runs each packed weight as one
+      call: x / s, the branch (lhs A) B (float or integer factors) and,
+      for Qwix's dynamic int8 activations, their quantization and integer
+      dot products (`lqer.quant.packing.kernel_dot_general`); it reads x
+      as given (float32 or bfloat16) and accumulates in float32, so
+      compute_dtype applies to the XLA path only.
   """
 
   def __init__(
@@ -126,6 +132,12 @@ class LqerProvider(qwix.PtqProvider):
         )
       return qwix_call(), False
     _qwix.count_op(self, op_name)  # keep Qwix's op counting
+    if rule.act_qtype is not None and rule.act_static_scale:
+      raise ValueError(
+        f'{_qwix.get_current_module_path()}: a packed int4 weight'
+        ' takes dynamic activation scales only; set'
+        ' act_static_scale=False or do not pack this weight'
+      )
     if (
       packed
       and packing.fits(rhs.array, dimension_numbers)
@@ -137,12 +149,6 @@ class LqerProvider(qwix.PtqProvider):
       dtype = jnp.result_type(x.dtype, rhs.array.scale.dtype)
       return out.astype(dtype), done
     if rule.act_qtype is not None:
-      if rule.act_static_scale:
-        raise ValueError(
-          f'{_qwix.get_current_module_path()}: a packed int4 weight'
-          ' takes dynamic activation scales only; set'
-          ' act_static_scale=False or do not pack this weight'
-        )
       x = qwix.dequantize(_qwix.quantize(x, act_how(rule))).astype(x.dtype)
     low_rank = None
     if (
