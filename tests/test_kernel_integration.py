@@ -198,6 +198,29 @@ def test_dense_and_dense_general_match_the_xla_path(rank, factor_qtype, tokens):
 
 
 @needs_kernel
+def test_auto_bf16_from_64_tokens_is_closer_than_the_xla_path():
+  """compute_dtype 'auto' at 128 tokens: both paths multiply bfloat16
+  activations; the kernel keeps q exact and scales in float32 (the XLA path
+  rounds q * scale to bfloat16), so it is at least as close to the float32
+  compute."""
+  _, packed = _mixed('r32', None)
+  rules = [
+    lqer.LqerRule(module_path=name, weight_qtype='int4', tile_size=t, rank=32)
+    for name, t in MIXED_TILES.items()
+  ]
+  x = jax.random.normal(KEY, (1, 128, 1031))
+  ys = {}
+  for cd, kernel in (('auto', 'ffi'), ('auto', 'xla'), (jnp.float32, 'ffi')):
+    model = qwix.quantize_model(
+      Mixed(), lqer.LqerProvider(rules, compute_dtype=cd, int4_kernel=kernel)
+    )
+    ys[cd == 'auto', kernel] = jax.jit(model.apply)({'params': packed}, x)
+  ref = ys[False, 'ffi']
+  err_kernel, err_xla = _rel(ys[True, 'ffi'], ref), _rel(ys[True, 'xla'], ref)
+  assert 1e-4 < err_kernel <= err_xla < 1e-2  # bfloat16 x, not float32
+
+
+@needs_kernel
 @pytest.mark.parametrize(
   'dtype, bt',
   [

@@ -424,6 +424,35 @@ def test_isa_paths_agree(monkeypatch, act_bits):
       assert rel_err(y, base) < 2e-6, (isa, t, n_in, n_out)
 
 
+@pytest.mark.parametrize(
+  't, n_in, n_out, groups, lam',
+  [
+    (16, 576, 1536, 18, False),
+    (17, 1031, 578, 1, True),
+    (128, 1536, 576, 24, True),
+    (70, 64, 34, 2, False),
+  ],
+)
+def test_bf16_dot_path_agrees(monkeypatch, t, n_in, n_out, groups, lam):
+  """bfloat16 x from 16 tokens on: the AVX-512 BF16 panel path (where the
+  CPU has it) against the reference and against the float path
+  (LQER_BF16_MIN_T above the tokens turns it off): odd rows, column tails,
+  groups, x / lam, the branch."""
+  _, packed, scale = weight(n_in, n_out, groups)
+  x, a, b, lam_v = inputs(t, n_in, n_out, 32, BF16, lam=lam)
+  ref = f32_reference(x.astype(np.float32), packed, scale, a, b, lam_v)
+  if lam:  # x * (1 / lam), lam and the product rounded to bfloat16
+    inv = np.float32(1) / lam_v.astype(BF16).astype(np.float32)
+    xs = (x.astype(np.float32) * inv).astype(BF16)
+    ref = f32_reference(xs.astype(np.float32), packed, scale, None, None)
+    ref += (x.astype(np.float64) @ a.astype(np.float64)) @ b.astype(np.float64)
+  y = call(x, packed, scale, a, b, lam=lam_v)
+  monkeypatch.setenv('LQER_BF16_MIN_T', str(t + 1))
+  y_f32 = call(x, packed, scale, a, b, lam=lam_v)
+  assert rel_err(y, ref) < 1e-5
+  assert rel_err(y, y_f32.astype(np.float64)) < 2e-6
+
+
 @pytest.mark.parametrize('act_bits', [None, 8])
 def test_thread_counts_agree(monkeypatch, act_bits):
   """Columns are split between threads without changing any output's

@@ -183,6 +183,9 @@ def int4_matmul(
 
   Args:
     x: (..., IN) float32 or bfloat16 (other floats are cast to float32).
+      bfloat16 x with 16 or more tokens multiplies with AVX-512 BF16 dot
+      products on a bfloat16 copy of q (exact) where the CPU has them (and
+      the ISA in use is 'avx512vnni'), float32 accumulation either way.
     packed: uint8 (IN, OUT // 2), lqer's `PackedInt4.packed` (low nibble
       q[i, j], high nibble q[i, j + OUT // 2]).
     scale: (G, OUT) (or (OUT,)); IN / G consecutive rows share a row. Cast

@@ -13,6 +13,9 @@
 //   token and tile of `act_tile` rows) exactly as Qwix's dynamic int8
 //   quantization compiles on XLA:CPU; integer dot products per scale group.
 // xb (branch input) = x, or x / lam with lam_in_branch.
+// bfloat16 x from 16 tokens on (ISA avx512vnni, and AVX-512 BF16 on the CPU):
+//   the float path multiplies with vdpbf16ps on a bf16 panel of q (exact),
+//   float32 accumulation, scales applied per segment.
 //
 // The instruction set is picked at run time (cpuid; env LQER_ISA =
 // scalar | avx2 | avx512 | avx512vnni caps it, read at every call). Nothing
@@ -46,6 +49,9 @@ namespace ffi = xla::ffi;
 #define LQER_VNNI                                                          \
   __attribute__((target("avx2,fma,bmi2,avx512f,avx512bw,avx512vl,avx512dq," \
                         "avx512vnni,avx512vbmi")))
+#define LQER_BF16                                                          \
+  __attribute__((target("avx2,fma,bmi2,avx512f,avx512bw,avx512vl,avx512dq," \
+                        "avx512vnni,avx512vbmi,avx512bf16")))
 #define LQER_INLINE inline __attribute__((always_inline))
 
 namespace lqer {
@@ -76,6 +82,16 @@ int DetectIsa() {
 int HardwareIsa() {
   static const int isa = DetectIsa();
   return isa;
+}
+
+// AVX-512 BF16 (vdpbf16ps), used by the float path for bfloat16 inputs
+// from kBf16MinT tokens on, where the ISA in use is avx512vnni.
+bool HardwareBf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
 }
 
 // The ISA used by a call: the hardware's, capped by LQER_ISA.
@@ -328,6 +344,11 @@ struct Problem {
   // xqi[(tb * nsteps + step) * kPanelTT + t] = xq[tb * kPanelTT + t][4 step ..].
   const int32_t* xqi = nullptr;
   int64_t nsteps = 0;
+  // bf16 panel path (bfloat16 x, AVX-512 BF16, every segment starts at an
+  // even row): x as bf16 pairs interleaved per token block,
+  // xbi[(tb * npairs + pair) * kBf16TT + t] = x[tb * kBf16TT + t][2 pair ..].
+  const uint32_t* xbi = nullptr;
+  int64_t npairs = 0;
   int f32_mode = 0;  // T=1 float dequant: 0 vpermps, 1 cvt, 2 dword, 3 magic, 4 offset loads
 };
 
@@ -888,6 +909,96 @@ LQER_VNNI void A8PanelTileVnni(const Problem& P, int64_t si, const __m512i* pane
 }
 
 // ---------------------------------------------------------------------------
+// bfloat16 x, many tokens: a (row block x 32 columns) block of the weight is
+// dequantized once into a bf16 panel (q exactly; scales applied per segment
+// at the flush), 4 zmm per row pair (dword k = rows i, i+1 of column k: low
+// nibbles of columns 0-15, 16-31, high 0-15, 16-31), then every token block
+// reuses it with vdpbf16ps (two rows per lane, float32 accumulation).
+
+constexpr int kBf16TT = 6;
+constexpr int64_t kBf16MinT = 16;
+
+// Rows r0 .. r1 (r0 even; a row at or past IN reads as zeros), columns c ..
+// c + ncols (<= 32) of packed bytes -> panel.
+LQER_BF16 void Bf16BuildPanel(const Problem& P, int64_t r0, int64_t r1,
+                              int64_t c, int64_t ncols, const uint8_t* zero_row,
+                              __m512i* panel) {
+  // Word n: the bf16 bit pattern of q(nibble n) = 0..7, -8..-1.
+  alignas(64) static const uint16_t kQ[32] = {
+      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80};
+  const __m512i idx_lut = _mm512_load_si512(kQ);
+  const __m512i m0f = _mm512_set1_epi16(0x0f);
+  const __mmask16 mlo = Mask16(ncols), mhi = Mask16(ncols - 16);
+  for (int64_t i = r0, p = 0; i < r1; i += 2, ++p) {
+    const uint8_t* a = i < P.IN ? P.packed + i * P.H + c : zero_row;
+    const uint8_t* b = i + 1 < std::min(r1, P.IN) ? P.packed + (i + 1) * P.H + c
+                                                  : zero_row;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 m = h ? mhi : mlo;
+      const __m128i ra = _mm_maskz_loadu_epi8(m, a + 16 * h);
+      const __m128i rb = _mm_maskz_loadu_epi8(m, b + 16 * h);
+      // Words in order (row i col k, row i+1 col k), k = 0..15.
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_set_m128i(
+          _mm_unpackhi_epi8(ra, rb), _mm_unpacklo_epi8(ra, rb)));
+      const __m512i lo = _mm512_and_si512(v, m0f);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      _mm512_store_si512(panel + 4 * p + h, _mm512_permutexvar_epi16(lo, idx_lut));
+      _mm512_store_si512(panel + 4 * p + 2 + h,
+                         _mm512_permutexvar_epi16(hi, idx_lut));
+    }
+  }
+}
+
+// Segment si (rows from the panel, which starts at row `pr0`), token block
+// tb (tokens tb * kBf16TT .. + tt), columns c .. c + ncols.
+LQER_BF16 void Bf16PanelTile(const Problem& P, int64_t si, const __m512i* panel,
+                             int64_t pr0, int64_t c, int64_t ncols, int64_t tb,
+                             int64_t tt) {
+  constexpr int TT = kBf16TT;
+  const Segment& s = P.seg[si];
+  __m512 acc[TT][4];
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) acc[t][k] = _mm512_setzero_ps();
+  const int64_t npair = (s.end - s.begin + 1) / 2;
+  const __m512i* w = panel + 4 * ((s.begin - pr0) / 2);
+  const uint32_t* xb = P.xbi + (tb * P.npairs + s.begin / 2) * TT;
+  for (int64_t k = 0; k < npair; ++k, w += 4, xb += TT) {
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(w + 0);
+    const __m512bh w1 = (__m512bh)_mm512_load_si512(w + 1);
+    const __m512bh w2 = (__m512bh)_mm512_load_si512(w + 2);
+    const __m512bh w3 = (__m512bh)_mm512_load_si512(w + 3);
+#pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(xb[t]));
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, b);
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, b);
+      acc[t][2] = _mm512_dpbf16_ps(acc[t][2], w2, b);
+      acc[t][3] = _mm512_dpbf16_ps(acc[t][3], w3, b);
+    }
+  }
+  const float* slo = P.scale + s.group * P.OUT + c;
+  const int64_t t0 = tb * TT;
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+    if (t >= tt) break;
+    float* y = P.y + (t0 + t) * P.OUT + c;
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const int64_t col = (k & 1) * 16;
+      const __mmask16 mk = Mask16(ncols - col);
+      const int64_t off = col + (k >> 1) * P.H;
+      const __m512 sc = _mm512_maskz_loadu_ps(mk, slo + off);
+      const __m512 yv = _mm512_maskz_loadu_ps(mk, y + off);
+      _mm512_mask_storeu_ps(y + off, mk, _mm512_fmadd_ps(acc[t][k], sc, yv));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Dispatch of one (segment, column tile, token block) to a kernel.
 
 struct Tiling {
@@ -1194,6 +1305,7 @@ struct Scratch {
   std::vector<float> xs, xr, xa, sact, inv_lam;
   std::vector<int8_t> xq;
   std::vector<int32_t> xsum, xqi;
+  std::vector<uint32_t> xbi;
   std::vector<uint8_t> pad;
   std::vector<Segment> seg;
   std::vector<int64_t> block_seg;
@@ -1296,8 +1408,15 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
   const int nthreads = NumThreads();
   Pool& pool = GetPool();
 
+  // bf16 panel path: bfloat16 x, many tokens, AVX-512 BF16, scale groups
+  // starting at even rows.
+  const bool use_bf16 = !a8 && x_bf16 && P.isa == kAvx512Vnni &&
+                        HardwareBf16() &&
+                        T >= EnvInt("LQER_BF16_MIN_T", kBf16MinT) &&
+                        (G == 1 || gr % 2 == 0);
   // Row blocks (tile loop order: row block, column tile, token block).
-  int64_t rb = EnvInt(T == 1 ? "LQER_RB1" : "LQER_RB", T == 1 ? 32 : 512);
+  int64_t rb = use_bf16 ? EnvInt("LQER_BF16_RB", 256)
+                        : EnvInt(T == 1 ? "LQER_RB1" : "LQER_RB", T == 1 ? 32 : 512);
   rb = std::max<int64_t>(4, rb / 4 * 4);
   P.pf = EnvInt(T == 1 ? "LQER_PF1" : "LQER_PF", T == 1 ? 512 : 0);
   if (P.isa == kScalar) P.pf = 0;
@@ -1423,6 +1542,27 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
     }
   }
 
+  std::vector<uint32_t>& xbi = S.xbi;
+  if (use_bf16) {
+    const int64_t ntb = (T + kBf16TT - 1) / kBf16TT;
+    P.npairs = (IN + 1) / 2;
+    xbi.assign(static_cast<size_t>(ntb * P.npairs * kBf16TT), 0);
+    auto bits = [](float f) {
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      return u >> 16;  // exact: f holds a bfloat16 value
+    };
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xr = P.xm + t * P.ldx;
+      uint32_t* dst = xbi.data() + (t / kBf16TT) * P.npairs * kBf16TT + t % kBf16TT;
+      for (int64_t k = 0; k < P.npairs; ++k) {
+        const uint32_t hi = 2 * k + 1 < IN ? bits(xr[2 * k + 1]) : 0u;
+        dst[k * kBf16TT] = bits(xr[2 * k]) | (hi << 16);
+      }
+    }
+    P.xbi = xbi.data();
+  }
+
   // ---- main: column tasks.
   const Tiling tl = ChooseTiling(P);
   const int64_t align = 64;
@@ -1460,6 +1600,28 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
             const int64_t tt = std::min<int64_t>(kPanelTT, T - tb * kPanelTT);
             for (int64_t si = P.block_seg[blk]; si < P.block_seg[blk + 1]; ++si)
               A8PanelTileVnni(P, si, panel, r0, c, nc, tb, tt);
+          }
+        }
+      }
+      return;
+    }
+    if (P.xbi) {  // bf16 panel path
+      alignas(64) static const uint8_t kZeros[64] = {};
+      thread_local std::vector<uint8_t> panel_buf;
+      panel_buf.resize(static_cast<size_t>((rb / 2 + 1) * 4 * 64 + 64));
+      __m512i* panel = reinterpret_cast<__m512i*>(
+          (reinterpret_cast<uintptr_t>(panel_buf.data()) + 63) & ~uintptr_t{63});
+      const int64_t ntb = (T + kBf16TT - 1) / kBf16TT;
+      for (int64_t blk = 0; blk < P.nblocks; ++blk) {
+        const int64_t r0 = P.seg[P.block_seg[blk]].begin;
+        const int64_t r1 = P.seg[P.block_seg[blk + 1] - 1].end;
+        for (int64_t c = c0; c < c1; c += 32) {
+          const int64_t nc = std::min<int64_t>(32, c1 - c);
+          Bf16BuildPanel(P, r0, r1, c, nc, kZeros, panel);
+          for (int64_t tb = 0; tb < ntb; ++tb) {
+            const int64_t tt = std::min<int64_t>(kBf16TT, T - tb * kBf16TT);
+            for (int64_t si = P.block_seg[blk]; si < P.block_seg[blk + 1]; ++si)
+              Bf16PanelTile(P, si, panel, r0, c, nc, tb, tt);
           }
         }
       }

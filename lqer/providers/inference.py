@@ -20,6 +20,7 @@ factors of the right shape until `lqer_quantize_params` fills them.
 
 import dataclasses
 import functools
+import math
 import warnings
 
 from flax import linen as nn
@@ -66,9 +67,11 @@ class LqerProvider(qwix.PtqProvider):
       path, on any backend). The kernel runs each packed weight as one
       call: x / s, the branch (lhs A) B (float or integer factors) and,
       for Qwix's dynamic int8 activations, their quantization and integer
-      dot products (`lqer.quant.packing.kernel_dot_general`); it reads x
-      as given (float32 or bfloat16) and accumulates in float32, so
-      compute_dtype applies to the XLA path only.
+      dot products (`lqer.quant.packing.kernel_dot_general`). Float
+      activations go in cast to the compute dtype ('auto': bfloat16 from
+      `matmul.BF16_MIN_TOKENS` tokens on CPU), accumulated in float32;
+      bfloat16 ones use AVX-512 BF16 dot products where the CPU has them,
+      the int4 values exact (the XLA path rounds q * scale to bfloat16).
   """
 
   def __init__(
@@ -143,7 +146,9 @@ class LqerProvider(qwix.PtqProvider):
       and packing.fits(rhs.array, dimension_numbers)
       and packing.resolve_kernel(self._int4_kernel) == 'ffi'
     ):
-      out, done = _kernel_main(x, lhs, rhs, dimension_numbers, rule, act_how)
+      out, done = _kernel_main(
+        x, lhs, rhs, dimension_numbers, rule, act_how, self._compute_dtype
+      )
       if output_perm is not None:
         out = jnp.transpose(out, output_perm)
       dtype = jnp.result_type(x.dtype, rhs.array.scale.dtype)
@@ -341,21 +346,27 @@ class LqerProvider(qwix.PtqProvider):
     return weight
 
 
-def _kernel_main(x, lhs, rhs, dimension_numbers, rule, act_how):
+def _kernel_main(x, lhs, rhs, dimension_numbers, rule, act_how, compute):
   """(x deq(Wq) [+ (lhs A) B], whether the branch is added) on lqer's int4
   CPU kernel, x = lhs / s: one call with the branch, s and, for Qwix's
   dynamic int8 activations, their quantization (`_kernel_act_tile`).
   Other activation qtypes are quantized and dequantized in XLA first; the
-  branch then follows the call (`_add_branch`)."""
+  branch then follows the call (`_add_branch`). Float activations are
+  cast to the compute dtype (`matmul.compute_dtype_for`) first."""
   p = rhs.array
   lqer_weight = isinstance(rhs, WithLqer)
+  (lhs_c, _), (lhs_b, _) = dimension_numbers
+  contracted = math.prod(lhs.shape[a] for a in (*lhs_c, *lhs_b))
+  dtype = matmul.compute_dtype_for(compute, lhs.size // max(contracted, 1))
   act_tile = None
   if rule.act_qtype is not None:
     how = act_how(rule)
     act_tile = _kernel_act_tile(how, lhs, dimension_numbers, p)
     if act_tile is None:
-      xq = qwix.dequantize(_qwix.quantize(x, how)).astype(x.dtype)
+      xq = qwix.dequantize(_qwix.quantize(x, how)).astype(dtype)
       return packing.kernel_dot_general(xq, p, dimension_numbers), False
+  else:
+    lhs = lhs.astype(dtype)
   factors = None
   if lqer_weight and rhs.rank > 0:
     factors = tuple(

@@ -562,11 +562,11 @@ def packed_dot_general(
 ):
   """dot_general(lhs, deq(p)) [+ xa @ b], float32.
 
-  kernel (`resolve_kernel`): 'ffi' runs lqer's int4 CPU kernel
-  (`lqer.kernels.ffi`: nibbles dequantized in registers, float32
-  accumulation, lhs read as given: float32 or bfloat16) and adds xa @ b
+  lhs is cast to `compute_dtype` (float32 or bfloat16). kernel
+  (`resolve_kernel`): 'ffi' runs lqer's int4 CPU kernel (`lqer.kernels.ffi`:
+  nibbles dequantized in registers, float32 accumulation) and adds xa @ b
   after it (`kernel_dot_general` fuses the branch); 'xla' dequantizes block
-  by block in XLA (`_matmul`, lhs cast to `compute_dtype`). Each batch
+  by block in XLA (`_matmul`). Each batch
   entry of the packed matrix is one matmul (vmapped). low_rank: optional
   float32 (xa, b), the LQER branch: xa (*batch in the call's order, *lhs
   free, k) and b (*batch in `p.layout` order, k, *output), each in any
@@ -580,13 +580,14 @@ def packed_dot_general(
     low_rank = _batched_low_rank(
       low_rank, [lhs.shape[a] for a in lhs_b], rhs_b, p.layout, x.shape[1]
     )
+  x = x.astype(compute_dtype)
   if resolve_kernel(kernel) == 'ffi':
     y = _kernel_calls(x, packed, scale)
     if low_rank is not None:
       y = y + jnp.matmul(*low_rank, preferred_element_type=jnp.float32)
     return to_output(y)
   matmul = functools.partial(_matmul, dtype=compute_dtype)
-  args = (x.astype(compute_dtype), packed, scale, low_rank)
+  args = (x, packed, scale, low_rank)
   if p.layout.batch_axes:
     y = jax.vmap(matmul)(*args)
   else:
@@ -607,7 +608,9 @@ def kernel_dot_general(
   one `ffi.int4_matmul` call per batch entry of the packed matrix.
 
   Args:
-    lhs: the op's input, float32 or bfloat16 (read as given).
+    lhs: the op's input, float32 or bfloat16 (read as given; the kernel
+      multiplies bfloat16 input with AVX-512 BF16 dot products from 16
+      tokens on, where the CPU has them).
     p: the packed weight.
     dimension_numbers: the op's, which `p` must fit (`fits`).
     factors: None, or (a, b, a_scale, b_scale) as `WithLqer` stores them:
