@@ -6,24 +6,26 @@ timed runs per variant after a warm-up, the variants interleaved; medians.
 W4 g128; LQER is QERA rank 32 with bf16 factors, calibrated as `lqer eval`
 calibrates (--calib-tokens of the bundled prose).
 
-Then where a step's time goes, per variant (medians of jitted pieces on one
-token): dispatching the jitted step with its params and cache (a no-op of
-the same arguments), the decoder blocks on one token without the cache
-(their matmuls, norms and activations), the final norm and the tied
-49152 x 576 float32 LM head, and the rest (attention over the cache, its
-update, sampling); and each variant's bytes read per token (weights as
-stored plus the LM head) against a read bandwidth measured in the same run.
+Then where a step's time goes, per variant: a jax.profiler trace of one
+more generation, the step's XLA ops summed by kind (projections, the rest
+of attention, the tied 49152 x 576 float32 LM head, embedding, other)
+against the wall time per step and XLA's run of the step program, and the
+cost of dispatching a compiled no-op with the same arguments; and each
+variant's bytes read per token (weights as stored plus the LM head)
+against a read bandwidth measured in the same run.
 
     python benchmarks/decode.py [--new-tokens 64] [--repeats 5] [--json FILE]
 """
 
 import argparse
+import glob
 import json
+import re
 import statistics
 import sys
+import tempfile
 import time
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import qwix
@@ -72,18 +74,17 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def variants(task):
-  """{name: (module, params, provider or None)}: FP32, Qwix PTQ int4 (its
-  own provider and matmul), and PTQ and LQER packed on the XLA path and on
+  """{name: (module, params)}: FP32, Qwix PTQ int4 (its own provider and
+  matmul), and PTQ and LQER packed on the XLA path and on
   the kernel (where built)."""
   module, fp = task.module, task.params
   ptq_rules, _ = recipes.build_rules(fp, task.module_path, 4, 128, None, 'svd')
-  qwix_ptq = qwix.PtqProvider(ptq_rules)
-  ptq_model = qwix.quantize_model(module, qwix_ptq)
+  ptq_model = qwix.quantize_model(module, qwix.PtqProvider(ptq_rules))
   abstract = jax.eval_shape(ptq_model.init, jax.random.key(0), *task.example)
   ptq = qwix.quantize_params(fp, abstract['params'])
   out = {
-    'FP32': (module, fp, None),
-    'Qwix PTQ int4': (ptq_model, ptq, qwix_ptq),
+    'FP32': (module, fp),
+    'Qwix PTQ int4': (ptq_model, ptq),
   }
   rules = []
   _, params, secs = generate.quantize_task(
@@ -95,49 +96,106 @@ def variants(task):
   for kernel in ['xla'] + (['ffi'] if ffi.available() else []):
     label = 'kernel' if kernel == 'ffi' else 'XLA'
     for name, p, r in (('PTQ', ptq, ptq_rules), ('LQER', params, rules[0])):
-      provider = lqer.LqerProvider(r, int4_kernel=kernel)
       out[f'{name} int4 packed ({label})'] = (
-        qwix.quantize_model(module, provider),
+        qwix.quantize_model(module, lqer.LqerProvider(r, int4_kernel=kernel)),
         lqer.pack_params(p),
-        provider,
       )
   return out
 
 
-def pieces(config, module, params, provider, cache_len, repeats):
-  """Median seconds of the pieces of one decode step (see the module
-  docstring): dispatch, blocks, head."""
-  token = jnp.zeros((1, 1), jnp.int32)
-  cache = llama.init_cache(config, 1, cache_len)
-  key = jax.random.key(0)
-  noop = jax.jit(lambda p, t, c, k: t)
-  x = jnp.ones((1, 1, config.hidden_size), jnp.float32)
-  blocks = []
-  for i in range(config.num_layers):
-    block = llama.SingleBlock(config, layer=i)
-    if provider is not None:
-      block = qwix.quantize_model(block, provider)
-    blocks.append(block)
+CATEGORIES = (
+  ('LM head', re.compile(r'embed\.attend')),
+  ('embedding', re.compile(r'gather')),
+  ('projections', re.compile(r'_proj')),
+  ('attention', re.compile(r'/attn/')),
+)
 
-  @jax.jit
-  def run_blocks(params, x):
-    for i, block in enumerate(blocks):
-      name = f'layers_{i}'
-      x = block.apply({'params': {name: params[name]}}, x)
-    return x
 
-  norm = nn.RMSNorm(config.rms_eps)
-  head = jax.jit(
-    lambda p, x: llama.output_logits(p, norm.apply({'params': p['norm']}, x))
+def _categories(hlo: str) -> dict:
+  """{instruction name: category} of a compiled module's HLO text: the
+  first of `CATEGORIES` whose pattern its line or its fused computation
+  (op names, param names) matches, else 'other' (norms, activations,
+  residuals, sampling)."""
+  bodies, current = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r'^%?([\w.\-]+) .*\{$', line)
+    if head and not line.startswith(' '):
+      current = head.group(1)
+      bodies[current] = []
+    elif current is not None:
+      bodies[current].append(line)
+  out = {}
+  for lines in bodies.values():
+    for line in lines:
+      m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = ', line)
+      if not m:
+        continue
+      text = line + ''.join(
+        '\n'.join(bodies.get(c, ()))
+        for c in re.findall(r'calls=%([\w.\-]+)', line)
+      )
+      out[m.group(1)] = next(
+        (name for name, pattern in CATEGORIES if pattern.search(text)),
+        'other',
+      )
+  return out
+
+
+def profile(decoder, params, prompt, new_tokens) -> dict:
+  """Milliseconds per decode step from a jax.profiler trace of one
+  generation: wall time, the compiled step's runs (XLA's ThunkExecutor
+  events holding its ops) and its ops' time per `CATEGORIES` (summed over
+  threads)."""
+  categories = _categories(decoder._fn(params, 1).as_text())  # pylint: disable=protected-access
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    out = decoder.generate(params, prompt, new_tokens)
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f'{tmp}/**/*.xplane.pb', recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  ops, runs = {}, []
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        span = (event.start_ns, event.start_ns + event.duration_ns)
+        if event.name == 'ThunkExecutor::Execute':
+          runs.append(span)
+        elif 'hlo_op' in stats and 'program_id' in stats:
+          ops.setdefault(stats['program_id'], []).append(
+            (stats['hlo_op'], span)
+          )
+  # The step's program: the one run most often (the prefill runs once).
+  step_ops = max(ops.values(), key=len)
+  ms = dict.fromkeys([name for name, _ in CATEGORIES] + ['other'], 0.0)
+  step_runs = set()
+  for name, (begin, end) in step_ops:
+    ms[categories.get(name, 'other')] += (end - begin) / 1e6
+    step_runs.update(r for r in runs if r[0] <= begin and end <= r[1])
+  busy, last = 0, 0  # the union of the runs' spans
+  for begin, end in sorted(step_runs):
+    busy += max(0, end - max(begin, last))
+    last = max(last, end)
+  steps = out.decode_steps
+  return dict(
+    {k: v / steps for k, v in ms.items()},
+    run=busy / 1e6 / steps,
+    wall=out.decode_seconds / steps * 1e3,
   )
-  fns = {
-    'dispatch': lambda: noop(params, token, cache, key).block_until_ready(),
-    'blocks': lambda: run_blocks(params, x).block_until_ready(),
-    'head': lambda: head(params, x).block_until_ready(),
-  }
-  for fn in fns.values():
-    fn()
-  return {k: median_seconds(fn, repeats * 4) for k, fn in fns.items()}
+
+
+def dispatch_seconds(params, config, cache_len, repeats) -> float:
+  """Median seconds of dispatching a compiled no-op of a decode step's
+  arguments (params, token, cache, key) and waiting for it."""
+  args = (
+    params,
+    jnp.zeros((1, 1), jnp.int32),
+    llama.init_cache(config, 1, cache_len),
+    jax.random.key(0),
+  )
+  noop = jax.jit(lambda p, t, c, k: t).lower(*args).compile()
+  noop(*args).block_until_ready()
+  return median_seconds(lambda: noop(*args).block_until_ready(), repeats)
 
 
 def main():
@@ -160,7 +218,7 @@ def main():
   prompt = tokenizer.encode(generate.chat_prompt(PROMPT, template)).ids
   cache_len = len(prompt) + args.new_tokens
   runs = {}
-  for name, (module, params, provider) in variants(task).items():
+  for name, (module, params) in variants(task).items():
     decoder = llama.Decoder(module, config, cache_len)
     secs = decoder.compile(params, len(prompt))
     out = decoder.generate(params, prompt, args.new_tokens)  # warm-up
@@ -173,9 +231,8 @@ def main():
       flush=True,
     )
     runs[name] = dict(
-      decoder=decoder, params=params, module=module, provider=provider
+      decoder=decoder, params=params, decode=[], prefill=[], answer=answer
     )
-    runs[name].update(decode=[], prefill=[], answer=answer)
   for _ in range(args.repeats):
     for run in runs.values():
       out = run['decoder'].generate(run['params'], prompt, args.new_tokens)
@@ -186,13 +243,9 @@ def main():
   records = []
   for name, run in runs.items():
     blocks = {k: v for k, v in run['params'].items() if k.startswith('layers_')}
-    piece = pieces(
-      config,
-      run['module'],
-      run['params'],
-      run['provider'],
-      cache_len,
-      args.repeats,
+    spent = profile(run['decoder'], run['params'], prompt, args.new_tokens)
+    spent['dispatch'] = 1e3 * dispatch_seconds(
+      run['params'], config, cache_len, args.repeats * 4
     )
     tps = statistics.median(run['decode'])
     records.append(
@@ -202,7 +255,7 @@ def main():
         ms_per_token=1e3 / tps,
         prompt_tokens_per_s=statistics.median(run['prefill']),
         bytes_per_token=stored_bytes(blocks) + head_bytes,
-        **{f'{k}_ms': v * 1e3 for k, v in piece.items()},
+        profile_ms=spent,
         answer=run['answer'],
       )
     )
@@ -225,22 +278,23 @@ def main():
       f' {r["prompt_tokens_per_s"]:.0f} | {r["bytes_per_token"] / 1e6:.1f} |'
       f' {share * 100:.0f} % |'
     )
+  names = [name for name, _ in CATEGORIES] + ['other']
   print(
-    f'\nwhere a step goes (ms): blocks = the {config.num_layers} decoder'
-    ' blocks on one token'
-    ' without the cache; head = final norm + tied LM head (float32);'
-    ' rest = step - blocks - head (attention over the cache, its update,'
-    ' embedding, sampling); dispatch = a jitted no-op of the same'
-    ' arguments (overlapped with the previous step by async dispatch)\n'
+    '\nwhere a decode step goes (ms per step, from a jax.profiler trace of'
+    ' one more generation): wall; XLA running the step program; its ops by'
+    ' kind (summed over threads): the q/k/v/o and MLP projections, the'
+    ' rest of attention (RoPE, cache update, scores, softmax), the tied'
+    ' float32 LM head, the embedding gather, other (norms, activations,'
+    ' residuals, sampling); dispatch: a compiled no-op of the same'
+    ' arguments, called and waited for (async dispatch overlaps it with'
+    ' the previous step)\n'
   )
-  print('| variant | step | blocks | head | rest | dispatch |')
-  print('|---|---|---|---|---|---|')
+  print(f'| variant | wall | XLA run | {" | ".join(names)} | dispatch |')
+  print('|---|' + '---|' * (len(names) + 3))
   for r in records:
-    rest = r['ms_per_token'] - r['blocks_ms'] - r['head_ms']
-    print(
-      f'| {r["variant"]} | {r["ms_per_token"]:.2f} | {r["blocks_ms"]:.2f} |'
-      f' {r["head_ms"]:.2f} | {rest:.2f} | {r["dispatch_ms"]:.2f} |'
-    )
+    p = r['profile_ms']
+    cells = ' | '.join(f'{p[k]:.2f}' for k in ['wall', 'run', *names])
+    print(f'| {r["variant"]} | {cells} | {p["dispatch"]:.2f} |')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(
