@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import zlib
 
 import flax.linen as nn
 import jax
@@ -43,7 +44,7 @@ def _with_input_scale(params):
     if not isinstance(leaf, lqer.WithLqer):
       return leaf
     n_in = leaf.layout.in_size
-    seed = hash(jax.tree_util.keystr(path)) % 1000
+    seed = zlib.crc32(jax.tree_util.keystr(path).encode())
     s = jax.random.uniform(jax.random.key(seed), (n_in,), minval=0.5, maxval=2)
     return leaf.replace(input_scale=s)
 
@@ -165,14 +166,17 @@ MIXED_CASES = [
 @pytest.mark.parametrize('config, bt, dtype', MIXED_CASES)
 def test_mixed_sizes_and_groups_match_the_xla_path(config, bt, dtype):
   """The kernel (branch, input scale and int8 activations in the call)
-  equals the XLA packed path to float32 rounding."""
+  equals the XLA packed path to float32 rounding; with bfloat16 activations
+  and an input scale s, its branch reads the bfloat16 x / s times s (s
+  folded into A), within ~2^-9 of x on the branch term."""
   apply, packed = _mixed(config, None if dtype == jnp.float32 else dtype)
   for name in MIXED_TILES:
     assert isinstance(packed[name]['kernel'].array, lqer.PackedInt4)
   x = jax.random.normal(KEY, (*bt, 1031)).astype(dtype)
   y, ref = apply('ffi', x), apply('xla', x)
   assert y.shape == ref.shape == (*bt, 1280)
-  assert _rel(y, ref) < 1e-5
+  scaled_bf16 = MIXED_CONFIGS[config][1] and dtype == jnp.bfloat16
+  assert _rel(y, ref) < (1e-4 if scaled_bf16 else 1e-5)
 
 
 @needs_kernel

@@ -65,7 +65,8 @@ class LqerProvider(qwix.PtqProvider):
       process has one device; else the XLA path, with one warning naming
       why), 'ffi' (the kernel, or an error) or 'xla' (the blocked XLA
       path, on any backend). The kernel runs each packed weight as one
-      call: x / s, the branch (lhs A) B (float or integer factors) and,
+      call: the branch (lhs A) B (float or integer factors; with an input
+      scale s, x / s is divided as on the XLA path and s folded into A) and,
       for Qwix's dynamic int8 activations, their quantization and integer
       dot products (`lqer.quant.packing.kernel_dot_general`). Float
       activations go in cast to the compute dtype ('auto': bfloat16 from
@@ -348,38 +349,40 @@ class LqerProvider(qwix.PtqProvider):
 
 def _kernel_main(x, lhs, rhs, dimension_numbers, rule, act_how, compute):
   """(x deq(Wq) [+ (lhs A) B], whether the branch is added) on lqer's int4
-  CPU kernel, x = lhs / s: one call with the branch, s and, for Qwix's
-  dynamic int8 activations, their quantization (`_kernel_act_tile`).
-  Other activation qtypes are quantized and dequantized in XLA first; the
-  branch then follows the call (`_add_branch`). Float activations are
-  cast to the compute dtype (`matmul.compute_dtype_for`) first."""
+  CPU kernel, x = lhs / s as the XLA path divides it: one call with the
+  branch (s folded into A) and, for Qwix's dynamic int8 activations, their
+  quantization (`_kernel_act_tile`). Other activation qtypes are quantized
+  and dequantized in XLA first; the branch then follows the call
+  (`_add_branch`). Float activations are cast to the compute dtype
+  (`matmul.compute_dtype_for`) first."""
   p = rhs.array
-  lqer_weight = isinstance(rhs, WithLqer)
   (lhs_c, _), (lhs_b, _) = dimension_numbers
   contracted = math.prod(lhs.shape[a] for a in (*lhs_c, *lhs_b))
   dtype = matmul.compute_dtype_for(compute, lhs.size // max(contracted, 1))
   act_tile = None
   if rule.act_qtype is not None:
     how = act_how(rule)
-    act_tile = _kernel_act_tile(how, lhs, dimension_numbers, p)
+    act_tile = _kernel_act_tile(how, x, dimension_numbers, p)
     if act_tile is None:
       xq = qwix.dequantize(_qwix.quantize(x, how)).astype(dtype)
       return packing.kernel_dot_general(xq, p, dimension_numbers), False
   else:
-    lhs = lhs.astype(dtype)
-  factors = None
-  if lqer_weight and rhs.rank > 0:
-    factors = tuple(
-      None if v is None else _qwix.unbox(v)
-      for v in (rhs.a, rhs.b, rhs.a_scale, rhs.b_scale)
-    )
-  input_scale = rhs.input_scale if lqer_weight else None
+    x = x.astype(dtype)
+  if not isinstance(rhs, WithLqer) or rhs.rank == 0:
+    return packing.kernel_dot_general(
+      x, p, dimension_numbers, act_tile=act_tile
+    ), True
+  factors = tuple(
+    None if v is None else _qwix.unbox(v)
+    for v in (rhs.a, rhs.b, rhs.a_scale, rhs.b_scale)
+  )
+  s = rhs.input_scale
   out = packing.kernel_dot_general(
-    lhs,
+    x,
     p,
     dimension_numbers,
     factors=factors,
-    input_scale=None if input_scale is None else _qwix.unbox(input_scale),
+    input_scale=None if s is None else _qwix.unbox(s),
     act_tile=act_tile,
   )
   return out, True
@@ -389,11 +392,12 @@ def _kernel_act_tile(how, lhs, dimension_numbers, p) -> int | None:
   """The kernel's act_tile for Qwix's activation quantization `how` (0:
   one int8 scale per token; n: per token and n consecutive packed rows),
   or None where the kernel's int8 path does not compute it: a qtype other
-  than int8, a calibration other than absmax, scales shared across
-  tokens, a tile along a contracting axis other than the packed rows'
-  last, or tiles of a non-float32 input (Qwix's tiled matmul then rounds
-  each dequantized tile q s to the input's dtype before its dot; the
-  kernel's integer dot does not)."""
+  than int8, a calibration other than absmax, scales shared across tokens,
+  several tiles along an axis that is not the packed rows' first (Qwix's
+  tile of axis a spans the other contracting axes: consecutive rows only
+  when a is the slowest), or tiles of a non-float32 input (Qwix's tiled
+  matmul then rounds each dequantized tile q s to the input's dtype before
+  its dot; the kernel's integer dot does not)."""
   try:
     int8 = jnp.dtype(how.qtype) == jnp.int8
   except TypeError:
@@ -410,12 +414,14 @@ def _kernel_act_tile(how, lhs, dimension_numbers, p) -> int | None:
   if not how.tiled_axes:
     return 0
   ((axis, tile),) = how.tiled_axes.items()
-  if lhs.dtype != jnp.float32:
+  if not isinstance(tile, int) or lhs.shape[axis] % tile:
     return None
-  last_row_axis = lhs_c[list(rhs_c).index(p.layout.contracting_axes[-1])]
-  if axis != last_row_axis or not isinstance(tile, int):
+  if tile == lhs.shape[axis]:
+    return 0  # one tile: one scale per token
+  first_row_axis = lhs_c[list(rhs_c).index(p.layout.contracting_axes[0])]
+  if axis != first_row_axis or lhs.dtype != jnp.float32:
     return None
-  return tile if lhs.shape[axis] % tile == 0 else None
+  return tile * math.prod(lhs.shape[a] for a in lhs_c if a != axis)
 
 
 def _module_path() -> tuple[str, ...]:

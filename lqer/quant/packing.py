@@ -604,8 +604,8 @@ def kernel_dot_general(
   input_scale=None,
   act_tile=None,
 ):
-  """dot_general(lhs / s, deq(p)) + (lhs A) B on lqer's int4 CPU kernel,
-  one `ffi.int4_matmul` call per batch entry of the packed matrix.
+  """dot_general(lhs, deq(p)) + (lhs s A) B on lqer's int4 CPU kernel, one
+  `ffi.int4_matmul` call per batch entry of the packed matrix.
 
   Args:
     lhs: the op's input, float32 or bfloat16 (read as given; the kernel
@@ -618,9 +618,10 @@ def kernel_dot_general(
       float or integer values; a_scale (*batch, 1.., k) and b_scale
       (*batch, k, 1..) or None. Dequantized in the kernel.
     input_scale: None, or s (in,), the contracting axes flattened in kernel
-      order (`WithLqer.input_scale`): the main product reads lhs / s, the
-      branch lhs.
-    act_tile: None: weight-only (float activations). An int: W4A8, lhs / s
+      order (`WithLqer.input_scale`), for lhs = x / s already divided (as
+      the XLA path divides it, so both quantize the same values): the
+      branch reads x = lhs s, folded into A's rows (float32, dequantized).
+    act_tile: None: weight-only (float activations). An int: W4A8, lhs
       quantized to int8 per token (Qwix's dynamic absmax int8), one scale
       per `act_tile` consecutive packed rows, 0 for one per token.
 
@@ -629,15 +630,11 @@ def kernel_dot_general(
   """
   x, to_output = _as_matrix_input(lhs, p, dimension_numbers)
   packed, scale = _weight_matrices(p)
-  layout = p.layout
-  lam = None
-  if input_scale is not None:
-    dims = [layout.shape[a] for a in sorted(layout.contracting_axes)]
-    lam = _rows_in_packed_order(layout, input_scale.reshape(dims), 0)
-    lam = lam.reshape(-1)
   if factors is not None:
-    factors = _factor_matrices(layout, *factors)
-  return to_output(_kernel_calls(x, packed, scale, factors, lam, act_tile))
+    factors = _factor_matrices(p.layout, *factors)
+    if input_scale is not None:
+      factors = _scaled_rows(p.layout, input_scale, *factors)
+  return to_output(_kernel_calls(x, packed, scale, factors, act_tile))
 
 
 def _rows_in_packed_order(layout, value, nb: int):
@@ -664,7 +661,18 @@ def _factor_matrices(layout, a, b, a_scale, b_scale):
   )
 
 
-def _kernel_calls(x, packed, scale, factors=None, lam=None, act_tile=None):
+def _scaled_rows(layout, s, a, b, a_scale, b_scale):
+  """(s A, b, None, b_scale): A = a * a_scale, float32, its rows times s
+  (in,), the contracting axes flattened in kernel order."""
+  dims = [layout.shape[ax] for ax in sorted(layout.contracting_axes)]
+  rows = _rows_in_packed_order(layout, s.reshape(dims), 0).reshape(-1)
+  a = a.astype(jnp.float32)
+  if a_scale is not None:
+    a = a * a_scale[:, None, :].astype(jnp.float32)
+  return a * rows[:, None].astype(jnp.float32), b, None, b_scale
+
+
+def _kernel_calls(x, packed, scale, factors=None, act_tile=None):
   """ffi.int4_matmul per batch entry: x (nb, tokens, in), packed (nb, in,
   out / 2), scale (nb, groups, out), factors (a, b, a_scale, b_scale) per
   entry or None; float32 (nb, tokens, out)."""
@@ -681,7 +689,6 @@ def _kernel_calls(x, packed, scale, factors=None, lam=None, act_tile=None):
       b,
       a_scale=a_scale,
       b_scale=b_scale,
-      lam=lam,
       act_bits=None if act_tile is None else 8,
       act_tile=act_tile or None,
     )
