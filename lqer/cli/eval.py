@@ -439,7 +439,7 @@ def eval_rows(
       kw = recipes.method_rule_kw(method, rank, error_rank, act_bits)
       label_rank = 0 if method == 'smoothquant' else rank
       where = lambda root, m=method, r=label_rank: tasks.subdir(
-        root, bits, tile_size, m, r, act_bits
+        root, bits, tile_size, m, r, act_bits, bool(suffix)
       )
       rules = rules_for(**kw, **rule_kw)
       fp = tasks.fingerprint(task.name, rules, base)

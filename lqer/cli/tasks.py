@@ -316,6 +316,8 @@ def uniform_rank_for(params, num_weights, extra_bits) -> int:
   return max(1, round(extra_bits / per_rank))
 
 
-def subdir(root, bits, tile_size, method, rank, act_bits=None):
+def subdir(root, bits, tile_size, method, rank, act_bits=None, rotate=False):
+  """`lqer eval --save / --load`'s directory of one row's params."""
   act = '' if act_bits is None else f'a{act_bits}'
-  return f'{root}/w{bits}{act}_g{tile_size or 0}_{method}_r{rank}'
+  rot = '_rot' if rotate else ''
+  return f'{root}/w{bits}{act}_g{tile_size or 0}_{method}_r{rank}{rot}'
