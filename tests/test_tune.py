@@ -345,3 +345,26 @@ def test_quantize_refuses_bad_tuning_flags_before_reading(flags, message):
 
   with pytest.raises(SystemExit, match=message):
     cli.main(['quantize', '/nonexistent', '--out', '/nonexistent2', *flags])
+
+
+def test_output_divergence_is_the_tuning_objective():
+  """The budget rows' calibration divergence is tune_factors' objective
+  (of any params; zero for the float model itself)."""
+  from lqer.offline.tune import output_divergence  # pylint: disable=g-import-not-at-top
+
+  fp, model, params, _, _ = _quantized(None)
+  fp_apply = lambda p, x: MODEL.apply({'params': p}, x)
+  for output in ('mse', 'softmax'):
+    _, record = _tune(None, output, steps=0)
+    got = output_divergence(
+      lambda p, x: model.apply({'params': p}, x),
+      params,
+      fp_apply,
+      fp,
+      BATCHES,
+      output,
+    )
+    assert got == pytest.approx(record.objective_before, rel=1e-5)
+    assert output_divergence(fp_apply, fp, fp_apply, fp, BATCHES, output) == 0
+  with pytest.raises(ValueError, match='output='):
+    output_divergence(fp_apply, fp, fp_apply, fp, BATCHES, 'kl')
