@@ -64,55 +64,6 @@ def test_minilm_small_w4a4_svdquant_rows():
   assert '| act bits |' in common.eval_table(rows)
 
 
-@pytest.mark.slow
-def test_minilm_budget_rows(tmp_path, capsys):
-  """lqer eval --budget --factor-bits --calib-tokens on 32 MiniLM sentences:
-  PTQ, the allocated row within the budget, the uniform row at the same
-  bits, and the equal-bits baselines (PTQ at the next width, mixed
-  precision), each recording its calibration size; one row marked best."""
-  records = tmp_path / 'rows.json'
-  assert (
-    cli.main(
-      [
-        'eval',
-        '--model',
-        'minilm',
-        '--eval-sentences',
-        '16',
-        '--methods',
-        'qera',
-        '--budget',
-        '1.0',
-        '--factor-bits',
-        '4',
-        '--calib-tokens',
-        '16',
-        '--json',
-        str(records),
-      ]
-    )
-    is None
-  )  # the console script exits with this: None is success
-  rows = json.loads(records.read_text())
-  assert [(r['method'], r['rank'], r['calib']) for r in rows] == [
-    ('FP', None, 16),
-    ('PTQ', None, 16),
-    ('QERA', 'auto', 16),
-    ('QERA', rows[3]['rank'], 16),
-    ('PTQ', None, 16),
-    ('PTQ mixed', None, 16),
-  ]
-  ptq, auto, uniform, w5, mixed = rows[1:]
-  assert w5['bits'] == 5 and w5['extra_bits'] == pytest.approx(1.0)
-  assert 0.9 < mixed['extra_bits'] <= 1.0
-  assert sum(r['best'] for r in rows) == 1
-  assert ptq['extra_bits'] == 0
-  assert 0.9 < auto['extra_bits'] <= 1.0
-  assert abs(uniform['extra_bits'] - auto['extra_bits']) < 0.03
-  assert auto['value'] < ptq['value'] and uniform['value'] < ptq['value']
-  assert '| extra bits |' in capsys.readouterr().out
-
-
 def test_calibration_sweep_table_and_plot(tmp_path):
   """The sweep's table has a column per calibration size and a row per
   configuration; the plot is a PNG."""
