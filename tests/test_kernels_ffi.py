@@ -453,10 +453,13 @@ def test_bf16_dot_path_agrees(monkeypatch, t, n_in, n_out, groups, lam):
   assert rel_err(y, y_f32.astype(np.float64)) < 2e-6
 
 
+@pytest.mark.parametrize('split_xa', ['65536', '1'])
 @pytest.mark.parametrize('act_bits', [None, 8])
-def test_thread_counts_agree(monkeypatch, act_bits):
+def test_thread_counts_agree(monkeypatch, act_bits, split_xa):
   """Columns are split between threads without changing any output's
-  arithmetic: 1, 2 and 3 threads give identical bits."""
+  arithmetic: 1, 2 and 3 threads give identical bits, also where x @ a is
+  split over a's rows (LQER_SPLIT_XA=1: from any size on)."""
+  monkeypatch.setenv('LQER_SPLIT_XA', split_xa)
   n_in, n_out = 1536, 576
   _, packed, scale = weight(n_in, n_out, 12)
   outs = []
@@ -501,6 +504,7 @@ KNOBS = [dict(LQER_F32MODE=str(m)) for m in range(5)] + [
   dict(LQER_TASKS_PER_THREAD='1'),
   dict(LQER_SPIN_US='0'),
   dict(LQER_PF_WRAP='0'),
+  dict(LQER_SPLIT_XA='1'),
 ]
 
 

@@ -1146,7 +1146,8 @@ LQER_INLINE void InitYBody(const Problem& P, int64_t c0, int64_t c1) {
 
 template <int D> void InitYScalar(const Problem& P, int64_t c0, int64_t c1) { InitYBody<D>(P, c0, c1); }
 template <int D> LQER_AVX2 void InitYAvx2(const Problem& P, int64_t c0, int64_t c1) { InitYBody<D>(P, c0, c1); }
-template <int D> LQER_AVX512 void InitYAvx512(const Problem& P, int64_t c0, int64_t c1) { InitYBody<D>(P, c0, c1); }
+
+template <int D> LQER_AVX512 void InitYAvx512(const Problem& P, int64_t c0, int64_t c1);
 
 void InitY(const Problem& P, int64_t c0, int64_t c1) {
   const int d = P.R ? P.b_dtype : kF32;
@@ -1177,6 +1178,7 @@ struct BranchIn {
   const float* b_scale;  // (R) or null
   float* xa;             // (T, R)
   int64_t IN, R;
+  int64_t i0, i1;  // rows of a summed: [i0, i1) (a part, when split)
 };
 
 template <int XD, int AD>
@@ -1185,7 +1187,7 @@ LQER_INLINE void BranchXaBody(const BranchIn& B, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     float* __restrict acc = B.xa + t * R;
     for (int64_t r = 0; r < R; ++r) acc[r] = 0.f;
-    for (int64_t i = 0; i < B.IN; ++i) {
+    for (int64_t i = B.i0; i < B.i1; ++i) {
       const float xv = LoadAs<XD>(B.xb, t * B.ldxb + i);
       for (int64_t r = 0; r < R; ++r) acc[r] += xv * LoadAs<AD>(B.a, i * R + r);
     }
@@ -1198,7 +1200,128 @@ LQER_INLINE void BranchXaBody(const BranchIn& B, int64_t t0, int64_t t1) {
 
 template <int XD, int AD> void BranchXaScalar(const BranchIn& B, int64_t t0, int64_t t1) { BranchXaBody<XD, AD>(B, t0, t1); }
 template <int XD, int AD> LQER_AVX2 void BranchXaAvx2(const BranchIn& B, int64_t t0, int64_t t1) { BranchXaBody<XD, AD>(B, t0, t1); }
-template <int XD, int AD> LQER_AVX512 void BranchXaAvx512(const BranchIn& B, int64_t t0, int64_t t1) { BranchXaBody<XD, AD>(B, t0, t1); }
+
+// 16 elements of a row of a (f32 / bf16 / int8) as floats, masked.
+template <int AD>
+LQER_AVX512 LQER_INLINE __m512 LoadA16(const void* a, int64_t off, __mmask16 m) {
+  if constexpr (AD == kF32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(a) + off);
+  } else if constexpr (AD == kBF16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(a) + off);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    const __m128i q = _mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(a) + off);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  }
+}
+
+// xa for TT tokens from t0 and rank columns r0 .. r0 + nr (nr <= 16 NR),
+// all in registers: per row i, NR loads of a's row and TT broadcasts of x.
+// The sum runs over i in order, as the scalar body's does.
+template <int XD, int AD, int TT, int NR>
+LQER_AVX512 void BranchXaTileAvx512(const BranchIn& B, int64_t t0, int64_t r0,
+                                    int64_t nr) {
+  __m512 acc[TT][NR];
+  __mmask16 m[NR];
+#pragma GCC unroll 4
+  for (int k = 0; k < NR; ++k) {
+    m[k] = Mask16(nr - 16 * k);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) acc[t][k] = _mm512_setzero_ps();
+  }
+  for (int64_t i = B.i0; i < B.i1; ++i) {
+    __m512 av[NR];
+#pragma GCC unroll 4
+    for (int k = 0; k < NR; ++k) av[k] = LoadA16<AD>(B.a, i * B.R + r0 + 16 * k, m[k]);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) {
+      const __m512 xv = _mm512_set1_ps(LoadAs<XD>(B.xb, (t0 + t) * B.ldxb + i));
+#pragma GCC unroll 4
+      for (int k = 0; k < NR; ++k) acc[t][k] = _mm512_fmadd_ps(xv, av[k], acc[t][k]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < NR; ++k) {
+    const int64_t r = r0 + 16 * k;
+    const __m512 sa = B.a_scale ? _mm512_maskz_loadu_ps(m[k], B.a_scale + r) : _mm512_set1_ps(1.f);
+    const __m512 sb = B.b_scale ? _mm512_maskz_loadu_ps(m[k], B.b_scale + r) : _mm512_set1_ps(1.f);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t)
+      _mm512_mask_storeu_ps(B.xa + (t0 + t) * B.R + r, m[k],
+                            _mm512_mul_ps(_mm512_mul_ps(acc[t][k], sa), sb));
+  }
+}
+
+// y[t, col .. col + n] = xa[t, :] @ b[:, col ..] for TT tokens from t0 and
+// n <= 64 columns, in registers: per rank component, 4 loads of b's row and
+// TT broadcasts of xa (the sum over r in order, as InitYBody's).
+template <int BD, int TT>
+LQER_AVX512 void InitYTileAvx512(const Problem& P, int64_t col, int64_t n,
+                                 int64_t t0) {
+  __m512 acc[TT][4];
+  __mmask16 m[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    m[k] = Mask16(n - 16 * k);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) acc[t][k] = _mm512_setzero_ps();
+  }
+  for (int64_t r = 0; r < P.R; ++r) {
+    __m512 bv[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) bv[k] = LoadA16<BD>(P.b, r * P.OUT + col + 16 * k, m[k]);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) {
+      const __m512 xv = _mm512_set1_ps(P.xa[(t0 + t) * P.R + r]);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) acc[t][k] = _mm512_fmadd_ps(xv, bv[k], acc[t][k]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k)
+      _mm512_mask_storeu_ps(P.y + (t0 + t) * P.OUT + col + 16 * k, m[k], acc[t][k]);
+}
+
+// InitY on AVX-512: packed columns [c0, c1) of both halves.
+template <int D>
+LQER_AVX512 void InitYAvx512(const Problem& P, int64_t c0, int64_t c1) {
+  constexpr int TT = 6;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t e = h * P.H + c1;
+    for (int64_t col = h * P.H + c0; col < e; col += 64) {
+      const int64_t n = std::min<int64_t>(64, e - col);
+      if (P.R == 0) {
+        for (int64_t t = 0; t < P.T; ++t)
+          std::memset(P.y + t * P.OUT + col, 0, n * sizeof(float));
+        continue;
+      }
+      int64_t t = 0;
+      for (; t + TT <= P.T; t += TT) InitYTileAvx512<D, TT>(P, col, n, t);
+      for (; t < P.T; ++t) InitYTileAvx512<D, 1>(P, col, n, t);
+    }
+  }
+}
+
+template <int XD, int AD, int NR>
+LQER_AVX512 void BranchXaRanksAvx512(const BranchIn& B, int64_t t0, int64_t t1,
+                                     int64_t r0, int64_t nr) {
+  constexpr int TT = NR <= 2 ? 8 : 6;
+  int64_t t = t0;
+  for (; t + TT <= t1; t += TT) BranchXaTileAvx512<XD, AD, TT, NR>(B, t, r0, nr);
+  for (; t < t1; ++t) BranchXaTileAvx512<XD, AD, 1, NR>(B, t, r0, nr);
+}
+
+template <int XD, int AD>
+LQER_AVX512 void BranchXaAvx512(const BranchIn& B, int64_t t0, int64_t t1) {
+  for (int64_t r0 = 0; r0 < B.R; r0 += 64) {
+    const int64_t nr = std::min<int64_t>(64, B.R - r0);
+    if (nr <= 16) BranchXaRanksAvx512<XD, AD, 1>(B, t0, t1, r0, nr);
+    else if (nr <= 32) BranchXaRanksAvx512<XD, AD, 2>(B, t0, t1, r0, nr);
+    else BranchXaRanksAvx512<XD, AD, 4>(B, t0, t1, r0, nr);
+  }
+}
 
 template <int XD>
 void BranchXaX(int isa, const BranchIn& B, int64_t t0, int64_t t1) {
@@ -1494,9 +1617,17 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
     S.xa.resize(T * R);
     B.xa = S.xa.data();
     B.IN = IN; B.R = R;
+    B.i0 = 0; B.i1 = IN;
     P.xa = B.xa; P.b = b.untyped_data(); P.b_dtype = b_dt;
   }
   const bool need_prologue = need_xs || a8;
+  // Few tokens and a large a: x @ a split over a's rows in kSplitXa parts
+  // run on the pool, the partial sums added in order (one thread alone
+  // reads a at a fraction of the bandwidth both reach). The split depends
+  // on the shape only, so the thread count never changes a bit.
+  constexpr int64_t kSplitXa = 4;
+  const bool split_branch = R > 0 && T < kSplitXa &&
+                            IN * R >= EnvInt("LQER_SPLIT_XA", 1 << 16);
   {
     // Parallel over tokens: tasks of >= 1 token, ~4 per thread.
     const int64_t ntask = std::min<int64_t>(T, 4 * nthreads);
@@ -1505,14 +1636,30 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
     auto task = [&](int k) {
       const int64_t t0 = T * k / ntask, t1 = T * (k + 1) / ntask;
       if (need_prologue) PrologueTokens(Q, t0, t1, S.tmp[k].data());
-      if (R > 0) BranchXa(P.isa, B, t0, t1);
+      if (R > 0 && !split_branch) BranchXa(P.isa, B, t0, t1);
     };
-    if (need_prologue || R > 0) {
+    if (need_prologue || (R > 0 && !split_branch)) {
       if (T * IN * (1 + R / 8) < (1 << 16)) {
         for (int64_t k = 0; k < ntask; ++k) task(static_cast<int>(k));
       } else {
         pool.Run(static_cast<int>(ntask), nthreads, task);
       }
+    }
+  }
+  if (split_branch) {
+    const int64_t nsplit = kSplitXa;
+    S.xr.assign(static_cast<size_t>(nsplit * T * R), 0.f);
+    pool.Run(static_cast<int>(nsplit), nthreads, [&](int k) {
+      BranchIn part = B;
+      part.i0 = IN * k / nsplit;
+      part.i1 = IN * (k + 1) / nsplit;
+      part.xa = S.xr.data() + k * T * R;
+      BranchXa(P.isa, part, 0, T);
+    });
+    for (int64_t j = 0; j < T * R; ++j) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < nsplit; ++k) sum += S.xr[k * T * R + j];
+      B.xa[j] = sum;
     }
   }
   if (!a8) {
