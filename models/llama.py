@@ -366,8 +366,8 @@ def perplexity(
   Each window is scored independently (no context carried over): tokens
   ``1..window-1`` are predicted from the preceding tokens of the same window.
   A trailing partial window is dropped. The forward pass is jitted once with
-  a fixed ``(batch_size, window)`` shape; the last batch is padded with
-  copies of its first window, which are not counted.
+  a fixed ``(min(batch_size, windows), window)`` shape; the last batch is
+  padded with copies of its first window, which are not counted.
 
   Returns:
     ``exp(mean NLL)`` over all scored tokens.
@@ -377,6 +377,7 @@ def perplexity(
   if n_windows == 0:
     raise ValueError(f'need at least {window} tokens, got {len(token_ids)}')
   windows = token_ids[: n_windows * window].reshape(n_windows, window)
+  batch_size = min(batch_size, n_windows)
   nll_fn = jax.jit(functools.partial(_window_nll, module))
   total = 0.0
   starts = range(0, n_windows, batch_size)

@@ -25,7 +25,7 @@ from tests.test_streaming import write_tiny
 
 ROOT = pathlib.Path(__file__).parents[1]
 SETTINGS = ['--rank', '4', '--tile-size', '32', '--calib-tokens', '512']
-LAYERS = 3
+LAYERS = 2
 TIMEOUT = 300  # seconds any one run may take before the test fails
 
 
@@ -84,7 +84,7 @@ def _weights_read(stdout) -> int:
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-  """A 3-block source and one process's output on a (1, 2) mesh."""
+  """A 2-block source and one process's output on a (1, 2) mesh."""
   root = tmp_path_factory.mktemp('multihost')
   write_tiny(root / 'src', tiny_config(num_layers=LAYERS))
   (one,) = _finish([_lqer_quantize(root / 'src', root / 'one')])
