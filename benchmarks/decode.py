@@ -8,7 +8,7 @@ calibrates (--calib-tokens of the bundled prose).
 
 Then where a step's time goes, per variant: a jax.profiler trace of one
 more generation, the step's XLA ops summed by kind (projections, the rest
-of attention, the tied 49152 x 576 float32 LM head, embedding, other)
+of attention, the 49152 x 576 LM head, embedding, other)
 against the wall time per step and XLA's run of the step program, and the
 cost of dispatching a compiled no-op with the same arguments; and each
 variant's bytes read per token (weights as stored plus the LM head)
@@ -73,10 +73,11 @@ def median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def variants(task):
+def variants(task, head_task):
   """{name: (module, params)}: FP32, Qwix PTQ int4 (its own provider and
-  matmul), and PTQ and LQER packed on the XLA path and on
-  the kernel (where built)."""
+  matmul), PTQ and LQER packed on the XLA path and on the kernel (where
+  built), and LQER with its LM head quantized too (`head_task`, as
+  `lqer generate --quantize-head`), packed on the kernel."""
   module, fp = task.module, task.params
   ptq_rules, _ = recipes.build_rules(fp, task.module_path, 4, 128, None, 'svd')
   ptq_model = qwix.quantize_model(module, qwix.PtqProvider(ptq_rules))
@@ -100,11 +101,23 @@ def variants(task):
         qwix.quantize_model(module, lqer.LqerProvider(r, int4_kernel=kernel)),
         lqer.pack_params(p),
       )
+  if ffi.available():
+    rules = []
+    _, params, secs = generate.quantize_task(
+      head_task, provider_fn=lambda r: rules.append(r) or lqer.LqerProvider(r)
+    )
+    print(f'with the LM head: {secs:.1f} s', file=sys.stderr, flush=True)
+    out['LQER int4 packed, LM head int4 (kernel)'] = (
+      qwix.quantize_model(
+        head_task.module, lqer.LqerProvider(rules[0], int4_kernel='ffi')
+      ),
+      lqer.pack_params(params),
+    )
   return out
 
 
 CATEGORIES = (
-  ('LM head', re.compile(r'embed\.attend')),
+  ('LM head', re.compile(r'embed\.attend|lm_head')),
   ('embedding', re.compile(r'gather')),
   ('projections', re.compile(r'_proj')),
   ('attention', re.compile(r'/attn/')),
@@ -212,13 +225,14 @@ def main():
   print(f'# python benchmarks/decode.py {" ".join(sys.argv[1:])}')
   print(f'devices: {jax.devices()}')
   task = tasks.smollm2_task(n_calib=args.calib_tokens)
+  head_task = tasks.smollm2_task(n_calib=args.calib_tokens, quantize_head=True)
   config = task.module.config
   tokenizer = smollm2.load_smollm2()[2]
   template = generate.bundled_template()
   prompt = tokenizer.encode(generate.chat_prompt(PROMPT, template)).ids
   cache_len = len(prompt) + args.new_tokens
   runs = {}
-  for name, (module, params) in variants(task).items():
+  for name, (module, params) in variants(task, head_task).items():
     decoder = llama.Decoder(module, config, cache_len)
     secs = decoder.compile(params, len(prompt))
     out = decoder.generate(params, prompt, args.new_tokens)  # warm-up
@@ -239,10 +253,10 @@ def main():
       run['decode'].append(out.decode_tokens_per_second)
       run['prefill'].append(out.prompt_tokens_per_second)
   bandwidth = read_bandwidth(args.repeats * 4)
-  head_bytes = stored_bytes(task.params['embed'])
   records = []
   for name, run in runs.items():
     blocks = {k: v for k, v in run['params'].items() if k.startswith('layers_')}
+    head = run['params'].get('lm_head', task.params['embed'])
     spent = profile(run['decoder'], run['params'], prompt, args.new_tokens)
     spent['dispatch'] = 1e3 * dispatch_seconds(
       run['params'], config, cache_len, args.repeats * 4
@@ -254,7 +268,7 @@ def main():
         decode_tokens_per_s=tps,
         ms_per_token=1e3 / tps,
         prompt_tokens_per_s=statistics.median(run['prefill']),
-        bytes_per_token=stored_bytes(blocks) + head_bytes,
+        bytes_per_token=stored_bytes(blocks) + stored_bytes(head),
         profile_ms=spent,
         answer=run['answer'],
       )
@@ -283,8 +297,8 @@ def main():
     '\nwhere a decode step goes (ms per step, from a jax.profiler trace of'
     ' one more generation): wall; XLA running the step program; its ops by'
     ' kind (summed over threads): the q/k/v/o and MLP projections, the'
-    ' rest of attention (RoPE, cache update, scores, softmax), the tied'
-    ' float32 LM head, the embedding gather, other (norms, activations,'
+    ' rest of attention (RoPE, cache update, scores, softmax), the LM'
+    ' head, the embedding gather, other (norms, activations,'
     ' residuals, sampling); dispatch: a compiled no-op of the same'
     ' arguments, called and waited for (async dispatch overlaps it with'
     ' the previous step)\n'

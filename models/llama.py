@@ -337,6 +337,19 @@ def scanned_hidden(
   return nn.RMSNorm(config.rms_eps).apply({'params': params['norm']}, x)
 
 
+def untie_head(module: LlamaForCausalLM, params: dict):
+  """``(module, params)`` with a tied LM head made its own ``lm_head``
+  Dense: ``lm_head/kernel`` = the embedding table transposed (a copy), so
+  rules can quantize the head for serving while the lookup keeps reading
+  the float table; the logits are the same. An untied model is returned as
+  it is."""
+  if not module.config.tie_embeddings:
+    return module, params
+  config = dataclasses.replace(module.config, tie_embeddings=False)
+  head = {'kernel': jnp.asarray(params['embed']['embedding']).T}
+  return type(module)(config), {**params, 'lm_head': head}
+
+
 def output_logits(params, hidden: jax.Array) -> jax.Array:
   """Logits of final hidden states, as ``LlamaForCausalLM`` computes them,
   without a transposed copy of a tied embedding."""

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import qwix
 
+import lqer
 from lqer import LqerProvider
 from lqer import lqer_quantize_params
 from lqer.checkpoints import streaming
@@ -98,6 +99,41 @@ def test_cache_decode_runs_the_quantized_matmuls():
   qparams = lqer_quantize_params(params, abstract['params'])
   q = _assert_cache_matches_forward(module, qparams, config, ids, prefill=4)
   fp = jax.jit(fp_module.apply)({'params': params}, ids)
+  assert np.abs(fp - q).max() > 1e-3 * np.abs(fp).max()
+
+
+@pytest.mark.parametrize('kernel', ['xla', 'ffi'])
+def test_untied_head_is_quantized_packed_and_decodes(kernel):
+  """`--quantize-head`: `untie_head` gives the tied model's logits; the
+  rules then match lm_head as a projection, which packs to int4 and decodes
+  with the cache as the full forward does, on both matmul paths."""
+  if kernel == 'ffi' and not ffi.available():
+    pytest.skip(ffi.unavailable_reason())
+  config = _config(hidden_size=64, intermediate_size=128, vocab_size=256)
+  tied = llama.LlamaForCausalLM(config)
+  params = test_streaming.tiny_params(config)
+  module, untied = llama.untie_head(tied, params)
+  assert not module.config.tie_embeddings
+  assert untied['lm_head']['kernel'].shape == (64, 256)
+  assert 'lm_head' not in params  # the caller's tree is left as it was
+  ids = _ids(12)
+  np.testing.assert_allclose(
+    module.apply({'params': untied}, ids),
+    tied.apply({'params': params}, ids),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  assert llama.untie_head(module, untied) == (module, untied)
+  rules, _ = recipes.build_rules(
+    untied, tasks.SMOLLM2_PATHS + '|lm_head', 4, 32, 4, 'svd'
+  )
+  qmodule = qwix.quantize_model(module, LqerProvider(rules, int4_kernel=kernel))
+  abstract = jax.eval_shape(qmodule.init, jax.random.key(0), ids[:, :1])
+  packed = lqer.pack_params(lqer_quantize_params(untied, abstract['params']))
+  head = packed['lm_head']['kernel']
+  assert isinstance(head.array, lqer.PackedInt4), type(head.array)
+  q = _assert_cache_matches_forward(qmodule, packed, module.config, ids, 4)
+  fp = np.asarray(module.apply({'params': untied}, ids))
   assert np.abs(fp - q).max() > 1e-3 * np.abs(fp).max()
 
 
@@ -231,6 +267,8 @@ def test_chat_prompt_keeps_the_templates_system_message():
     (['hi', '--tile-size', '-1'], '--tile-size'),
     (['hi', '--calib-tokens', '0'], '--calib-tokens'),
     (['hi', '--load', '/no/such/dir'], '--load /no/such/dir'),
+    (['hi', '--fp', '--quantize-head'], '--quantize-head'),
+    (['hi', '--load', 'x', '--quantize-head'], '--quantize-head'),
   ],
 )
 def test_bad_arguments_fail_before_any_model_loads(argv, message, monkeypatch):
@@ -275,3 +313,12 @@ def test_smollm2_fp_answers(capsys):
   )
   assert 'Paris' in text
   assert 'decode: ' in capsys.readouterr().err
+
+
+def test_eval_quantize_head_is_for_smollm2(monkeypatch):
+  def load(*args, **kwargs):
+    raise AssertionError('the model was loaded')
+
+  monkeypatch.setitem(tasks.TASKS, 'minilm', load)
+  with pytest.raises(SystemExit, match='--quantize-head unties SmolLM2'):
+    cli.main(['eval', '--model', 'minilm', '--quantize-head'])

@@ -45,6 +45,7 @@ def add_parser(sub):
   """The `eval` subcommand's arguments."""
   e = sub.add_parser('eval', help='quantize a bundled model, print a table')
   e.add_argument('--model', choices=sorted(tasks.TASKS), default='smollm2')
+  common.add_head_argument(e)
   e.add_argument(
     '--bits',
     type=int,
@@ -701,8 +702,11 @@ def eval_command(args) -> list:
       f' each rank), got {args.error_rank}'
     )
   kwargs = {}
+  if args.quantize_head and args.model != 'smollm2':
+    raise SystemExit("--quantize-head unties SmolLM2's LM head; not minilm")
   if args.model == 'smollm2':
     kwargs['n_eval'] = args.eval_tokens
+    kwargs['quantize_head'] = args.quantize_head
   else:
     kwargs['n_eval'] = args.eval_sentences
   common.echo_command('eval')

@@ -80,6 +80,7 @@ def add_parser(sub):
     help='a directory written by lqer quantize --out, instead of'
     ' quantizing the bundled SmolLM2',
   )
+  common.add_head_argument(g)
   g.add_argument(
     '--bits', type=int, choices=common.WEIGHT_BITS, help='default 4'
   )
@@ -138,6 +139,7 @@ _QUANT_FLAGS = (
   'base',
   'factor_bits',
   'calib_tokens',
+  'quantize_head',
 )
 
 
@@ -162,7 +164,9 @@ def check_args(args) -> None:
     raise SystemExit(f'--top-k must be >= 0, got {args.top_k}')
   if args.top_k and not args.temperature:
     raise SystemExit('--top-k samples; give --temperature > 0 with it')
-  given = [_flag(f) for f in _QUANT_FLAGS if getattr(args, f) is not None]
+  given = [
+    _flag(f) for f in _QUANT_FLAGS if getattr(args, f) not in (None, False)
+  ]
   if args.fp and args.load is not None:
     raise SystemExit('--fp and --load: give one model')
   if (args.fp or args.load is not None) and given:
@@ -240,7 +244,8 @@ def bundled_model(args):
     module, params, tokenizer = smollm2.load_smollm2()
     return module, params, tokenizer, template
   task = tasks.smollm2_task(
-    n_calib=args.calib_tokens or common.DEFAULT_CALIB_TOKENS
+    n_calib=args.calib_tokens or common.DEFAULT_CALIB_TOKENS,
+    quantize_head=args.quantize_head,
   )
   model, params, secs = quantize_task(
     task,
@@ -336,6 +341,11 @@ def describe(args) -> str:
     f'{name} W{settings["bits"]} g{settings["tile_size"] or "-"}'
     f' {settings["base"]} {method}'
   )
+  if args.load is None and args.quantize_head:
+    desc += ', LM head quantized'
+  else:
+    desc += ', float LM head'
+
   if args.pack:
     kernel = packing.resolve_kernel(args.int4_kernel or 'auto')
     desc += f', packed ({"int4 kernel" if kernel == "ffi" else "XLA path"})'

@@ -58,18 +58,29 @@ class Task:
   tune_batches: Callable[[int], list[Any]] | None = None
 
 
+# The weights `lqer eval` quantizes in SmolLM2: the blocks' projections.
+SMOLLM2_PATHS = r'layers_\d+/(attn|mlp)/.*'
+
+
 def smollm2_task(
   calib_text=None,
   eval_text=None,
   n_calib=common.DEFAULT_CALIB_TOKENS,
   n_eval=common.DEFAULT_EVAL_TOKENS,
   window=common.WINDOW,
+  quantize_head=False,
 ) -> Task:
-  """SmolLM2 perplexity on prose; weights are Q4_1-dequantized (GGUF)."""
+  """SmolLM2 perplexity on prose; weights are Q4_1-dequantized (GGUF).
+
+  quantize_head: the tied LM head untied (`llama.untie_head`) and matched
+  by the rules like the blocks' projections (`--quantize-head`)."""
+  from models import llama  # pylint: disable=g-import-not-at-top
   from models import smollm2  # pylint: disable=g-import-not-at-top
   from models import text  # pylint: disable=g-import-not-at-top
 
   module, params, tokenizer = smollm2.load_smollm2()
+  if quantize_head:
+    module, params = llama.untie_head(module, params)
   encode = lambda t: np.asarray(tokenizer.encode(t).ids, np.int32)
   calib, evals, train = split_smollm2_tokens(
     encode(text.prose_text()), calib_text, eval_text, n_calib, n_eval, encode
@@ -99,7 +110,7 @@ def smollm2_task(
     score=lambda m, p: {
       'perplexity': smollm2.perplexity(m, p, evals, window, progress=True)
     },
-    module_path=r'layers_\d+/(attn|mlp)/.*',
+    module_path=SMOLLM2_PATHS + ('|lm_head' if quantize_head else ''),
     encode=encode,
     train_data=train,
     # --budget's output gradients: 4 windows spread over the calibration,
