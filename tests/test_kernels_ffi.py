@@ -534,3 +534,44 @@ def test_build_without_compiler_raises(monkeypatch):
   monkeypatch.setenv('PATH', '/nonexistent')
   with pytest.raises(build.BuildError, match='no C\\+\\+ compiler found'):
     build.compile_command('/tmp/lqer_no_compiler.so')
+
+
+@pytest.mark.parametrize('act_bits', [None, 8])
+@pytest.mark.parametrize('a_dtype', [np.float32, BF16, 'int8'])
+def test_row_scale_scales_the_branch_input(monkeypatch, act_bits, a_dtype):
+  """row_scale s (the input scale kept out of A): the branch is
+  ((x s) A) B with A read as stored, on every ISA, for 1 token (x A split
+  over A's rows) and 17; the main product does not see s."""
+  n_in, n_out, rank = 1030, 578, 32
+  _, packed, scale = weight(n_in, n_out, 2)
+  rng = np.random.default_rng(7)
+  s = rng.uniform(0.25, 4, n_in).astype(np.float32)
+  for t in (1, 17):
+    x, a, b, lam = inputs(t, n_in, n_out, rank, np.float32, lam=True)
+    a_scale = None
+    if a_dtype == 'int8':
+      a_scale = (np.abs(a).max(0) / 127).astype(np.float32)
+      a = np.round(a / a_scale).astype(np.int8)
+      a_f = a.astype(np.float64) * a_scale
+    else:
+      a = a.astype(a_dtype)
+      a_f = a.astype(np.float64)
+    ref_fn = a8_reference if act_bits else f32_reference
+    ref = ref_fn(x, packed, scale, s[:, None] * a_f, b, lam)
+    monkeypatch.setenv('LQER_SPLIT_XA', '1')
+    for isa in _isas():
+      monkeypatch.setenv('LQER_ISA', isa)
+      y = ffi.int4_matmul(
+        x,
+        packed,
+        scale,
+        a,
+        b,
+        a_scale=a_scale,
+        lam=lam,
+        row_scale=s,
+        act_bits=act_bits,
+      )
+      assert rel_err(y, ref) < 1e-5, (isa, t)
+  with pytest.raises(ValueError, match='row_scale has 3 elements'):
+    ffi.int4_matmul(x, packed, scale, a, b, a_scale=a_scale, row_scale=s[:3])

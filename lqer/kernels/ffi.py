@@ -117,7 +117,7 @@ def _core(a8: bool, lam_in_branch: bool, act_tile: int):
   the batch into tokens; batched weights run one call per entry."""
   target = TARGET_A8 if a8 else TARGET_F32
 
-  def call(x, packed, scale, a, b, a_scale, b_scale, lam):
+  def call(x, packed, scale, a, b, a_scale, b_scale, lam, row_scale):
     out = jax.ShapeDtypeStruct((x.shape[0], 2 * packed.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
       x,
@@ -128,6 +128,7 @@ def _core(a8: bool, lam_in_branch: bool, act_tile: int):
       a_scale,
       b_scale,
       lam,
+      row_scale,
       lam_in_branch=np.int32(lam_in_branch),
       act_tile=np.int32(act_tile),
     )
@@ -178,8 +179,9 @@ def int4_matmul(
   b_scale=None,
   lam_in_branch=False,
   act_tile=None,
+  row_scale=None,
 ):
-  """y = (x / lam) @ deq(packed, scale) [+ (x @ a) @ b], float32.
+  """y = (x / lam) @ deq(packed, scale) [+ ((x * row_scale) @ a) @ b].
 
   Args:
     x: (..., IN) float32 or bfloat16 (other floats are cast to float32).
@@ -205,6 +207,8 @@ def int4_matmul(
     act_tile: W4A8 only: one activation scale per `act_tile` consecutive
       rows of each token (Qwix's tile_size on the contracting axis) instead
       of one per token; must divide IN.
+    row_scale: optional (IN,): the branch reads x * row_scale (an input
+      scale kept apart from a, so a stays in its stored dtype).
 
   Returns:
     float32 (..., OUT).
@@ -270,9 +274,17 @@ def int4_matmul(
     if n_in % int(act_tile):
       raise ValueError(f'act_tile {act_tile} must divide IN {n_in}')
     tile = int(act_tile)
+  if row_scale is None or not rank:
+    row_scale = jnp.zeros((0,), jnp.float32)
+  else:
+    row_scale = jnp.asarray(row_scale, jnp.float32).reshape(-1)
+    if row_scale.shape[0] != n_in:
+      raise ValueError(
+        f'row_scale has {row_scale.shape[0]} elements, IN is {n_in}'
+      )
   lead = x.shape[:-1]
   y = _core(act_bits == 8, bool(lam_in_branch), tile)(
-    x.reshape(-1, n_in), packed, scale, a, b, a_scale, b_scale, lam
+    x.reshape(-1, n_in), packed, scale, a, b, a_scale, b_scale, lam, row_scale
   )
   return y.reshape(*lead, n_out)
 

@@ -12,7 +12,8 @@
 // LqerInt4MatmulA8:  xm = Q(x / lam), x quantized to int8 per token (or per
 //   token and tile of `act_tile` rows) exactly as Qwix's dynamic int8
 //   quantization compiles on XLA:CPU; integer dot products per scale group.
-// xb (branch input) = x, or x / lam with lam_in_branch.
+// xb (branch input) = x, or x / lam with lam_in_branch; times row_scale
+//   (IN, optional: an input scale s folded out of A, xb s A = xb (s A)).
 // bfloat16 x from 16 tokens on (ISA avx512vnni, and AVX-512 BF16 on the CPU):
 //   the float path multiplies with vdpbf16ps on a bf16 panel of q (exact),
 //   float32 accumulation, scales applied per segment.
@@ -1179,6 +1180,7 @@ struct BranchIn {
   float* xa;             // (T, R)
   int64_t IN, R;
   int64_t i0, i1;  // rows of a summed: [i0, i1) (a part, when split)
+  const float* row_scale;  // (IN) or null: the branch reads xb[t, i] * rs[i]
 };
 
 template <int XD, int AD>
@@ -1188,7 +1190,8 @@ LQER_INLINE void BranchXaBody(const BranchIn& B, int64_t t0, int64_t t1) {
     float* __restrict acc = B.xa + t * R;
     for (int64_t r = 0; r < R; ++r) acc[r] = 0.f;
     for (int64_t i = B.i0; i < B.i1; ++i) {
-      const float xv = LoadAs<XD>(B.xb, t * B.ldxb + i);
+      float xv = LoadAs<XD>(B.xb, t * B.ldxb + i);
+      if (B.row_scale) xv *= B.row_scale[i];
       for (int64_t r = 0; r < R; ++r) acc[r] += xv * LoadAs<AD>(B.a, i * R + r);
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -1233,9 +1236,10 @@ LQER_AVX512 void BranchXaTileAvx512(const BranchIn& B, int64_t t0, int64_t r0,
     __m512 av[NR];
 #pragma GCC unroll 4
     for (int k = 0; k < NR; ++k) av[k] = LoadA16<AD>(B.a, i * B.R + r0 + 16 * k, m[k]);
+    const float rs = B.row_scale ? B.row_scale[i] : 1.f;
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
-      const __m512 xv = _mm512_set1_ps(LoadAs<XD>(B.xb, (t0 + t) * B.ldxb + i));
+      const __m512 xv = _mm512_set1_ps(LoadAs<XD>(B.xb, (t0 + t) * B.ldxb + i) * rs);
 #pragma GCC unroll 4
       for (int k = 0; k < NR; ++k) acc[t][k] = _mm512_fmadd_ps(xv, av[k], acc[t][k]);
     }
@@ -1456,7 +1460,8 @@ std::string Dims(const ffi::AnyBuffer& b) {
 ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                   ffi::AnyBuffer scale, ffi::AnyBuffer a, ffi::AnyBuffer b,
                   ffi::AnyBuffer a_scale, ffi::AnyBuffer b_scale,
-                  ffi::AnyBuffer lam, int32_t lam_in_branch, int32_t act_tile,
+                  ffi::AnyBuffer lam, ffi::AnyBuffer row_scale,
+                  int32_t lam_in_branch, int32_t act_tile,
                   ffi::Result<ffi::AnyBuffer> y) {
   using E = ffi::Error;
   // ---- shapes
@@ -1506,6 +1511,10 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
     }
   }
   const bool has_lam = lam.element_count() > 0;
+  const bool has_rs = R > 0 && row_scale.element_count() > 0;
+  if (has_rs && (row_scale.element_type() != ffi::DataType::F32 ||
+                 (int64_t)row_scale.element_count() != IN))
+    return E::InvalidArgument("row_scale must be float32 (IN,), got " + Dims(row_scale));
   if (has_lam && (lam.element_type() != ffi::DataType::F32 || (int64_t)lam.element_count() != IN))
     return E::InvalidArgument("lam must be float32 (IN,)");
   if (y->element_type() != ffi::DataType::F32 ||
@@ -1618,6 +1627,7 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
     B.xa = S.xa.data();
     B.IN = IN; B.R = R;
     B.i0 = 0; B.i1 = IN;
+    B.row_scale = has_rs ? static_cast<const float*>(row_scale.untyped_data()) : nullptr;
     P.xa = B.xa; P.b = b.untyped_data(); P.b_dtype = b_dt;
   }
   const bool need_prologue = need_xs || a8;
@@ -1804,19 +1814,19 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
 ffi::Error MatmulF32(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer scale,
                      ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer a_scale,
                      ffi::AnyBuffer b_scale, ffi::AnyBuffer lam,
-                     int32_t lam_in_branch, int32_t act_tile,
-                     ffi::Result<ffi::AnyBuffer> y) {
+                     ffi::AnyBuffer row_scale, int32_t lam_in_branch,
+                     int32_t act_tile, ffi::Result<ffi::AnyBuffer> y) {
   return Matmul(false, x, packed, scale, a, b, a_scale, b_scale, lam,
-                lam_in_branch, act_tile, y);
+                row_scale, lam_in_branch, act_tile, y);
 }
 
 ffi::Error MatmulA8(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer scale,
                     ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer a_scale,
                     ffi::AnyBuffer b_scale, ffi::AnyBuffer lam,
-                    int32_t lam_in_branch, int32_t act_tile,
-                    ffi::Result<ffi::AnyBuffer> y) {
+                    ffi::AnyBuffer row_scale, int32_t lam_in_branch,
+                    int32_t act_tile, ffi::Result<ffi::AnyBuffer> y) {
   return Matmul(true, x, packed, scale, a, b, a_scale, b_scale, lam,
-                lam_in_branch, act_tile, y);
+                row_scale, lam_in_branch, act_tile, y);
 }
 
 }  // namespace
@@ -1832,6 +1842,7 @@ ffi::Error MatmulA8(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer scal
       .Arg<ffi::AnyBuffer>()  /* a_scale */     \
       .Arg<ffi::AnyBuffer>()  /* b_scale */     \
       .Arg<ffi::AnyBuffer>()  /* lam */         \
+      .Arg<ffi::AnyBuffer>()  /* row_scale */   \
       .Attr<int32_t>("lam_in_branch")           \
       .Attr<int32_t>("act_tile")                \
       .Ret<ffi::AnyBuffer>()  /* y */

@@ -620,7 +620,8 @@ def kernel_dot_general(
     input_scale: None, or s (in,), the contracting axes flattened in kernel
       order (`WithLqer.input_scale`), for lhs = x / s already divided (as
       the XLA path divides it, so both quantize the same values): the
-      branch reads x = lhs s, folded into A's rows (float32, dequantized).
+      branch reads x = lhs s (s goes to the kernel as its row_scale, so A
+      is read in its stored dtype).
     act_tile: None: weight-only (float activations). An int: W4A8, lhs
       quantized to int8 per token (Qwix's dynamic absmax int8), one scale
       per `act_tile` consecutive packed rows, 0 for one per token.
@@ -630,11 +631,14 @@ def kernel_dot_general(
   """
   x, to_output = _as_matrix_input(lhs, p, dimension_numbers)
   packed, scale = _weight_matrices(p)
+  row_scale = None
   if factors is not None:
     factors = _factor_matrices(p.layout, *factors)
     if input_scale is not None:
-      factors = _scaled_rows(p.layout, input_scale, *factors)
-  return to_output(_kernel_calls(x, packed, scale, factors, act_tile))
+      row_scale = _input_rows(p.layout, input_scale)
+  return to_output(
+    _kernel_calls(x, packed, scale, factors, act_tile, row_scale)
+  )
 
 
 def _rows_in_packed_order(layout, value, nb: int):
@@ -661,21 +665,21 @@ def _factor_matrices(layout, a, b, a_scale, b_scale):
   )
 
 
-def _scaled_rows(layout, s, a, b, a_scale, b_scale):
-  """(s A, b, None, b_scale): A = a * a_scale, float32, its rows times s
-  (in,), the contracting axes flattened in kernel order."""
+def _input_rows(layout, s):
+  """The input scale s (the contracting axes') as (in,) float32 in packed
+  row order."""
   dims = [layout.shape[ax] for ax in sorted(layout.contracting_axes)]
   rows = _rows_in_packed_order(layout, s.reshape(dims), 0).reshape(-1)
-  a = a.astype(jnp.float32)
-  if a_scale is not None:
-    a = a * a_scale[:, None, :].astype(jnp.float32)
-  return a * rows[:, None].astype(jnp.float32), b, None, b_scale
+  return rows.astype(jnp.float32)
 
 
-def _kernel_calls(x, packed, scale, factors=None, act_tile=None):
+def _kernel_calls(
+  x, packed, scale, factors=None, act_tile=None, row_scale=None
+):
   """ffi.int4_matmul per batch entry: x (nb, tokens, in), packed (nb, in,
   out / 2), scale (nb, groups, out), factors (a, b, a_scale, b_scale) per
-  entry or None; float32 (nb, tokens, out)."""
+  entry or None, row_scale (in,) for every entry's branch or None; float32
+  (nb, tokens, out)."""
   if x.dtype not in (jnp.float32, jnp.bfloat16):
     x = x.astype(jnp.float32)
 
@@ -691,6 +695,7 @@ def _kernel_calls(x, packed, scale, factors=None, act_tile=None):
       b_scale=b_scale,
       act_bits=None if act_tile is None else 8,
       act_tile=act_tile or None,
+      row_scale=row_scale,
     )
 
   if x.shape[0] == 1:
