@@ -89,25 +89,11 @@ def test_cli_json_and_bad_checkpoint(tmp_path, capsys):
     'The cat sat on the mat and looked at the door. ' * 40
     + 'Every sentence here is about a cat or a door. ' * 40
   )
-  cli.main(
-    [
-      'eval',
-      '--model',
-      'minilm',
-      '--ranks',
-      '4',
-      '--methods',
-      'qera',
-      '--calib-text',
-      str(text),
-      '--eval-text',
-      str(text),
-      '--json',
-      str(out),
-      '--save',
-      str(tmp_path / 'ck'),
-    ]
-  )
+  minilm_qera_r4 = ['eval', '--model', 'minilm', '--ranks', '4']
+  minilm_qera_r4 += ['--methods', 'qera', '--calib-text', str(text)]
+  minilm_qera_r4 += ['--eval-text', str(text)]
+  ck = str(tmp_path / 'ck')
+  cli.main([*minilm_qera_r4, '--json', str(out), '--save', ck])
   records = json.loads(out.read_text())
   assert [r['method'] for r in records] == ['FP', 'PTQ', 'QERA']
   assert records[2]['value'] < records[1]['value']  # QERA beats PTQ
@@ -126,45 +112,9 @@ def test_cli_json_and_bad_checkpoint(tmp_path, capsys):
   assert '| QERA |' in capsys.readouterr().out
   # A checkpoint from another rule set (exact solver) must not load silently.
   with pytest.raises(checkpoint.CheckpointError, match='rules'):
-    cli.main(
-      [
-        'eval',
-        '--model',
-        'minilm',
-        '--ranks',
-        '4',
-        '--methods',
-        'qera',
-        '--solver',
-        'exact',
-        '--calib-text',
-        str(text),
-        '--eval-text',
-        str(text),
-        '--load',
-        str(tmp_path / 'ck'),
-      ]
-    )
+    cli.main([*minilm_qera_r4, '--solver', 'exact', '--load', ck])
   # The same rules load and give the same numbers.
-  cli.main(
-    [
-      'eval',
-      '--model',
-      'minilm',
-      '--ranks',
-      '4',
-      '--methods',
-      'qera',
-      '--calib-text',
-      str(text),
-      '--eval-text',
-      str(text),
-      '--json',
-      str(out),
-      '--load',
-      str(tmp_path / 'ck'),
-    ]
-  )
+  cli.main([*minilm_qera_r4, '--json', str(out), '--load', ck])
   assert json.loads(out.read_text())[2]['value'] == records[2]['value']
   # FP sanity: a paraphrase is closer than an unrelated sentence.
   from models import minilm  # pylint: disable=g-import-not-at-top
