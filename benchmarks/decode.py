@@ -73,11 +73,11 @@ def median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def variants(task, head_task):
+def variants(task, calib_tokens):
   """{name: (module, params)}: FP32, Qwix PTQ int4 (its own provider and
   matmul), PTQ and LQER packed on the XLA path and on the kernel (where
-  built), and LQER with its LM head quantized too (`head_task`, as
-  `lqer generate --quantize-head`), packed on the kernel."""
+  built), and LQER with its LM head quantized too (as `lqer generate
+  --quantize-head`, calibrated on `calib_tokens`), packed on the kernel."""
   module, fp = task.module, task.params
   ptq_rules, _ = recipes.build_rules(fp, task.module_path, 4, 128, None, 'svd')
   ptq_model = qwix.quantize_model(module, qwix.PtqProvider(ptq_rules))
@@ -102,6 +102,7 @@ def variants(task, head_task):
         lqer.pack_params(p),
       )
   if ffi.available():
+    head_task = tasks.smollm2_task(n_calib=calib_tokens, quantize_head=True)
     rules = []
     _, params, secs = generate.quantize_task(
       head_task, provider_fn=lambda r: rules.append(r) or lqer.LqerProvider(r)
@@ -225,14 +226,13 @@ def main():
   print(f'# python benchmarks/decode.py {" ".join(sys.argv[1:])}')
   print(f'devices: {jax.devices()}')
   task = tasks.smollm2_task(n_calib=args.calib_tokens)
-  head_task = tasks.smollm2_task(n_calib=args.calib_tokens, quantize_head=True)
   config = task.module.config
   tokenizer = smollm2.load_smollm2()[2]
   template = generate.bundled_template()
   prompt = tokenizer.encode(generate.chat_prompt(PROMPT, template)).ids
   cache_len = len(prompt) + args.new_tokens
   runs = {}
-  for name, (module, params) in variants(task, head_task).items():
+  for name, (module, params) in variants(task, args.calib_tokens).items():
     decoder = llama.Decoder(module, config, cache_len)
     secs = decoder.compile(params, len(prompt))
     out = decoder.generate(params, prompt, args.new_tokens)  # warm-up

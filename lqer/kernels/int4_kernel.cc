@@ -1429,7 +1429,7 @@ void PrologueTokens(const Prologue& Q, int64_t t0, int64_t t1, float* tmp) {
 // The call.
 
 struct Scratch {
-  std::vector<float> xs, xr, xa, sact, inv_lam;
+  std::vector<float> xs, xa, xa_parts, sact, inv_lam;
   std::vector<int8_t> xq;
   std::vector<int32_t> xsum, xqi;
   std::vector<uint32_t> xbi;
@@ -1658,17 +1658,17 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
   }
   if (split_branch) {
     const int64_t nsplit = kSplitXa;
-    S.xr.assign(static_cast<size_t>(nsplit * T * R), 0.f);
+    S.xa_parts.resize(static_cast<size_t>(nsplit * T * R));  // each part writes all of its T x R
     pool.Run(static_cast<int>(nsplit), nthreads, [&](int k) {
       BranchIn part = B;
       part.i0 = IN * k / nsplit;
       part.i1 = IN * (k + 1) / nsplit;
-      part.xa = S.xr.data() + k * T * R;
+      part.xa = S.xa_parts.data() + k * T * R;
       BranchXa(P.isa, part, 0, T);
     });
     for (int64_t j = 0; j < T * R; ++j) {
       float sum = 0.f;
-      for (int64_t k = 0; k < nsplit; ++k) sum += S.xr[k * T * R + j];
+      for (int64_t k = 0; k < nsplit; ++k) sum += S.xa_parts[k * T * R + j];
       B.xa[j] = sum;
     }
   }
