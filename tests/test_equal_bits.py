@@ -227,26 +227,38 @@ def test_cli_refuses_bad_tuning_flags_before_loading(
 
 
 def test_budget_rows_spend_bits_on_factors_widths_or_both():
-  """lqer eval --budget: the allocated, uniform and '+mixed' (factors on
-  wider weights) rows and the equal-bits PTQ rows, each within the
-  budget as the report counts bits, each with its calibration divergence;
-  the budget's choice by it is reported."""
+  """lqer eval --budget --tune-steps: the allocated, uniform and '+mixed'
+  (factors on wider weights) rows, the allocated and '+mixed' ones also
+  tuned, and the equal-bits PTQ rows, each within the budget as the report
+  counts bits, each with its calibration divergence; the budget's choice
+  by it is reported."""
   from lqer.cli import eval as eval_cli  # pylint: disable=g-import-not-at-top
 
   task = _task()
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(jax, 'clear_caches', lambda: None)  # cold passes: not timed
-    rows = list(eval_cli.eval_rows(task, 4, 16, [], ['qera'], budget=0.75))
+  tune = eval_cli.Tuning(steps=4, tokens=24, lr=3e-3)
+  rows = list(
+    eval_cli.eval_rows(task, 4, 16, [], ['qera'], budget=0.75, tune=tune)
+  )
   assert [r.method for r in rows] == [
     'FP',
     'PTQ',
     'QERA',
+    'QERA tuned',
     'QERA',
     'QERA +mixed',
+    'QERA +mixed tuned',
     'PTQ',
     'PTQ mixed',
   ]
-  mixed = rows[4]
+  # A tuned row keeps its row's bits (widths, ranks, bits per weight) and
+  # lowers the calibration divergence, the objective the tuning lowered.
+  for untuned, tuned in ((rows[2], rows[3]), (rows[5], rows[6])):
+    assert (tuned.bits, tuned.rank) == (untuned.bits, untuned.rank)
+    assert tuned.bits_per_weight == untuned.bits_per_weight
+    assert tuned.tuning['steps'] == 4
+    div = budget_rows.CALIB_DIV
+    assert tuned.extra[div] < untuned.extra[div], (tuned, untuned)
+  mixed = rows[5]
   assert mixed.rank == 'auto' and mixed.bits.startswith('4/')
   for r in rows[1:]:
     assert budget_rows.CALIB_DIV in r.extra and r.budget == 0.75

@@ -448,7 +448,6 @@ def test_eval_rotate_rows_calibrate_on_the_rotated_input():
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(eval_cli.tasks, 'quantize', spy)
-    mp.setattr(jax, 'clear_caches', lambda: None)  # cold passes: not timed
     rows = list(
       eval_cli.eval_rows(
         task, 4, 16, [4], ['qera', 'svdquant'], act_bits=4, rotate='hadamard'

@@ -140,7 +140,8 @@ def add_parser(sub):
     " this many Adam steps against the float model's output on"
     ' calibration text only (KL divergence of the next-token'
     ' distribution; minilm: squared error of the embeddings): a'
-    ' "<method> tuned" row after each allocated and each --ranks row',
+    ' "<method> tuned" row after each allocated, each "+mixed" and each'
+    ' --ranks row',
   )
   e.add_argument(
     '--tune-tokens',
@@ -341,14 +342,15 @@ def eval_rows(
     )
   num_weights = ptq_total['num_weights']
 
-  def tuned_row(method, rank, model, params, secs, **kw):
-    """The row of `params`' factors tuned (`tune`), or None without."""
+  def tuned_row(label, rank, model, params, secs, **kw):
+    """The row `label` (its params' factors) tuned (`tune`): '<label>
+    tuned', or None without."""
     if tune is None or not _has_factors(params):
       return None
     params, record = _tune(task, model, params, stats, tune)
     bpw = make_report(task.params, params).total()['bits_per_weight']
     return row(
-      f'{common.METHOD_LABELS[method]}{suffix} tuned',
+      f'{label} tuned',
       rank,
       scores(model, params, 'budget' in kw),
       bpw,
@@ -380,7 +382,9 @@ def eval_rows(
       secs,
       budget=budget,
     )
-    tuned = tuned_row(method, 'auto', model, params, secs, budget=budget)
+    tuned = tuned_row(
+      common.METHOD_LABELS[method], 'auto', model, params, secs, budget=budget
+    )
     if tuned is not None:
       yield tuned
     uniform = tasks.uniform_rank_for(params, num_weights, bpw - ptq_bpw)
@@ -402,15 +406,22 @@ def eval_rows(
     model, params, secs = tasks.quantize(
       task, rules, stats, base, compute_dtype, allocation.Budget(factor_bits)
     )
+    label = f'{common.METHOD_LABELS[method]} +mixed'
+    row_bits = budget_rows.width_label(used, bits)
     yield row(
-      f'{common.METHOD_LABELS[method]} +mixed',
+      label,
       'auto',
       scores(model, params, True),
       make_report(task.params, params).total()['bits_per_weight'],
       secs,
-      row_bits=budget_rows.width_label(used, bits),
+      row_bits=row_bits,
       budget=budget,
     )
+    tuned = tuned_row(
+      label, 'auto', model, params, secs, row_bits=row_bits, budget=budget
+    )
+    if tuned is not None:
+      yield tuned
   if budget is not None:
     for r in budget_rows.equal_bits_rows(
       task,
@@ -468,7 +479,9 @@ def eval_rows(
         secs,
       )
       if load_dir is None:
-        tuned = tuned_row(method, label_rank, model, params, secs)
+        tuned = tuned_row(
+          common.METHOD_LABELS[method] + suffix, label_rank, model, params, secs
+        )
         if tuned is not None:
           yield tuned
 
