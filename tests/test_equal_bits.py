@@ -13,6 +13,7 @@ import lqer
 from lqer import _qwix
 from lqer.cli import budget_rows
 from lqer.cli import common
+from lqer.cli import eval_tuning
 from lqer.cli import main as cli
 from lqer.cli import tasks
 from lqer.offline import allocation
@@ -235,7 +236,7 @@ def test_budget_rows_spend_bits_on_factors_widths_or_both():
   from lqer.cli import eval as eval_cli  # pylint: disable=g-import-not-at-top
 
   task = _task()
-  tune = eval_cli.Tuning(steps=4, tokens=24, lr=3e-3)
+  tune = eval_tuning.Tuning(steps=4, tokens=24, lr=3e-3)
   rows = list(
     eval_cli.eval_rows(task, 4, 16, [], ['qera'], budget=0.75, tune=tune)
   )

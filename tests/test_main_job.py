@@ -10,6 +10,7 @@ import qwix
 
 from lqer import LqerProvider
 from lqer.checkpoints import tree as checkpoint
+from lqer.cli import calib_sweep
 from lqer.cli import common
 from lqer.cli import eval as eval_cli
 from lqer.cli import finetune
@@ -69,12 +70,12 @@ def test_calibration_sweep_table_and_plot(tmp_path):
     row('PTQ', 32, 0.05),
     row('QERA', 32, 0.01, 8),
   ]
-  table = eval_cli.calib_table(rows).splitlines()
+  table = calib_sweep.calib_table(rows).splitlines()
   assert table[0] == '| method | bits | rank | 16 | 32 |'
   assert '| QERA | 4 | 8 | 0.0200 | 0.0100 |' in table
   assert '| PTQ | 4 | - | 0.0500 | 0.0500 |' in table
   png = tmp_path / 'calib.png'
-  eval_cli.plot_calibration(rows, png)
+  calib_sweep.plot_calibration(rows, png)
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 

@@ -10,8 +10,6 @@ the equal-bits PTQ rows, `--tune-steps` factors tuned to the output.
 (`quantize.eval_quantized_dir`).
 """
 
-import dataclasses
-import math
 import sys
 from typing import Iterator, Sequence
 
@@ -21,16 +19,16 @@ import qwix
 
 from lqer.checkpoints import tree as checkpoint
 from lqer.cli import budget_rows
+from lqer.cli import calib_sweep
 from lqer.cli import common
+from lqer.cli import eval_tuning
 from lqer.cli import quantize
 from lqer.cli import tasks
 from lqer.offline import allocation
 from lqer.offline.report import report as make_report
-from lqer.offline.tune import tune_factors
 from lqer.providers.inference import LqerProvider
 from lqer.quant import recipes
 from lqer.quant.packing import pack_params
-from lqer.quant.weight import WithLqer
 
 # LqerRule fields of --rotate / --rotate-block.
 ROTATION_FIELDS = ('rotate', 'rotate_block')
@@ -245,7 +243,7 @@ def eval_rows(
   budget on wider weights, the rest on allocated ranks); then the
   equal-bits PTQ rows (`budget_rows.equal_bits_rows`). Every budget row
   carries its calibration divergence (`budget_rows.budget_choice`).
-  tune: `Tuning` (lqer eval --tune-steps): each
+  tune: `eval_tuning.Tuning` (lqer eval --tune-steps): each
   allocated row and each --ranks row with factors is followed by the same
   factors tuned to the float model's output on calibration batches
   (`lqer.tune_factors`), labelled '<method> tuned'.
@@ -345,9 +343,9 @@ def eval_rows(
   def tuned_row(label, rank, model, params, secs, **kw):
     """The row `label` (its params' factors) tuned (`tune`): '<label>
     tuned', or None without."""
-    if tune is None or not _has_factors(params):
+    if tune is None or not eval_tuning.has_factors(params):
       return None
-    params, record = _tune(task, model, params, stats, tune)
+    params, record = eval_tuning.tune(task, model, params, stats, tune)
     bpw = make_report(task.params, params).total()['bits_per_weight']
     return row(
       f'{label} tuned',
@@ -355,7 +353,7 @@ def eval_rows(
       scores(model, params, 'budget' in kw),
       bpw,
       secs + record.seconds,
-      tuning=_tuning_record(record, tune),
+      tuning=eval_tuning.record_json(record, tune),
       **kw,
     )
 
@@ -486,162 +484,6 @@ def eval_rows(
           yield tuned
 
 
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-  """lqer eval --tune-steps / --tune-tokens / --tune-lr."""
-
-  steps: int
-  tokens: int
-  lr: float = common.DEFAULT_TUNE_LR
-  seed: int = 0
-
-
-def _has_factors(params) -> bool:
-  return any(
-    isinstance(w, WithLqer) and w.rank > 0
-    for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, WithLqer))
-  )
-
-
-def _tune(task: tasks.Task, model, params, stats, tune: Tuning):
-  """`lqer.tune_factors` of the LQER params on the task's tuning batches
-  (calibration tokens only: `Task.tune_batches`, else the calibration
-  batches); prints what it did."""
-  record_args = dict(steps=tune.steps, lr=tune.lr, seed=tune.seed)
-  params, record = tune_factors(
-    lambda p, *batch: model.apply({'params': p}, *batch),
-    task.params,
-    params,
-    (
-      task.tune_batches(tune.tokens)
-      if task.tune_batches is not None
-      else task.calib_batches
-    ),
-    output='softmax' if task.output == 'softmax' else 'mse',
-    fp_apply_fn=lambda p, *batch: task.module.apply({'params': p}, *batch),
-    calibration=stats,
-    progress=True,
-    **record_args,
-  )
-  before, after = record.output_error['TOTAL']
-  print(
-    f'tuned {tune.steps} steps on {tune.tokens} calibration'
-    f' {"tokens" if task.name == "smollm2" else "sentences"}'
-    f' in {record.seconds:.1f} s: {record.output}'
-    f' {record.objective_before:.4g} -> {record.objective_after:.4g};'
-    f' report output error {before:.4f} -> {after:.4f}'
-    + ('' if record.kept else '; it rose: the closed form is kept'),
-    file=sys.stderr,
-    flush=True,
-  )
-  return params, record
-
-
-def _tuning_record(record, tune: Tuning) -> dict:
-  """A tuned row's `Row.tuning` (JSON): objective and the report's output
-  errors (TOTAL and per weight) before and after."""
-  return {
-    'steps': record.steps,
-    'tokens': tune.tokens,
-    'lr': record.lr,
-    'seed': record.seed,
-    'objective': record.output,
-    'objective_before': record.objective_before,
-    'objective_after': record.objective_after,
-    'kept': record.kept,
-    'seconds': record.seconds,
-    'output_error': {p: list(v) for p, v in record.output_error.items()},
-  }
-
-
-def _series(rows):
-  """{(method, bits, rank): {calib: value}} of a calibration sweep's rows
-  (FP has no calibration)."""
-  series = {}
-  for r in rows:
-    if r.method != 'FP':
-      series.setdefault((r.method, r.bits, r.rank), {})[r.calib] = r.value
-  return series
-
-
-def calib_table(rows) -> str:
-  """Markdown: quality per calibration size, a row per configuration."""
-  sizes = sorted({r.calib for r in rows if r.calib is not None})
-  lines = [
-    '| ' + ' | '.join(['method', 'bits', 'rank', *map(str, sizes)]) + ' |',
-    '|' + '---|' * (3 + len(sizes)),
-  ]
-  for (method, bits, rank), values in _series(rows).items():
-    cells = [f'{values[n]:.4f}' if n in values else '-' for n in sizes]
-    lines.append(
-      f'| {method} | {bits} | {rank or "-"} | ' + ' | '.join(cells) + ' |'
-    )
-  return '\n'.join(lines)
-
-
-def plot_calibration(rows, path):
-  """Quality against calibration size (log x), one line per configuration,
-  FP as a horizontal line."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for (method, bits, rank), values in _series(rows).items():
-    sizes = sorted(values)
-    label = f'{method} W{bits}' + (f' r{rank}' if rank else '')
-    ax.plot(sizes, [values[n] for n in sizes], marker='o', label=label)
-  fp = [r.value for r in rows if r.method == 'FP']
-  if fp:
-    ax.axhline(fp[0], color='k', linestyle='--', label='FP')
-  ax.set_xscale('log', base=2)
-  ax.set_xlabel(
-    f'calibration {"tokens" if rows[0].model == "smollm2" else "sentences"}'
-  )
-  ax.set_ylabel(rows[0].metric)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  print(f'saved {path}')
-
-
-def _tuning(args) -> Tuning | None:
-  """--tune-steps / --tune-tokens / --tune-lr as a `Tuning` (None: no
-  tuning), checked before any model loads."""
-  if args.tune_steps < 0:
-    raise SystemExit(f'--tune-steps must be >= 0, got {args.tune_steps}')
-  if not args.tune_steps:
-    if args.tune_tokens is not None or args.tune_lr is not None:
-      raise SystemExit('--tune-tokens and --tune-lr need --tune-steps N > 0')
-    return None
-  if args.load is not None:
-    raise SystemExit(
-      '--tune-steps tunes factors as they are quantized; not with --load'
-    )
-  smollm2 = args.model == 'smollm2'
-  tokens = args.tune_tokens or (
-    common.DEFAULT_TUNE_TOKENS if smollm2 else common.DEFAULT_TUNE_SENTENCES
-  )
-  calib = min(
-    args.calib_tokens
-    or [
-      common.DEFAULT_CALIB_TOKENS if smollm2 else common.DEFAULT_CALIB_SENTENCES
-    ]
-  )
-  unit = 'tokens' if smollm2 else 'sentences'
-  if not 0 < tokens <= calib:
-    raise SystemExit(
-      f'--tune-tokens must be in [1, {calib}]: tuning reads calibration'
-      f' {unit} only, and the calibration has {calib}; got {tokens}'
-    )
-  lr = common.DEFAULT_TUNE_LR if args.tune_lr is None else args.tune_lr
-  if not (math.isfinite(lr) and lr > 0):
-    raise SystemExit(f'--tune-lr must be a finite number > 0, got {lr}')
-  return Tuning(args.tune_steps, tokens, lr)
-
-
 def _rotation(args) -> dict:
   """--rotate / --rotate-block as LqerRule fields ({} without), checked
   before any model loads."""
@@ -662,7 +504,7 @@ def _rotation(args) -> dict:
 
 def eval_command(args) -> list:
   """Runs `lqer eval`: prints the table, returns its `Row`s."""
-  tune = _tuning(args)
+  tune = eval_tuning.from_args(args)
   quantize.check_load_dir(args.load)  # --load TYPO: before any model loads
   if quantize.is_quantized_dir(args.load):
     common.echo_command('eval')
@@ -773,9 +615,9 @@ def eval_command(args) -> list:
   if summary:
     print('\n' + '\n'.join(summary))
   if len(sweep) > 1:
-    print('\n' + calib_table(rows))
+    print('\n' + calib_sweep.calib_table(rows))
   if args.plot:
-    plot_calibration(rows, args.plot)
+    calib_sweep.plot_calibration(rows, args.plot)
   if tile:
     _, handled = recipes.build_rules(
       task.params, task.module_path, 4, tile, None, 'svd'
