@@ -244,9 +244,9 @@ def eval_rows(
   equal-bits PTQ rows (`budget_rows.equal_bits_rows`). Every budget row
   carries its calibration divergence (`budget_rows.budget_choice`).
   tune: `eval_tuning.Tuning` (lqer eval --tune-steps): each
-  allocated row and each --ranks row with factors is followed by the same
-  factors tuned to the float model's output on calibration batches
-  (`lqer.tune_factors`), labelled '<method> tuned'.
+  allocated, each '+mixed' and each --ranks row with factors is followed by
+  the same factors tuned to the float model's output on calibration
+  batches (`lqer.tune_factors`), labelled '<row's label> tuned'.
   rule_kw: more LqerRule fields (factor_qtype, refine_iters, ...)."""
   if act_bits is None and set(methods) & set(common.ACT_METHODS):
     raise ValueError(

@@ -36,7 +36,6 @@ def tune(task: tasks.Task, model, params, stats, tuning: Tuning):
   """`lqer.tune_factors` of the LQER params on the task's tuning batches
   (calibration tokens only: `Task.tune_batches`, else the calibration
   batches); prints what it did."""
-  record_args = dict(steps=tuning.steps, lr=tuning.lr, seed=tuning.seed)
   params, record = tune_factors(
     lambda p, *batch: model.apply({'params': p}, *batch),
     task.params,
@@ -48,9 +47,11 @@ def tune(task: tasks.Task, model, params, stats, tuning: Tuning):
     ),
     output='softmax' if task.output == 'softmax' else 'mse',
     fp_apply_fn=lambda p, *batch: task.module.apply({'params': p}, *batch),
+    steps=tuning.steps,
+    lr=tuning.lr,
+    seed=tuning.seed,
     calibration=stats,
     progress=True,
-    **record_args,
   )
   before, after = record.output_error['TOTAL']
   print(
