@@ -468,7 +468,7 @@ class CheckpointDir:
           self.reads + 1,
           self.read_elements + x.size,
         )
-        return jax.numpy.asarray((x.T if transpose else x).astype(np.float32))
+        return jax.device_put((x.T if transpose else x).astype(np.float32))
       tensor = f.get_slice(name)
       shape = tuple(tensor.get_shape())[:: -1 if transpose else 1]
 

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
+from qwix._src import interception
 from safetensors.numpy import load_file
 from safetensors.numpy import save_file
 
@@ -236,6 +238,39 @@ def test_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
     ),
   )
   assert ckpt.reads == len(mesh.devices.flat)
+
+
+def _qwix_intercepted(*args, **kwargs):
+  raise AssertionError('the io thread called a function qwix intercepts')
+
+
+def test_io_thread_calls_nothing_qwix_intercepts(tmp_path, monkeypatch):
+  """quantize_checkpoint's io thread reads and writes while the main thread
+  runs qwix-intercepted code; qwix swaps the intercepted functions for the
+  whole process and un-swaps them unlocked, so a call from another thread
+  can meet a half-removed interception (KeyError in qwix). The read and the
+  save therefore call none of them: here each one raises."""
+  config, _ = write_tiny(tmp_path / 'src')
+  ckpt = hf_checkpoint.CheckpointDir(tmp_path / 'src')
+  providers = (streaming.LqerProvider([]), LqerCalibrationProvider([]))
+  for name in {k for p in providers for k in p.get_intercept_map()}:
+    obj, attr = interception._resolve_path(name)
+    fn = getattr(obj, attr)
+    if isinstance(fn, types.FunctionType) and not fn.__code__.co_freevars:
+      monkeypatch.setattr(fn, '__code__', _qwix_intercepted.__code__)
+    else:
+      monkeypatch.setattr(obj, attr, _qwix_intercepted)
+  mesh = jax.make_mesh((1, 1), ('data', 'model'))
+  sharded = lambda path: jax.sharding.NamedSharding(
+    mesh, streaming.kernel_spec(path)
+  )
+  for shardings in (None, sharded):
+    block = ckpt.params('layers_1', shardings)
+    checkpoint.save(tmp_path / 'out', block, {'run': 'x'})
+  assert block['mlp']['down_proj']['kernel'].shape == (
+    config.intermediate_size,
+    config.hidden_size,
+  )
 
 
 def _rewrite(path, edit):

@@ -343,6 +343,9 @@ def quantize_checkpoint(
   # A background thread writes each block's file and reads the next block's
   # float weights once this block's are no longer needed (after its
   # quantize step, so memory holds one float block), while the forward runs.
+  # It calls nothing qwix intercepts (jnp.asarray, dot_general, ...): qwix
+  # swaps those process-wide while the main thread traces, and a call from
+  # another thread can meet a half-removed swap.
   io = concurrent.futures.ThreadPoolExecutor(1, 'lqer-io')
   reading = io.submit(read, 'layers_0') if needs_read(0) else None
   writing, records = None, []
