@@ -2,7 +2,9 @@
 
 import os
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+)
 
 import math  # pylint: disable=g-import-not-at-top
 import re  # pylint: disable=g-import-not-at-top

@@ -6,7 +6,9 @@ import pathlib
 import sys
 import tempfile
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+)
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top

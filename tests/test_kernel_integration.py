@@ -357,7 +357,10 @@ def test_several_devices_auto_takes_xla_and_ffi_gathers():
   """Two forced host devices, the weight sharded along its columns and x
   along the batch: 'auto' runs the XLA path, saying why once; 'ffi' runs
   the kernel (XLA gathers its operands) and gives the same outputs."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  flags = os.environ.get('XLA_FLAGS', '')
+  env = dict(
+    os.environ, XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count=2'
+  )
   out = subprocess.run(
     [sys.executable, '-c', textwrap.dedent(SHARDED_SCRIPT)],
     env=env,

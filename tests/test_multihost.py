@@ -39,11 +39,13 @@ def _lqer_quantize(src, out, *, port=None, process_id=0, json_file=None):
   """Starts `lqer quantize` as README's recipe runs it: one of two
   processes under --distributed (with `port`), else one process with two
   devices and --mesh 1,2 (the reference)."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ)
   argv = [sys.executable, '-m', 'lqer', 'quantize', str(src)]
   argv += ['--out', str(out), *SETTINGS]
   if port is None:
-    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+    env['XLA_FLAGS'] = (
+      env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
+    )
     argv += ['--mesh', '1,2']
   else:
     argv += ['--distributed', '--coordinator', f'127.0.0.1:{port}']

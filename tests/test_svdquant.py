@@ -290,7 +290,12 @@ def test_nnx_gemma_einsum_svdquant_packed_and_jitted():
   lqer.pack_params(qmodel)
   assert isinstance(qmodel.o.array, lqer.PackedInt4)
   y_packed = nnx.jit(lambda m, x: m(x))(qmodel, x)
-  assert _rel(y_packed, y) < 1e-5
+  # Both round x / lam to int8; where the two programs' x / lam differ by a
+  # float ulp (XLA:CPU fuses multiply-adds only when LLVM optimizes: the
+  # suite compiles at level 0, conftest) an activation lands one int8 step
+  # apart: 9.5e-5 here at level 0, under 1e-5 at the default level. A wrong
+  # kernel (scales, zero points, the branch) is off by over 1e-2.
+  assert _rel(y_packed, y) < 3e-4
 
 
 def test_report_bound_terms_match_a_direct_computation(mlp):
