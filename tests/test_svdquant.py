@@ -290,11 +290,11 @@ def test_nnx_gemma_einsum_svdquant_packed_and_jitted():
   lqer.pack_params(qmodel)
   assert isinstance(qmodel.o.array, lqer.PackedInt4)
   y_packed = nnx.jit(lambda m, x: m(x))(qmodel, x)
-  # Both round x / lam to int8; where the two programs' x / lam differ by a
-  # float ulp (XLA:CPU fuses multiply-adds only when LLVM optimizes: the
-  # suite compiles at level 0, conftest) an activation lands one int8 step
-  # apart: 9.5e-5 here at level 0, under 1e-5 at the default level. A wrong
-  # kernel (scales, zero points, the branch) is off by over 1e-2.
+  # Both round x / lam to int8, so a last-bit difference in x / lam between
+  # the two programs can put an activation one int8 step apart. The suite
+  # compiles at LLVM level 0 (conftest), whose float results differ from the
+  # default level's in the last bit: measured 9.5e-5 here at level 0, under
+  # 1e-5 at the default level.
   assert _rel(y_packed, y) < 3e-4
 
 
