@@ -453,6 +453,50 @@ def test_bf16_dot_path_agrees(monkeypatch, t, n_in, n_out, groups, lam):
   assert rel_err(y, y_f32.astype(np.float64)) < 2e-6
 
 
+@pytest.mark.parametrize(
+  't, n_in, n_out, rank, scaled',
+  [
+    (128, 640, 2048, 32, False),
+    (16, 576, 1536, 64, True),
+    (17, 1031, 578, 33, False),
+    (70, 64, 34, 5, True),
+  ],
+)
+def test_bf16_branch(monkeypatch, t, n_in, n_out, rank, scaled):
+  """bfloat16 x with bfloat16 factors on the bf16 panel path: the branch
+  multiplies in bf16 too, x A from the exact products and xa rounded to
+  bfloat16 (nearest even) before B; odd IN and rank, rank chunks of 32,
+  rank-component scales. 1 and 2 threads give the same bits."""
+  if not ffi.bf16_dots():
+    pytest.skip('no AVX-512 BF16 on this CPU: the branch stays float32')
+  _, packed, scale = weight(n_in, n_out, 1)
+  x, a, b, _ = inputs(t, n_in, n_out, rank, BF16)
+  a, b = a.astype(BF16), b.astype(BF16)
+  rng = np.random.default_rng(rank)
+  sa, sb = (
+    (rng.uniform(0.5, 2, rank).astype(np.float32) for _ in range(2))
+    if scaled
+    else (None, None)
+  )
+  run = lambda: np.asarray(
+    jax.jit(ffi.int4_matmul)(x, packed, scale, a, b, a_scale=sa, b_scale=sb)
+  )
+  y = run()
+  x64 = x.astype(np.float64)
+  xa = x64 @ a.astype(np.float64)
+  if scaled:
+    xa = xa * sa * sb
+  main = x64 @ dequant64(packed, scale)
+  xa_bf16 = xa.astype(np.float32).astype(BF16).astype(np.float64)
+  assert rel_err(y, main + xa_bf16 @ b.astype(np.float64)) < 1e-5
+  # Against the exact branch: bf16's rounding of xa, and nothing more.
+  branch = y - main
+  exact = xa @ b.astype(np.float64)
+  assert 1e-4 < rel_err(branch, exact) < 4e-3
+  monkeypatch.setenv('LQER_NUM_THREADS', '1')
+  np.testing.assert_array_equal(run(), y)
+
+
 @pytest.mark.parametrize('split_xa', ['65536', '1'])
 @pytest.mark.parametrize('act_bits', [None, 8])
 def test_thread_counts_agree(monkeypatch, act_bits, split_xa):

@@ -61,6 +61,7 @@ def load(path: str | None = None) -> bool:
     for name in ('lqer_isa', 'lqer_hardware_isa'):
       getattr(lib, name).restype = ctypes.c_char_p
     lib.lqer_num_threads.restype = ctypes.c_int
+    lib.lqer_bf16_dots.restype = ctypes.c_int
     jax.ffi.register_ffi_target(
       TARGET_F32, jax.ffi.pycapsule(lib.LqerInt4MatmulF32), platform='cpu'
     )
@@ -98,6 +99,14 @@ def isa() -> str:
 def hardware_isa() -> str:
   _require()
   return _lib.lqer_hardware_isa().decode()
+
+
+def bf16_dots() -> bool:
+  """Whether bfloat16 x from 16 tokens on multiplies with AVX-512 BF16 dot
+  products now (the CPU has them and $LQER_ISA leaves avx512vnni on); the
+  branch then also multiplies in bfloat16 where its factors are bfloat16."""
+  _require()
+  return bool(_lib.lqer_bf16_dots())
 
 
 def num_threads() -> int:

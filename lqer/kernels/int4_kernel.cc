@@ -350,6 +350,8 @@ struct Problem {
   // xbi[(tb * npairs + pair) * kBf16TT + t] = x[tb * kBf16TT + t][2 pair ..].
   const uint32_t* xbi = nullptr;
   int64_t npairs = 0;
+  // Branch in bf16 (InitYBf16): xa as bf16 pairs, (T, (R + 1) / 2) dwords.
+  const uint32_t* xab = nullptr;
   int f32_mode = 0;  // T=1 float dequant: 0 vpermps, 1 cvt, 2 dword, 3 magic, 4 offset loads
 };
 
@@ -1351,6 +1353,153 @@ void BranchXa(int isa, const BranchIn& B, int64_t t0, int64_t t1) {
 }
 
 // ---------------------------------------------------------------------------
+// Branch in bfloat16 (the bf16 panel path's calls with bf16 factors and the
+// branch reading bf16 x): x A with vdpbf16ps on the exact bf16 products
+// (float32 sums), then xa rounded to bf16 (nearest even) and xa B with
+// vdpbf16ps: two rank components per float32 lane, half the f32 FMAs.
+// Pairs of rows of A (of B) are interleaved on the fly by vpunpck{l,h}wd,
+// which leaves lane l of the "lo" / "hi" result holding rank (column)
+// 8 (l / 4) + l % 4 / + 4; kUnpermute{0,1} put 16 of them back in order.
+
+alignas(64) constexpr int32_t kUnpermute[2][16] = {
+    {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23},
+    {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31}};
+
+LQER_BF16 LQER_INLINE __mmask32 Mask32(int64_t n) {
+  return n >= 32 ? ~__mmask32{0} : (n <= 0 ? 0 : (__mmask32{1} << n) - 1);
+}
+
+// Lanes in order from the lo / hi accumulators of 32 interleaved columns:
+// columns 0-15 (half 0) or 16-31 (half 1).
+LQER_BF16 LQER_INLINE __m512 Unpermute(__m512 lo, __m512 hi, int half) {
+  return _mm512_permutex2var_ps(lo, _mm512_load_si512(kUnpermute[half]), hi);
+}
+
+// x[t, i] and x[t, i + 1] (bf16, the second 0 past IN) as one dword.
+LQER_INLINE uint32_t XPair(const uint16_t* x, int64_t i, int64_t in) {
+  return x[i] | (i + 1 < in ? static_cast<uint32_t>(x[i + 1]) << 16 : 0u);
+}
+
+// xa for TT tokens from t0 and rank columns r0 .. r0 + nr (nr <= 32).
+template <int TT>
+LQER_BF16 void BranchXaTileBf16(const BranchIn& B, int64_t t0, int64_t r0,
+                                int64_t nr) {
+  const uint16_t* x = static_cast<const uint16_t*>(B.xb);
+  const uint16_t* a = static_cast<const uint16_t*>(B.a) + r0;
+  const __mmask32 m = Mask32(nr);
+  __m512 lo[TT], hi[TT];
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t) lo[t] = hi[t] = _mm512_setzero_ps();
+  for (int64_t i = B.i0; i < B.i1; i += 2) {
+    const __m512i ra = _mm512_maskz_loadu_epi16(m, a + i * B.R);
+    const __m512i rb = i + 1 < B.i1 ? _mm512_maskz_loadu_epi16(m, a + (i + 1) * B.R)
+                                    : _mm512_setzero_si512();
+    const __m512bh wl = (__m512bh)_mm512_unpacklo_epi16(ra, rb);
+    const __m512bh wh = (__m512bh)_mm512_unpackhi_epi16(ra, rb);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) {
+      const uint32_t xp = XPair(x + (t0 + t) * B.ldxb, i, B.i1);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp));
+      lo[t] = _mm512_dpbf16_ps(lo[t], wl, xv);
+      hi[t] = _mm512_dpbf16_ps(hi[t], wh, xv);
+    }
+  }
+#pragma GCC unroll 2
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = r0 + 16 * half;
+    const __mmask16 mk = Mask16(nr - 16 * half);
+    if (!mk) break;
+    const __m512 sa = B.a_scale ? _mm512_maskz_loadu_ps(mk, B.a_scale + r) : _mm512_set1_ps(1.f);
+    const __m512 sb = B.b_scale ? _mm512_maskz_loadu_ps(mk, B.b_scale + r) : _mm512_set1_ps(1.f);
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t)
+      _mm512_mask_storeu_ps(B.xa + (t0 + t) * B.R + r, mk,
+                            _mm512_mul_ps(_mm512_mul_ps(Unpermute(lo[t], hi[t], half), sa), sb));
+  }
+}
+
+LQER_BF16 void BranchXaBf16(const BranchIn& B, int64_t t0, int64_t t1) {
+  constexpr int TT = 8;
+  for (int64_t r0 = 0; r0 < B.R; r0 += 32) {
+    const int64_t nr = std::min<int64_t>(32, B.R - r0);
+    int64_t t = t0;
+    for (; t + TT <= t1; t += TT) BranchXaTileBf16<TT>(B, t, r0, nr);
+    for (; t < t1; ++t) BranchXaTileBf16<1>(B, t, r0, nr);
+  }
+}
+
+// y[t, col .. col + n] = xab[t, :] @ b[:, col ..] for TT tokens from t0 and
+// n <= 64 columns; xab: (T, R / 2 rounded up) dwords of bf16 xa pairs.
+template <int TT>
+LQER_BF16 void InitYTileBf16(const Problem& P, int64_t col, int64_t n,
+                             int64_t t0) {
+  const uint16_t* b = static_cast<const uint16_t*>(P.b) + col;
+  const int64_t np = (P.R + 1) / 2;
+  const __mmask32 m0 = Mask32(n), m1 = Mask32(n - 32);
+  __m512 acc[TT][4];
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) acc[t][k] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < np; ++q) {
+    const uint16_t* r0 = b + 2 * q * P.OUT;
+    const bool two = 2 * q + 1 < P.R;
+    const __m512i a0 = _mm512_maskz_loadu_epi16(m0, r0);
+    const __m512i a1 = _mm512_maskz_loadu_epi16(m1, r0 + 32);
+    const __m512i b0 = two ? _mm512_maskz_loadu_epi16(m0, r0 + P.OUT) : _mm512_setzero_si512();
+    const __m512i b1 = two ? _mm512_maskz_loadu_epi16(m1, r0 + P.OUT + 32) : _mm512_setzero_si512();
+    const __m512bh w[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0),
+                           (__m512bh)_mm512_unpackhi_epi16(a0, b0),
+                           (__m512bh)_mm512_unpacklo_epi16(a1, b1),
+                           (__m512bh)_mm512_unpackhi_epi16(a1, b1)};
+#pragma GCC unroll 8
+    for (int t = 0; t < TT; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(P.xab[(t0 + t) * np + q]));
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) acc[t][k] = _mm512_dpbf16_ps(acc[t][k], w[k], xv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < TT; ++t) {
+    float* y = P.y + (t0 + t) * P.OUT + col;
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k)
+      _mm512_mask_storeu_ps(y + 16 * k, Mask16(n - 16 * k),
+                            Unpermute(acc[t][k & 2], acc[t][(k & 2) + 1], k & 1));
+  }
+}
+
+LQER_BF16 void InitYBf16(const Problem& P, int64_t c0, int64_t c1) {
+  constexpr int TT = 6;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t e = h * P.H + c1;
+    for (int64_t col = h * P.H + c0; col < e; col += 64) {
+      const int64_t n = std::min<int64_t>(64, e - col);
+      int64_t t = 0;
+      for (; t + TT <= P.T; t += TT) InitYTileBf16<TT>(P, col, n, t);
+      for (; t < P.T; ++t) InitYTileBf16<1>(P, col, n, t);
+    }
+  }
+}
+
+// xab[t, k] = bf16(xa[t, 2k]) | bf16(xa[t, 2k + 1]) << 16 (0 past R).
+void PackXaBf16(const float* xa, int64_t T, int64_t R, uint32_t* xab) {
+  const int64_t np = (R + 1) / 2;
+  auto bits = [](float f) {
+    const float r = RoundBf16(f);
+    uint32_t u;
+    std::memcpy(&u, &r, 4);
+    return u >> 16;
+  };
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < np; ++k) {
+      const int64_t r = 2 * k;
+      const uint32_t hi = r + 1 < R ? bits(xa[t * R + r + 1]) : 0u;
+      xab[t * np + k] = bits(xa[t * R + r]) | (hi << 16);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Activation prologue.
 //
 // xs = x / lam as XLA:CPU computes lqer's `x / lam.astype(x.dtype)`: x times
@@ -1432,7 +1581,7 @@ struct Scratch {
   std::vector<float> xs, xa, xa_parts, sact, inv_lam;
   std::vector<int8_t> xq;
   std::vector<int32_t> xsum, xqi;
-  std::vector<uint32_t> xbi;
+  std::vector<uint32_t> xbi, xab;
   std::vector<uint8_t> pad;
   std::vector<Segment> seg;
   std::vector<int64_t> block_seg;
@@ -1638,6 +1787,12 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
   constexpr int64_t kSplitXa = 4;
   const bool split_branch = R > 0 && T < kSplitXa &&
                             IN * R >= EnvInt("LQER_SPLIT_XA", 1 << 16);
+  // The branch in bf16 where the main product is (bf16 panel path) and it
+  // reads the same bf16 x with bf16 factors (BranchXaBf16, InitYBf16).
+  const bool bf16_branch = use_bf16 && R > 0 && !split_branch &&
+                           B.xb_dtype == kBF16 && !B.row_scale &&
+                           a_dt == kBF16 && b_dt == kBF16 &&
+                           EnvInt("LQER_BF16_BRANCH", 1) != 0;
   {
     // Parallel over tokens: tasks of >= 1 token, ~4 per thread.
     const int64_t ntask = std::min<int64_t>(T, 4 * nthreads);
@@ -1646,7 +1801,10 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
     auto task = [&](int k) {
       const int64_t t0 = T * k / ntask, t1 = T * (k + 1) / ntask;
       if (need_prologue) PrologueTokens(Q, t0, t1, S.tmp[k].data());
-      if (R > 0 && !split_branch) BranchXa(P.isa, B, t0, t1);
+      if (R > 0 && !split_branch) {
+        if (bf16_branch) BranchXaBf16(B, t0, t1);
+        else BranchXa(P.isa, B, t0, t1);
+      }
     };
     if (need_prologue || (R > 0 && !split_branch)) {
       if (T * IN * (1 + R / 8) < (1 << 16)) {
@@ -1671,6 +1829,11 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
       for (int64_t k = 0; k < nsplit; ++k) sum += S.xa_parts[k * T * R + j];
       B.xa[j] = sum;
     }
+  }
+  if (bf16_branch) {
+    S.xab.resize(static_cast<size_t>(T * ((R + 1) / 2)));
+    PackXaBf16(B.xa, T, R, S.xab.data());
+    P.xab = S.xab.data();
   }
   if (!a8) {
     if (x_bf16 || has_lam) {
@@ -1740,7 +1903,8 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
   auto column_task = [&](int k) {
     const int64_t c0 = cut[k], c1 = cut[k + 1];
     if (c0 >= c1) return;
-    InitY(P, c0, c1);
+    if (P.xab) InitYBf16(P, c0, c1);
+    else InitY(P, c0, c1);
     if (P.xqi) {  // A8 panel path
       thread_local std::vector<uint8_t> panel_buf;
       panel_buf.resize(static_cast<size_t>((rb / 4 * 4 + 4) * 64 + 64));
@@ -1859,6 +2023,12 @@ const char* lqer_isa() { return lqer::kIsaNames[lqer::CurrentIsa()]; }
 
 // The hardware's best instruction set (ignores LQER_ISA).
 const char* lqer_hardware_isa() { return lqer::kIsaNames[lqer::HardwareIsa()]; }
+
+// Whether bfloat16 inputs from 16 tokens on multiply with AVX-512 BF16 dot
+// products now (the hardware has them and LQER_ISA does not cap them off).
+int lqer_bf16_dots() {
+  return lqer::HardwareBf16() && lqer::CurrentIsa() == lqer::kAvx512Vnni;
+}
 
 // Threads a call would use now (LQER_NUM_THREADS or hardware_concurrency).
 int lqer_num_threads() { return lqer::NumThreads(); }
