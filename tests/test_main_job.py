@@ -80,6 +80,18 @@ def test_calibration_sweep_table_and_plot(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+  'command', [None, 'eval', 'quantize', 'generate', 'finetune']
+)
+def test_every_help_renders(command, capsys):
+  """`lqer [COMMAND] --help` prints and exits 0 (argparse formats each help
+  string with %: a bare percent sign in one crashed `lqer eval --help`)."""
+  with pytest.raises(SystemExit) as exit_:
+    cli.main([command, '--help'] if command else ['--help'])
+  assert exit_.value.code == 0
+  assert 'usage: lqer' in capsys.readouterr().out
+
+
 def test_cli_json_and_bad_checkpoint(tmp_path, capsys):
   """`lqer eval --model minilm` end to end on the user's text: JSON rows,
   QERA below PTQ, a checkpoint that loads only under the rules it was

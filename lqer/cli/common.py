@@ -264,7 +264,7 @@ def add_head_argument(parser) -> None:
     '--quantize-head',
     action='store_true',
     help='smollm2: untie the LM head from the embedding table (a copy, the'
-    ' lookup stays float) and quantize it like the projections; it is 60 %'
+    ' lookup stays float) and quantize it like the projections; it is 60 %%'
     ' of the float32 bytes a decode step reads',
   )
 
