@@ -6,6 +6,7 @@ without it and lqer runs its XLA packed path, saying why once at run time
 (`lqer.kernels.ffi.unavailable_reason()`).
 """
 
+import glob
 import importlib.util
 import os
 import subprocess
@@ -49,7 +50,11 @@ class _BuildKernel(build_ext):
 
 setup(
   ext_modules=[
-    Extension('lqer.kernels._int4_kernel', ['lqer/kernels/int4_kernel.cc'])
+    Extension(
+      'lqer.kernels._int4_kernel',
+      ['lqer/kernels/int4_kernel.cc'],
+      depends=sorted(glob.glob('lqer/kernels/*.h')),
+    )
   ],
   cmdclass={'build_ext': _BuildKernel},
 )

@@ -1,5 +1,7 @@
 """How `int4_kernel.cc` is compiled (setup.py calls `compile_command`).
 
+One translation unit: the .cc includes its parts (the .h files beside it).
+
 No -march flags: every SIMD function in the source carries its own
 `__attribute__((target(...)))` and the instruction set is picked at run time
 by cpuid, so one library runs on any x86-64 CPU (scalar code where AVX2 is
