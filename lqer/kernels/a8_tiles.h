@@ -98,6 +98,19 @@ LQER_AVX2 void A8TileAvx2(const Problem& P, int64_t si, int64_t c, int64_t t0) {
   }
 }
 
+// vpermt2b indices that interleave 4 rows of 32 bytes (two zmm: rows 0, 1
+// and rows 2, 3): dword k of the result is byte k of each row, for columns
+// 0-15 (kInterleave4[0]) and 16-31 (kInterleave4[1]).
+alignas(64) constexpr uint8_t kInterleave4[2][64] = {
+#define LQ_I(k) (k), 32 + (k), 64 + (k), 96 + (k)
+    {LQ_I(0), LQ_I(1), LQ_I(2), LQ_I(3), LQ_I(4), LQ_I(5), LQ_I(6), LQ_I(7),
+     LQ_I(8), LQ_I(9), LQ_I(10), LQ_I(11), LQ_I(12), LQ_I(13), LQ_I(14),
+     LQ_I(15)},
+    {LQ_I(16), LQ_I(17), LQ_I(18), LQ_I(19), LQ_I(20), LQ_I(21), LQ_I(22),
+     LQ_I(23), LQ_I(24), LQ_I(25), LQ_I(26), LQ_I(27), LQ_I(28), LQ_I(29),
+     LQ_I(30), LQ_I(31)}};
+#undef LQ_I
+
 // One step of 4 rows for A8TileVnni.
 template <int NB, int TT>
 LQER_VNNI LQER_INLINE void A8StepVnni(__m512i (&acc)[TT][NB][4],
@@ -146,17 +159,8 @@ LQER_VNNI void A8TileVnni(const Problem& P, int64_t si, int64_t c,
                           int64_t ncols, int64_t t0) {
   const Segment& s = P.seg[si];
   const int64_t H = P.H;
-  alignas(64) static const uint8_t kIdx[2][64] = {
-#define LQ_I(k) (k), 32 + (k), 64 + (k), 96 + (k)
-      {LQ_I(0), LQ_I(1), LQ_I(2), LQ_I(3), LQ_I(4), LQ_I(5), LQ_I(6), LQ_I(7),
-       LQ_I(8), LQ_I(9), LQ_I(10), LQ_I(11), LQ_I(12), LQ_I(13), LQ_I(14),
-       LQ_I(15)},
-      {LQ_I(16), LQ_I(17), LQ_I(18), LQ_I(19), LQ_I(20), LQ_I(21), LQ_I(22),
-       LQ_I(23), LQ_I(24), LQ_I(25), LQ_I(26), LQ_I(27), LQ_I(28), LQ_I(29),
-       LQ_I(30), LQ_I(31)}};
-#undef LQ_I
-  const __m512i idx0 = _mm512_load_si512(kIdx[0]);
-  const __m512i idx1 = _mm512_load_si512(kIdx[1]);
+  const __m512i idx0 = _mm512_load_si512(kInterleave4[0]);
+  const __m512i idx1 = _mm512_load_si512(kInterleave4[1]);
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   const __m512i x08 = _mm512_set1_epi8(0x08);
   __mmask32 m[NB];
@@ -227,17 +231,8 @@ constexpr int kPanelTT = 6;
 LQER_VNNI void A8BuildPanelVnni(const Problem& P, int64_t r0, int64_t r1,
                                 int64_t c, int64_t ncols, __m512i* panel) {
   const int64_t H = P.H;
-  alignas(64) static const uint8_t kIdx[2][64] = {
-#define LQ_I(k) (k), 32 + (k), 64 + (k), 96 + (k)
-      {LQ_I(0), LQ_I(1), LQ_I(2), LQ_I(3), LQ_I(4), LQ_I(5), LQ_I(6), LQ_I(7),
-       LQ_I(8), LQ_I(9), LQ_I(10), LQ_I(11), LQ_I(12), LQ_I(13), LQ_I(14),
-       LQ_I(15)},
-      {LQ_I(16), LQ_I(17), LQ_I(18), LQ_I(19), LQ_I(20), LQ_I(21), LQ_I(22),
-       LQ_I(23), LQ_I(24), LQ_I(25), LQ_I(26), LQ_I(27), LQ_I(28), LQ_I(29),
-       LQ_I(30), LQ_I(31)}};
-#undef LQ_I
-  const __m512i idx0 = _mm512_load_si512(kIdx[0]);
-  const __m512i idx1 = _mm512_load_si512(kIdx[1]);
+  const __m512i idx0 = _mm512_load_si512(kInterleave4[0]);
+  const __m512i idx1 = _mm512_load_si512(kInterleave4[1]);
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   const __m512i x08 = _mm512_set1_epi8(0x08);
   constexpr int kTernAndXor = ((0xf0 & 0xcc) ^ 0xaa);

@@ -176,24 +176,36 @@ LQER_AVX512 void InitYTileAvx512(const Problem& P, int64_t col, int64_t n,
       _mm512_mask_storeu_ps(P.y + (t0 + t) * P.OUT + col + 16 * k, m[k], acc[t][k]);
 }
 
-// InitY on AVX-512: packed columns [c0, c1) of both halves.
-template <int D>
-LQER_AVX512 void InitYAvx512(const Problem& P, int64_t c0, int64_t c1) {
+// tile(col, n, t, tt) over the tiles of y that packed columns [c0, c1)
+// give, in both halves: 64 columns (n <= 64) by 6 tokens (tt, a
+// std::integral_constant), the last tokens one at a time.
+template <class Tile>
+LQER_INLINE void ForEachYTile(const Problem& P, int64_t c0, int64_t c1,
+                              Tile tile) {
   constexpr int TT = 6;
   for (int h = 0; h < 2; ++h) {
     const int64_t e = h * P.H + c1;
     for (int64_t col = h * P.H + c0; col < e; col += 64) {
       const int64_t n = std::min<int64_t>(64, e - col);
-      if (P.R == 0) {
-        for (int64_t t = 0; t < P.T; ++t)
-          std::memset(P.y + t * P.OUT + col, 0, n * sizeof(float));
-        continue;
-      }
       int64_t t = 0;
-      for (; t + TT <= P.T; t += TT) InitYTileAvx512<D, TT>(P, col, n, t);
-      for (; t < P.T; ++t) InitYTileAvx512<D, 1>(P, col, n, t);
+      for (; t + TT <= P.T; t += TT) tile(col, n, t, std::integral_constant<int, TT>{});
+      for (; t < P.T; ++t) tile(col, n, t, std::integral_constant<int, 1>{});
     }
   }
+}
+
+// InitY on AVX-512: packed columns [c0, c1) of both halves.
+template <int D>
+LQER_AVX512 void InitYAvx512(const Problem& P, int64_t c0, int64_t c1) {
+  if (P.R == 0) {
+    for (int64_t t = 0; t < P.T; ++t)
+      for (int h = 0; h < 2; ++h)
+        std::memset(P.y + t * P.OUT + h * P.H + c0, 0, (c1 - c0) * sizeof(float));
+    return;
+  }
+  ForEachYTile(P, c0, c1, [&](int64_t col, int64_t n, int64_t t, auto tt) {
+    InitYTileAvx512<D, decltype(tt)::value>(P, col, n, t);
+  });
 }
 
 template <int XD, int AD, int NR>
@@ -356,16 +368,9 @@ LQER_BF16 void InitYTileBf16(const Problem& P, int64_t col, int64_t n,
 }
 
 LQER_BF16 void InitYBf16(const Problem& P, int64_t c0, int64_t c1) {
-  constexpr int TT = 6;
-  for (int h = 0; h < 2; ++h) {
-    const int64_t e = h * P.H + c1;
-    for (int64_t col = h * P.H + c0; col < e; col += 64) {
-      const int64_t n = std::min<int64_t>(64, e - col);
-      int64_t t = 0;
-      for (; t + TT <= P.T; t += TT) InitYTileBf16<TT>(P, col, n, t);
-      for (; t < P.T; ++t) InitYTileBf16<1>(P, col, n, t);
-    }
-  }
+  ForEachYTile(P, c0, c1, [&](int64_t col, int64_t n, int64_t t, auto tt) {
+    InitYTileBf16<decltype(tt)::value>(P, col, n, t);
+  });
 }
 
 // xab[t, k] = bf16(xa[t, 2k]) | bf16(xa[t, 2k + 1]) << 16 (0 past R).

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define LQER_AVX2 __attribute__((target("avx2,fma,bmi2")))
