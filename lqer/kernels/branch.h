@@ -71,16 +71,6 @@ struct BranchIn {
   const float* row_scale;  // (IN) or null: the branch reads xb[t, i] * rs[i]
 };
 
-// From this many tokens the float32 branch reads its factors converted to
-// float32 once per call (a, with the row scale folded in: Matmul) or once
-// per tile of y (b: InitYAvx512), not at every use.
-constexpr int64_t kCvtFactorsMinT = 64;
-
-LQER_INLINE float LoadAny(const void* p, int dtype, int64_t i) {
-  return dtype == kF32 ? LoadAs<kF32>(p, i)
-                       : dtype == kBF16 ? LoadAs<kBF16>(p, i) : LoadAs<kS8>(p, i);
-}
-
 template <int XD, int AD>
 LQER_INLINE void BranchXaBody(const BranchIn& B, int64_t t0, int64_t t1) {
   const int64_t R = B.R;
@@ -156,11 +146,10 @@ LQER_AVX512 void BranchXaTileAvx512(const BranchIn& B, int64_t t0, int64_t r0,
 
 // y[t, col .. col + n] = xa[t, :] @ b[:, col ..] for TT tokens from t0 and
 // n <= 64 columns, in registers: per rank component, 4 loads of b's row and
-// TT broadcasts of xa (the sum over r in order, as InitYBody's). b: the
-// tile's first column, rows ldb apart.
+// TT broadcasts of xa (the sum over r in order, as InitYBody's).
 template <int BD, int TT>
-LQER_AVX512 void InitYTileAvx512(const Problem& P, const void* b, int64_t ldb,
-                                 int64_t col, int64_t n, int64_t t0) {
+LQER_AVX512 void InitYTileAvx512(const Problem& P, int64_t col, int64_t n,
+                                 int64_t t0) {
   __m512 acc[TT][4];
   __mmask16 m[4];
 #pragma GCC unroll 4
@@ -172,7 +161,7 @@ LQER_AVX512 void InitYTileAvx512(const Problem& P, const void* b, int64_t ldb,
   for (int64_t r = 0; r < P.R; ++r) {
     __m512 bv[4];
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) bv[k] = LoadA16<BD>(b, r * ldb + 16 * k, m[k]);
+    for (int k = 0; k < 4; ++k) bv[k] = LoadA16<BD>(P.b, r * P.OUT + col + 16 * k, m[k]);
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
       const __m512 xv = _mm512_set1_ps(P.xa[(t0 + t) * P.R + r]);
@@ -214,25 +203,8 @@ LQER_AVX512 void InitYAvx512(const Problem& P, int64_t c0, int64_t c1) {
         std::memset(P.y + t * P.OUT + h * P.H + c0, 0, (c1 - c0) * sizeof(float));
     return;
   }
-  const size_t esize = D == kF32 ? 4 : D == kBF16 ? 2 : 1;
-  if (D == kF32 || !P.b_cvt) {
-    ForEachYTile(P, c0, c1, [&](int64_t col, int64_t n, int64_t t, auto tt) {
-      const void* b = static_cast<const char*>(P.b) + col * esize;
-      InitYTileAvx512<D, decltype(tt)::value>(P, b, P.OUT, col, n, t);
-    });
-    return;
-  }
-  // Several token blocks reuse each tile of b: converted to float32 once.
-  thread_local std::vector<float> bt;
-  bt.resize(static_cast<size_t>(P.R * 64));
-  int64_t converted = -1;
   ForEachYTile(P, c0, c1, [&](int64_t col, int64_t n, int64_t t, auto tt) {
-    if (col != converted) {
-      for (int64_t r = 0; r < P.R; ++r)
-        for (int64_t j = 0; j < n; ++j) bt[r * 64 + j] = LoadAs<D>(P.b, r * P.OUT + col + j);
-      converted = col;
-    }
-    InitYTileAvx512<kF32, decltype(tt)::value>(P, bt.data(), 64, col, n, t);
+    InitYTileAvx512<D, decltype(tt)::value>(P, col, n, t);
   });
 }
 

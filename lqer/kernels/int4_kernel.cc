@@ -46,7 +46,7 @@ namespace {
 // The call.
 
 struct Scratch {
-  std::vector<float> xs, xa, xa_parts, sact, inv_lam, a_f32;
+  std::vector<float> xs, xa, xa_parts, sact, inv_lam;
   std::vector<int8_t> xq;
   std::vector<int32_t> xsum, xqi;
   std::vector<uint32_t> xbi, xab;
@@ -261,24 +261,6 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                            B.xb_dtype == kBF16 && !B.row_scale &&
                            a_dt == kBF16 && b_dt == kBF16 &&
                            EnvInt("LQER_BF16_BRANCH", 1) != 0;
-  // Many tokens on the float32 branch: a as float32 once, the row scale
-  // folded in (a_f[i, r] = a[i, r] rs[i]), so x A's tiles load a without
-  // converting it and broadcast x straight from memory.
-  const bool cvt_factors =
-      R > 0 && !bf16_branch && !split_branch &&
-      T >= EnvInt("LQER_CVT_FACTORS_MIN_T", kCvtFactorsMinT);
-  P.b_cvt = cvt_factors && b_dt != kF32;
-  if (cvt_factors && (B.row_scale || B.a_dtype != kF32)) {
-    S.a_f32.resize(static_cast<size_t>(IN * R));
-    for (int64_t i = 0; i < IN; ++i) {
-      const float rs = B.row_scale ? B.row_scale[i] : 1.f;
-      for (int64_t r = 0; r < R; ++r)
-        S.a_f32[i * R + r] = LoadAny(B.a, B.a_dtype, i * R + r) * rs;
-    }
-    B.a = S.a_f32.data();
-    B.a_dtype = kF32;
-    B.row_scale = nullptr;
-  }
   {
     // Parallel over tokens: tasks of >= 1 token, ~4 per thread.
     const int64_t ntask = std::min<int64_t>(T, 4 * nthreads);

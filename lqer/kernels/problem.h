@@ -88,7 +88,6 @@ struct Problem {
   const float* xa = nullptr;
   const void* b = nullptr;
   int b_dtype = kF32;
-  bool b_cvt = false;  // InitYAvx512 converts b to float32 once per y tile
   float* y;  // (T, OUT)
   int isa = kScalar;
   bool a8 = false;
