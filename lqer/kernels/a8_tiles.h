@@ -167,7 +167,7 @@ LQER_VNNI void A8TileVnni(const Problem& P, int64_t si, int64_t c,
   #pragma GCC unroll 16
   for (int b = 0; b < NB; ++b) {
     int64_t n = ncols - 32 * b;
-    m[b] = n >= 32 ? 0xffffffffu : (n <= 0 ? 0u : ((1u << n) - 1u));
+    m[b] = Mask32(n);
   }
   __m512i acc[TT][NB][4];
   #pragma GCC unroll 16
@@ -236,7 +236,7 @@ LQER_VNNI void A8BuildPanelVnni(const Problem& P, int64_t r0, int64_t r1,
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   const __m512i x08 = _mm512_set1_epi8(0x08);
   constexpr int kTernAndXor = ((0xf0 & 0xcc) ^ 0xaa);
-  const __mmask32 m = ncols >= 32 ? 0xffffffffu : ((1u << ncols) - 1u);
+  const __mmask32 m = Mask32(ncols);
   const uint8_t* pad = P.pad_row + c;
   for (int64_t i = r0, k = 0; i < r1; i += 4, ++k) {
     const uint8_t* r[4];

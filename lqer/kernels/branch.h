@@ -263,10 +263,6 @@ alignas(64) constexpr int32_t kUnpermute[2][16] = {
     {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23},
     {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31}};
 
-LQER_BF16 LQER_INLINE __mmask32 Mask32(int64_t n) {
-  return n >= 32 ? ~__mmask32{0} : (n <= 0 ? 0 : (__mmask32{1} << n) - 1);
-}
-
 // Lanes in order from the lo / hi accumulators of 32 interleaved columns:
 // columns 0-15 (half 0) or 16-31 (half 1).
 LQER_BF16 LQER_INLINE __m512 Unpermute(__m512 lo, __m512 hi, int half) {
@@ -376,12 +372,7 @@ LQER_BF16 void InitYBf16(const Problem& P, int64_t c0, int64_t c1) {
 // xab[t, k] = bf16(xa[t, 2k]) | bf16(xa[t, 2k + 1]) << 16 (0 past R).
 void PackXaBf16(const float* xa, int64_t T, int64_t R, uint32_t* xab) {
   const int64_t np = (R + 1) / 2;
-  auto bits = [](float f) {
-    const float r = RoundBf16(f);
-    uint32_t u;
-    std::memcpy(&u, &r, 4);
-    return u >> 16;
-  };
+  auto bits = [](float f) { return Bf16Bits(RoundBf16(f)); };
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < np; ++k) {
       const int64_t r = 2 * k;

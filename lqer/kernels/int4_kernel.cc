@@ -335,17 +335,12 @@ ffi::Error Matmul(bool a8, ffi::AnyBuffer x, ffi::AnyBuffer packed,
     const int64_t ntb = (T + kBf16TT - 1) / kBf16TT;
     P.npairs = (IN + 1) / 2;
     xbi.assign(static_cast<size_t>(ntb * P.npairs * kBf16TT), 0);
-    auto bits = [](float f) {
-      uint32_t u;
-      std::memcpy(&u, &f, 4);
-      return u >> 16;  // exact: f holds a bfloat16 value
-    };
     for (int64_t t = 0; t < T; ++t) {
       const float* xr = P.xm + t * P.ldx;
       uint32_t* dst = xbi.data() + (t / kBf16TT) * P.npairs * kBf16TT + t % kBf16TT;
       for (int64_t k = 0; k < P.npairs; ++k) {
-        const uint32_t hi = 2 * k + 1 < IN ? bits(xr[2 * k + 1]) : 0u;
-        dst[k * kBf16TT] = bits(xr[2 * k]) | (hi << 16);
+        const uint32_t hi = 2 * k + 1 < IN ? Bf16Bits(xr[2 * k + 1]) : 0u;
+        dst[k * kBf16TT] = Bf16Bits(xr[2 * k]) | (hi << 16);
       }
     }
     P.xbi = xbi.data();

@@ -29,6 +29,13 @@ LQER_INLINE float RoundBf16(float f) {
   return f;
 }
 
+// The 16 bits of a float that holds a bfloat16 value (exact).
+LQER_INLINE uint32_t Bf16Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u >> 16;
+}
+
 // Round half to even for |v| < 2^22 (exact float arithmetic; this file is
 // compiled without -ffast-math and this function has no FMA to contract to).
 LQER_INLINE float RoundEvenSmall(float v) {
@@ -110,6 +117,10 @@ struct Problem {
 LQER_AVX512 LQER_INLINE __mmask16 Mask16(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff)
                  : (n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1));
+}
+
+LQER_AVX512 LQER_INLINE __mmask32 Mask32(int64_t n) {
+  return n >= 32 ? ~__mmask32{0} : (n <= 0 ? 0 : (__mmask32{1} << n) - 1);
 }
 
 }  // namespace
