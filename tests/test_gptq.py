@@ -79,6 +79,7 @@ def _assert_close_to(ours, theirs):
   assert steps.max() <= 1 and np.mean(steps != 0) < 1e-3
   np.testing.assert_allclose(ours.scale, theirs.scale, rtol=1e-6)
   assert ours.qvalue.dtype == theirs.qvalue.dtype
+  assert ours.qtype == theirs.qtype
   assert ours.scale.shape == theirs.scale.shape
   assert (ours.zero_point is None) == (theirs.zero_point is None)
   if ours.zero_point is not None:
@@ -128,6 +129,27 @@ def _numpy_gptq(w, h, bits, percdamp=0.01):
     e = (w[:, j] - q[:, j] * scale) / u[j, j]
     w[:, j:] -= np.outer(e, u[j, j:])
   return q, scale
+
+
+@pytest.mark.parametrize('bits', [3, 5])
+def test_sub_byte_qtypes_match_numpy(bits):
+  """'int3' / 'int5' (`lqer eval --bits 3 / 5 --base gptq`) are stored as
+  Qwix's RTN stores them (in int4 / int8, the logical qtype recorded;
+  Qwix's own GPTQ casts to the name and fails), and equal the float64
+  reference."""
+  w, h = _problem(32, 176, seed=2, corr=2.0)
+  how = _how(f'int{bits}', None, 'absmax')
+  ours = gptq.quantize_weight(w, h, how, blocksize=BLOCK)
+  rtn = qarray.quantize(w, how)
+  assert ours.qvalue.dtype == rtn.qvalue.dtype
+  assert ours.qtype == rtn.qtype == f'int{bits}'
+  q_ref, scale_ref = _numpy_gptq(np.asarray(w), np.asarray(h), bits)
+  np.testing.assert_allclose(ours.scale[:, 0], scale_ref, rtol=1e-6)
+  assert np.mean(np.asarray(ours.qvalue, np.int32) != q_ref) < 1e-3
+  deq = np.asarray(qarray.dequantize(ours))
+  np.testing.assert_allclose(
+    deq, q_ref * scale_ref[:, None], rtol=1e-5, atol=1e-7
+  )
 
 
 def _objective(w, deq, h):

@@ -126,8 +126,18 @@ def _gptq(w, h, how, blocksize, percdamp):
   wt = w32.T
   init = (wt, jnp.zeros((padded, rows), jnp.float32), *find(wt))
   _, qt, scale, zero_point = jax.lax.fori_loop(0, blocks, block, init)
+  # Stored as Qwix's RTN stores the qtype: 'int3' / 'int5' in int4 / int8
+  # with the logical qtype recorded, a dtype such as int4 as itself.
+  stored = jax.eval_shape(
+    lambda: _qwix.quantize_with_scale_zero_point(
+      jnp.zeros((1,)), how.qtype, jnp.ones((1,)), None
+    )
+  )
   return qwix.QArray(
-    qt[:cols].T.astype(how.qtype), scale.astype(w.dtype), zero_point
+    qt[:cols].T.astype(stored.qvalue.dtype),
+    scale.astype(w.dtype),
+    zero_point,
+    qtype=stored.qtype,
   )
 
 
